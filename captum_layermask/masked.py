@@ -1,0 +1,122 @@
+"""The value that flows through a layer-masked graph: an activation paired with its mask."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+from torch import Tensor
+
+from .errors import MaskShapeError
+
+
+@dataclass(frozen=True)
+class Masked:
+    """An activation and the mask of its visible cells (paper section 3.2: layers act on input-mask pairs).
+
+    ``mask`` has the rank of ``value``; each of its dimensions is either the size of ``value``'s (a spatial
+    dimension) or 1 (a channel/feature dimension, or one the mask broadcasts over, such as the batch). It holds
+    1 for visible cells and 0 for removed ones. Values of removed cells are unspecified (they may be NaN): every
+    rule that mixes cells reads only visible ones.
+    """
+
+    value: Tensor
+    mask: Tensor
+
+
+def is_masked(tree: Any) -> bool:
+    """Whether a (possibly nested) argument holds a :class:`Masked` value."""
+    if isinstance(tree, Masked):
+        return True
+    if isinstance(tree, (list, tuple)):
+        return any(is_masked(item) for item in tree)
+    if isinstance(tree, dict):
+        return any(is_masked(item) for item in tree.values())
+    return False
+
+
+def unwrap(tree: Any) -> Any:
+    """Replaces every :class:`Masked` in a nested argument by its value."""
+    if isinstance(tree, Masked):
+        return tree.value
+    if isinstance(tree, (list, tuple)):
+        items = [unwrap(item) for item in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    if isinstance(tree, dict):
+        return {key: unwrap(item) for key, item in tree.items()}
+    return tree
+
+
+def masks_of(tree: Any) -> List[Tensor]:
+    """The masks of every :class:`Masked` in a nested argument, in order."""
+    if isinstance(tree, Masked):
+        return [tree.mask]
+    if isinstance(tree, (list, tuple)):
+        return [mask for item in tree for mask in masks_of(item)]
+    if isinstance(tree, dict):
+        return [mask for item in tree.values() for mask in masks_of(item)]
+    return []
+
+
+def align_rank(mask: Tensor, ndim: int) -> Tensor:
+    """Prepends size-1 dimensions so that ``mask`` has ``ndim`` dimensions (broadcasting aligns on the right)."""
+    if mask.ndim >= ndim:
+        return mask
+    return mask.reshape((1,) * (ndim - mask.ndim) + tuple(mask.shape))
+
+
+def intersect(masks: List[Tensor], ndim: int) -> Tensor:
+    """Cells visible in every mask: their product (the residual rule of paper section 3.2)."""
+    return functools.reduce(torch.mul, [align_rank(mask, ndim) for mask in masks])
+
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def format_mask(mask: Tensor, image: Tensor) -> Tensor:
+    """Checks a user's mask against an image and returns it as ``(N or 1, 1, H, W)`` in the image's dtype.
+
+    Args:
+        mask (Tensor): shape ``(H, W)``, ``(N, H, W)``, ``(N, 1, H, W)`` or ``(1, 1, H, W)``; bool, or numbers in
+            {0, 1}; 1 (True) marks visible pixels.
+        image (Tensor): shape ``(N, C, H, W)``.
+
+    Returns:
+        Tensor of shape ``(N, 1, H, W)`` or ``(1, 1, H, W)``.
+
+    Raises:
+        MaskShapeError: if the shapes do not match or the mask is not binary.
+    """
+    if not isinstance(mask, Tensor):
+        raise MaskShapeError(f"mask must be a torch.Tensor, got {type(mask).__name__}.")
+    if image.ndim != 4:
+        raise MaskShapeError(
+            f"layer masking needs an image batch of shape (N, C, H, W), got shape {tuple(image.shape)}."
+        )
+    batch, _, height, width = image.shape
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    elif mask.ndim == 3:
+        mask = mask[:, None]
+    if (
+        mask.ndim != 4
+        or mask.shape[1] != 1
+        or tuple(mask.shape[2:]) != (height, width)
+        or mask.shape[0] not in (1, batch)
+    ):
+        raise MaskShapeError(
+            f"mask of shape {tuple(mask.shape)} does not fit images of shape {tuple(image.shape)}: use (H, W), "
+            f"(N, H, W) or (N, 1, H, W) with H, W = {height}, {width} and N = {batch} or 1 (layer masking "
+            "removes whole pixels, so a mask cannot differ across channels)."
+        )
+    if not mask.dtype.is_floating_point and mask.dtype != torch.bool:
+        mask = mask.to(image.dtype)
+    if mask.dtype != torch.bool and not _is_tracing():
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise MaskShapeError(
+                "mask must be binary (1 = visible, 0 = removed); threshold a soft mask first, e.g. mask > 0.5."
+            )
+    return mask.to(device=image.device, dtype=image.dtype)

@@ -1,0 +1,180 @@
+"""The registry of masking rules: one small function per operation type, extensible with ``register_rule``.
+
+A rule has the signature ``rule(op, *args, **kwargs)``. ``op`` is the operation of the original model (a module,
+a function, or a callable that invokes a tensor method) and ``args``/``kwargs`` are its arguments, in which every
+activation that depends on the image arrives as a :class:`~captum_layermask.Masked`. The rule returns the
+operation's result with the same wrapping: a ``Masked`` for an image-dependent tensor (a tuple/list of them for
+operations that return several).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Union
+
+import torch
+
+from .errors import UnsupportedLayerError
+from .masked import is_masked
+
+Rule = Callable[..., Any]
+Target = Union[type, Callable[..., Any], str]
+
+
+@dataclass(frozen=True)
+class RuleEntry:
+    """A rule and what it is for.
+
+    Attributes:
+        target: a module class, a function (as ``torch.fx`` records it, e.g. ``torch.flatten``, ``operator.add``)
+            or a tensor method name (``"view"``).
+        rule: the masking rule.
+        metadata: True when the operation reads only the shape/dtype of its input (``x.size()``), so that its
+            result does not depend on pixel values.
+    """
+
+    target: Target
+    rule: Rule
+    metadata: bool = False
+
+    def matches(self, op: Any) -> bool:
+        if isinstance(self.target, type):
+            # A subclass that overrides forward computes something else: it is traced through instead.
+            return isinstance(op, torch.nn.Module) and (
+                type(op) is self.target
+                or (isinstance(op, self.target) and type(op).forward is self.target.forward)
+            )
+        return op is self.target or (isinstance(op, str) and op == self.target)
+
+
+class RuleHandle:
+    """Returned by :func:`register_rule`; ``remove()`` (or leaving its ``with`` block) unregisters the rules."""
+
+    def __init__(self, registry: "RuleRegistry", entries: List[RuleEntry]) -> None:
+        self._registry = registry
+        self._entries = entries
+
+    def remove(self) -> None:
+        for entry in self._entries:
+            if entry in self._registry.entries:
+                self._registry.entries.remove(entry)
+        self._entries = []
+
+    def __enter__(self) -> "RuleHandle":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+
+class RuleRegistry:
+    """Rules in lookup order: the first entry that matches an operation wins."""
+
+    def __init__(self) -> None:
+        self.entries: List[RuleEntry] = []
+
+    def add(self, targets: List[Target], rule: Rule, *, metadata: bool = False, first: bool = True) -> RuleHandle:
+        for target in targets:
+            if not isinstance(target, (type, str)) and not callable(target):
+                raise TypeError(f"a rule target must be a module class, a function or a method name, got {target!r}.")
+        new = [RuleEntry(target, rule, metadata) for target in targets]
+        if first:
+            self.entries[0:0] = new
+        else:
+            self.entries.extend(new)
+        return RuleHandle(self, new)
+
+    def find(self, op: Any) -> Optional[RuleEntry]:
+        for entry in self.entries:
+            if entry.matches(op):
+                return entry
+        return None
+
+
+RULES = RuleRegistry()
+
+
+def register_rule(*targets: Target, rule: Optional[Rule] = None, metadata: bool = False) -> Any:
+    """Registers a masking rule for module classes, functions or tensor method names.
+
+    User rules take precedence over the built-in ones and over earlier registrations. A rule registered for a
+    module class also applies to its subclasses that do not override ``forward``; a module class that has a rule
+    is not traced into. Usable as a decorator or called with ``rule=``.
+
+    Args:
+        *targets: module classes (``MyBlur``), functions as ``torch.fx`` records them (``torch.roll``), or
+            tensor method names (``"roll"``).
+        rule: ``rule(op, *args, **kwargs)`` (see :mod:`captum_layermask.registry`); if omitted, a decorator is
+            returned.
+        metadata: the operation reads only shapes/dtypes, never pixel values.
+
+    Returns:
+        A :class:`RuleHandle` (or, as a decorator, the rule itself with the handle in ``rule.handle``).
+
+    Examples::
+
+        >>> @register_rule(MyBlur)
+        ... def blur(op, x):
+        ...     padded = neighbor_pad(x.value, x.mask, width=2)
+        ...     return Masked(op(padded), propagate_mask(x.mask, kernel_size=5, padding=2))
+    """
+    if not targets:
+        raise TypeError("register_rule needs at least one module class, function or method name.")
+    if rule is not None:
+        return RULES.add(list(targets), rule, metadata=metadata)
+
+    def decorate(function: Rule) -> Rule:
+        function.handle = RULES.add(list(targets), function, metadata=metadata)  # type: ignore[attr-defined]
+        return function
+
+    return decorate
+
+
+def builtin_rule(*targets: Target, metadata: bool = False) -> Callable[[Rule], Rule]:
+    """Registers a built-in rule after the ones registered so far (user rules always come first)."""
+
+    def decorate(function: Rule) -> Rule:
+        RULES.add(list(targets), function, metadata=metadata, first=False)
+        return function
+
+    return decorate
+
+
+def call_method(name: str) -> Callable[..., Any]:
+    """The callable a rule receives as ``op`` for a tensor method: ``op(x, *args)`` is ``x.<name>(*args)``."""
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+class RuleCall:
+    """The target of one node of a layer-masked graph: a rule bound to the operation and module path it masks.
+
+    For a module, the module itself is the node's first argument (so that it stays registered on the graph
+    module and moves with ``.to()``); for functions and methods the operation is bound here.
+    """
+
+    def __init__(self, rule: Rule, op: Optional[Callable[..., Any]], path: str, op_name: str) -> None:
+        self.rule = rule
+        self.op = op
+        self.path = path
+        self.__name__ = f"{rule.__name__}_{op_name}"
+        self.__qualname__ = self.__name__
+        self.__module__ = "captum_layermask.rules"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        op = self.op
+        if op is None:
+            op, args = args[0], args[1:]
+        if not is_masked((args, kwargs)):
+            return op(*args, **kwargs)
+        try:
+            return self.rule(op, *args, **kwargs)
+        except UnsupportedLayerError as error:
+            raise UnsupportedLayerError(f"cannot layer-mask '{self.path}': {error}") from None
+
+    def __repr__(self) -> str:
+        return f"RuleCall({self.rule.__name__} at '{self.path}')"

@@ -1,0 +1,510 @@
+"""Built-in masking rules (paper section 3.2), one per operation family.
+
+Every rule keeps one invariant: an operation that combines values of different cells reads only visible cells
+(by selection, so NaN or inf in removed cells cannot leak), and values left in removed cells are unspecified.
+Operations that act on each cell separately therefore run unchanged on the whole tensor, which is what makes
+layer masking cheap: only convolutions with kernels larger than 1, pooling and reshapes that merge spatial
+dimensions do extra work.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops.stochastic_depth import stochastic_depth
+
+from .errors import UnsupportedLayerError
+from .masked import Masked, align_rank, intersect, masks_of, unwrap
+from .masking import neighbor_pad, propagate_mask, receptive_reach
+from .registry import builtin_rule
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _bind(args: Sequence[Any], kwargs: Dict[str, Any], names: Sequence[str], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """The arguments that follow an operation's input, by parameter name."""
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _params(op: Any, args: Sequence[Any], kwargs: Dict[str, Any], names: Sequence[str], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """Hyper-parameters of a layer, read from the module or from the functional call's arguments."""
+    if isinstance(op, nn.Module):
+        return {name: getattr(op, name) for name in names}
+    return _bind(args, kwargs, names, defaults)
+
+
+def _require_masked(x: Any, what: str) -> Masked:
+    if not isinstance(x, Masked):
+        raise UnsupportedLayerError(f"{what} whose main input does not depend on the image but whose other inputs do.")
+    return x
+
+
+def _dims(dim: Any, ndim: int) -> List[int]:
+    if dim is None:
+        return list(range(ndim))
+    if isinstance(dim, (list, tuple)):
+        return sorted(d % ndim for d in dim)
+    return [dim % ndim]
+
+
+def _require_feature_dims(x: Masked, dims: Iterable[int], what: str) -> None:
+    for dim in dims:
+        if x.mask.shape[dim] != 1:
+            raise UnsupportedLayerError(
+                f"{what} mixes values along dimension {dim % x.value.ndim} of a tensor of shape "
+                f"{tuple(x.value.shape)}, which is spatial; layer masking supports it only over channel dimensions."
+            )
+
+
+def _spatial_mask(x: Masked) -> Tensor:
+    """The mask with its last two dimensions at the value's size (it may broadcast over them)."""
+    mask = x.mask
+    if tuple(mask.shape[-2:]) != tuple(x.value.shape[-2:]):
+        mask = mask.expand(*mask.shape[:-2], *x.value.shape[-2:])
+    return mask
+
+
+def _visible(mask: Tensor) -> Tensor:
+    return mask > 0
+
+
+def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator`` where the denominator is positive, 0 elsewhere (and no inf in gradients)."""
+    positive = denominator > 0
+    return torch.where(positive, numerator / torch.where(positive, denominator, 1), 0)
+
+
+def _as_mask(condition: Tensor, like: Tensor) -> Tensor:
+    return condition.to(like.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# operations that act on each cell separately: g(x) on the visible cells, masks unchanged (section 3.2, k = 1)
+
+_POINTWISE_MODULES = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
+    nn.LogSigmoid, nn.Tanhshrink, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+_POINTWISE_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.prelu, F.rrelu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink, F.threshold,
+    F.hardshrink, F.softshrink, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout, F.feature_alpha_dropout, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log,
+    torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.clamp, torch.clip, torch.pow, torch.add, torch.sub,
+    torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.erf, operator.add, operator.sub,
+    operator.mul, operator.truediv, operator.neg, operator.pos, operator.pow, stochastic_depth,
+)
+# In-place binary methods (add_, mul_, ...) are left out on purpose: they would change a value that other nodes
+# still see with its old mask.
+_POINTWISE_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "abs", "neg",
+    "clamp", "clamp_", "clip", "clip_", "pow", "add", "sub", "mul", "div", "maximum", "minimum", "erf",
+    "contiguous", "clone", "detach", "to", "float", "double", "half", "bfloat16", "type", "type_as",
+)
+
+
+@builtin_rule(*_POINTWISE_MODULES, *_POINTWISE_FUNCTIONS, *_POINTWISE_METHODS)
+def pointwise(op: Any, *args: Any, **kwargs: Any) -> Masked:
+    """An operation applied to each cell separately: its result is visible where all its inputs are.
+
+    This is :math:`g_m(\\mathbf{x}, \\mathbf{m}) = (g(\\mathbf{x}), \\mathbf{m})` of section 3.2 (removed cells keep
+    unspecified values instead of being multiplied by 0), and for two inputs the residual rule: the mask of
+    ``x1 + x2`` is ``m1 * m2``.
+    """
+    value = op(*unwrap(args), **unwrap(kwargs))
+    return Masked(value, intersect(masks_of((args, kwargs)), value.ndim))
+
+
+@builtin_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, F.batch_norm)
+def batch_norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Batch normalization with running statistics: a per-channel affine map, so pointwise."""
+    x = _require_masked(x, "batch normalization")
+    if isinstance(op, nn.Module):
+        batch_statistics = op.training or op.running_mean is None
+    else:
+        batch_statistics = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "training"), {"training": False})["training"]
+    if batch_statistics:
+        raise UnsupportedLayerError(
+            "batch normalization in training mode averages over removed pixels; call .eval() on the model."
+        )
+    _require_feature_dims(x, [1], "batch normalization")
+    return pointwise(op, x, *args, **kwargs)
+
+
+@builtin_rule(nn.Linear, F.linear)
+def linear(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A linear layer mixes its last dimension, which must be a channel dimension."""
+    x = _require_masked(x, "a linear layer")
+    _require_feature_dims(x, [-1], "a linear layer")
+    return pointwise(op, x, *args, **kwargs)
+
+
+@builtin_rule(nn.LayerNorm, F.layer_norm)
+def layer_norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Layer normalization over channel dimensions only (as in ConvNeXt's channels-last blocks)."""
+    x = _require_masked(x, "layer normalization")
+    shape = _params(op, args, kwargs, ("normalized_shape",), {})["normalized_shape"]
+    count = 1 if isinstance(shape, int) else len(shape)
+    _require_feature_dims(x, range(-count, 0), "layer normalization")
+    return pointwise(op, x, *args, **kwargs)
+
+
+@builtin_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+def softmax(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Softmax over a channel dimension."""
+    x = _require_masked(x, "softmax")
+    dim = _params(op, args, kwargs, ("dim",), {"dim": None})["dim"]
+    if dim is None:
+        raise UnsupportedLayerError("softmax without an explicit dim; pass dim= to it.")
+    _require_feature_dims(x, [dim], "softmax")
+    return pointwise(op, x, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convolutions: g_k(Pad_k(x, m)) with the mask max-pooled by the same kernel (section 3.2, Algorithm 1)
+
+_CONV_ARGS = ("weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def _conv_geometry(op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    x = _require_masked(x, "a convolution")
+    if masks_of((args, kwargs)):
+        raise UnsupportedLayerError("a convolution whose weights depend on the image.")
+    _require_feature_dims(x, [1], "a convolution")
+    if isinstance(op, nn.Module):
+        return dict(kernel_size=op.kernel_size, stride=op.stride, padding=op.padding, dilation=op.dilation, padding_mode=op.padding_mode)
+    bound = _bind(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS)
+    return dict(kernel_size=tuple(bound["weight"].shape[-2:]), stride=bound["stride"], padding=bound["padding"], dilation=bound["dilation"], padding_mode="zeros")
+
+
+@builtin_rule(nn.Conv2d, F.conv2d)
+def conv2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Neighbor-pad the input, convolve, max-pool the mask (the paper's layer masking).
+
+    The padding width is the kernel's reach ``(k - 1) * dilation`` rather than the paper's ``k``: cells farther
+    away are read only by outputs whose mask is 0, so the visible outputs are the paper's exactly. A 1x1
+    convolution therefore needs no padding at all.
+    """
+    geometry = _conv_geometry(op, x, args, kwargs)
+    padded = neighbor_pad(x.value, x.mask, receptive_reach(geometry["kernel_size"], geometry["dilation"]))
+    return Masked(op(padded, *args, **kwargs), propagate_mask(x.mask, **geometry))
+
+
+def conv2d_zero_padding(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Ablation (supplementary section 3): removed cells read as 0 instead of being neighbor-padded."""
+    geometry = _conv_geometry(op, x, args, kwargs)
+    return Masked(op(neighbor_pad(x.value, x.mask, 0), *args, **kwargs), propagate_mask(x.mask, **geometry))
+
+
+def conv2d_partial(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Partial convolution (Liu et al. 2018; supplementary section 2): edge outputs scaled up by the hidden share.
+
+    The bias-free response to the zero-filled input is multiplied by (cells of the window inside the image) /
+    (visible cells of the window), so that a full mask gives the model's own output, image borders included.
+    """
+    geometry = _conv_geometry(op, x, args, kwargs)
+    if geometry["padding_mode"] != "zeros":
+        raise UnsupportedLayerError("partial convolution supports only padding_mode='zeros'.")
+    if isinstance(op, nn.Module):
+        weight, bias = op.weight, op.bias
+        response = op._conv_forward(neighbor_pad(x.value, x.mask, 0), weight, None)
+    else:
+        bound = _bind(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS)
+        weight, bias = bound["weight"], bound["bias"]
+        response = F.conv2d(neighbor_pad(x.value, x.mask, 0), weight, None, bound["stride"], bound["padding"], bound["dilation"], bound["groups"])
+    ones = torch.ones((1, 1, *weight.shape[-2:]), dtype=x.mask.dtype, device=x.mask.device)
+
+    def window_count(mask: Tensor) -> Tensor:
+        return F.conv2d(mask, ones, None, geometry["stride"], geometry["padding"], geometry["dilation"])
+
+    scale = _safe_divide(window_count(torch.ones_like(x.mask[:1])), window_count(x.mask))
+    value = response * scale
+    if bias is not None:
+        value = value + bias.reshape(1, -1, 1, 1)
+    return Masked(value, propagate_mask(x.mask, **geometry))
+
+
+PADDING_RULES = {"neighbor": conv2d, "zero": conv2d_zero_padding, "partial": conv2d_partial}
+"""The convolution rule behind each ``layer_masked(padding=...)`` choice."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pooling
+
+_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_MAX_POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+_AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_AVG_POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
+
+
+def _no_indices(params: Dict[str, Any]) -> None:
+    if params.get("return_indices"):
+        raise UnsupportedLayerError("max pooling with return_indices=True.")
+
+
+@builtin_rule(nn.MaxPool2d, F.max_pool2d)
+def max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """The maximum over the visible cells of each window: a removed cell never wins."""
+    x = _require_masked(x, "max pooling")
+    params = _params(op, args, kwargs, _MAX_POOL_ARGS, _MAX_POOL_DEFAULTS)
+    _no_indices(params)
+    mask = _spatial_mask(x)
+    hidden = torch.where(_visible(mask), x.value, float("-inf"))
+    params.pop("return_indices")
+    return Masked(op(hidden, *args, **kwargs), F.max_pool2d(mask, **params))
+
+
+@builtin_rule(nn.AvgPool2d, F.avg_pool2d)
+def avg_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """The mean over the visible cells of each window, rescaled like the layer's own border handling.
+
+    ``pool(x * m) * pool(1) / pool(m)``: with a full mask this is the layer itself (``count_include_pad``
+    included); removed cells count as the mean of the visible ones, never as zeros (section 3.2, ``h_m``).
+    """
+    x = _require_masked(x, "average pooling")
+    params = _params(op, args, kwargs, _AVG_POOL_ARGS, _AVG_POOL_DEFAULTS)
+    mask = _spatial_mask(x)
+    total = op(torch.where(_visible(mask), x.value, 0), *args, **kwargs)
+    visible = F.avg_pool2d(mask, **params)
+    inside = F.avg_pool2d(torch.ones_like(mask[:1]), **params)
+    return Masked(total * _safe_divide(inside, visible), _as_mask(visible > 0, mask))
+
+
+@builtin_rule(nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)
+def adaptive_avg_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """:math:`h(\\mathbf{x} \\odot \\mathbf{m}) / h(\\mathbf{m})` (section 3.2); 0 where a window sees nothing."""
+    x = _require_masked(x, "adaptive average pooling")
+    output_size = _params(op, args, kwargs, ("output_size",), {})["output_size"]
+    mask = _spatial_mask(x)
+    total = op(torch.where(_visible(mask), x.value, 0), *args, **kwargs)
+    visible = F.adaptive_avg_pool2d(mask, output_size)
+    return Masked(_safe_divide(total, visible), _as_mask(visible > 0, mask))
+
+
+@builtin_rule(nn.AdaptiveMaxPool2d, F.adaptive_max_pool2d)
+def adaptive_max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """The maximum over the visible cells of each window; 0 where a window sees nothing."""
+    x = _require_masked(x, "adaptive max pooling")
+    params = _params(op, args, kwargs, ("output_size", "return_indices"), {"return_indices": False})
+    _no_indices(params)
+    mask = _spatial_mask(x)
+    pooled = op(torch.where(_visible(mask), x.value, float("-inf")), *args, **kwargs)
+    visible = F.adaptive_max_pool2d(mask, params["output_size"])
+    return Masked(torch.where(visible > 0, pooled, 0), visible)
+
+
+_REDUCTION_FILL = {"mean": 0.0, "amax": float("-inf"), "amin": float("inf")}
+
+
+@builtin_rule(torch.mean, torch.amax, torch.amin, torch.sum, "mean", "amax", "amin", "sum")
+def reduction(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Mean, maximum or minimum over dimensions; over spatial ones only the visible cells count (0 if none).
+
+    ``x.mean([2, 3])`` is global average pooling, ``h_m`` of section 3.2. A sum over spatial dimensions has no
+    renormalised counterpart in the paper and is refused.
+    """
+    x = _require_masked(x, "a reduction")
+    bound = _bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
+    dims, keepdim = _dims(bound["dim"], x.value.ndim), bound["keepdim"]
+    mask_out = x.mask.amax(dims, keepdim=keepdim) if dims else x.mask
+    if all(x.mask.shape[d] == 1 for d in dims):
+        return Masked(op(x.value, *args, **kwargs), mask_out)
+    kind = op.__name__
+    if kind not in _REDUCTION_FILL:
+        raise UnsupportedLayerError(f"'{kind}' over spatial dimensions; use a mean (global average pooling) instead.")
+    visible = _visible(x.mask)
+    if kind == "mean":
+        total = torch.where(visible, x.value, 0).sum(dims, keepdim=keepdim)
+        broadcast = math.prod(x.value.shape[d] for d in dims if x.mask.shape[d] == 1)
+        value = _safe_divide(total, x.mask.sum(dims, keepdim=keepdim) * broadcast)
+        if kwargs.get("dtype") is not None:
+            value = value.to(kwargs["dtype"])
+    else:
+        reduced = getattr(torch, kind)(torch.where(visible, x.value, _REDUCTION_FILL[kind]), dims, keepdim)
+        value = torch.where(mask_out > 0, reduced, 0)
+    return Masked(value, mask_out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shape operations
+
+
+def _dim_groups(source: Sequence[int], target: Sequence[int]) -> List[Tuple[List[int], List[int]]]:
+    """Pairs the dimensions of a reshape into groups of equal element count, in order."""
+    groups: List[Tuple[List[int], List[int]]] = []
+    i = j = 0
+    while i < len(source) or j < len(target):
+        group_source: List[int] = []
+        group_target: List[int] = []
+        size_source = size_target = 1
+        if i < len(source):
+            group_source.append(i)
+            size_source *= source[i]
+            i += 1
+        if j < len(target):
+            group_target.append(j)
+            size_target *= target[j]
+            j += 1
+        while size_source != size_target:
+            if size_source < size_target and i < len(source):
+                group_source.append(i)
+                size_source *= source[i]
+                i += 1
+            elif j < len(target):
+                group_target.append(j)
+                size_target *= target[j]
+                j += 1
+            else:
+                raise UnsupportedLayerError(f"a reshape from {tuple(source)} to {tuple(target)} it cannot follow.")
+        groups.append((group_source, group_target))
+    return groups
+
+
+@builtin_rule(
+    nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
+)
+def reshape(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Reshapes that keep, split or merge dimensions; the mask follows the value.
+
+    Channel dimensions stay size 1 in the mask and spatial ones are reshaped alike. When a reshape merges
+    spatial dimensions into features (``flatten`` before a VGG-style classifier), the spatial part of the
+    network ends there: removed cells are filled with 0 first (``x * m``) and the new mask says whether the
+    sample has any visible cell.
+    """
+    x = _require_masked(x, "a reshape")
+    value = op(x.value, *args, **kwargs)
+    mask_shape: List[int] = []
+    merged: List[int] = []
+    for source, target in _dim_groups(x.value.shape, value.shape):
+        if all(x.mask.shape[d] == 1 for d in source):
+            mask_shape += [1] * len(target)
+        elif all(x.mask.shape[d] == x.value.shape[d] for d in source):
+            mask_shape += [value.shape[d] for d in target]
+        else:
+            merged += source
+            mask_shape += [1] * len(target)
+    mask = x.mask
+    if merged:
+        value = op(torch.where(_visible(mask), x.value, 0), *args, **kwargs)
+        mask = mask.amax(merged, keepdim=True)
+    return Masked(value, mask.reshape(mask_shape))
+
+
+@builtin_rule(torch.permute, torch.transpose, torch.swapaxes, torch.movedim, "permute", "transpose", "swapaxes", "movedim")
+def reorder(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Dimension permutations apply to the mask as they do to the value."""
+    x = _require_masked(x, "a permutation")
+    return Masked(op(x.value, *args, **kwargs), op(x.mask, *args, **kwargs))
+
+
+@builtin_rule("expand", "expand_as")
+def expand(op: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Broadcasting a tensor: the mask broadcasts with it."""
+    if not isinstance(x, Masked):
+        return op(x, *unwrap(args), **unwrap(kwargs))
+    value = op(x.value, *unwrap(args), **unwrap(kwargs))
+    return Masked(value, align_rank(x.mask, value.ndim))
+
+
+def _index_for_mask(index: Any, x: Masked) -> Tuple[Any, ...]:
+    """The index that selects, from the mask, the cells the same index selects from the value."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(item, (Tensor, list, bool)) for item in items):
+        raise UnsupportedLayerError("indexing with tensors, lists or booleans (advanced indexing).")
+    used = sum(item is not None and item is not Ellipsis for item in items)
+    result: List[Any] = []
+    dim = 0
+    for item in items:
+        if item is Ellipsis:
+            skipped = x.value.ndim - used
+            result += [slice(None)] * skipped
+            dim += skipped
+        elif item is None:
+            result.append(None)
+        else:
+            if x.mask.shape[dim] == 1:
+                item = slice(None) if isinstance(item, slice) else 0
+            result.append(item)
+            dim += 1
+    return tuple(result)
+
+
+@builtin_rule(operator.getitem)
+def getitem(op: Any, container: Any, index: Any) -> Any:
+    """Indexing: slices of spatial dimensions slice the mask too; channel indices leave it as it is."""
+    if not isinstance(container, Masked):
+        if isinstance(index, Masked) or masks_of(index):
+            raise UnsupportedLayerError("indexing with an index that depends on the image.")
+        return op(container, index)
+    return Masked(op(container.value, index), op(container.mask, _index_for_mask(index, container)))
+
+
+@builtin_rule(torch.cat, torch.concat, torch.concatenate, torch.stack)
+def concatenate(op: Any, tensors: Sequence[Any], *args: Any, **kwargs: Any) -> Masked:
+    """Concatenation: along channels the result is visible where every input is (masks kept consistent); along
+    a spatial dimension each input brings its own cells."""
+    value = op([unwrap(t) for t in tensors], *args, **kwargs)
+    dim = _bind(args, kwargs, ("dim",), {"dim": 0})["dim"] % value.ndim
+    masks = [align_rank(t.mask, value.ndim) if op is not torch.stack else t.mask.unsqueeze(dim) for t in tensors if isinstance(t, Masked)]
+    if op is torch.stack or all(mask.shape[dim] == 1 for mask in masks):
+        return Masked(value, intersect(masks, value.ndim))
+    common = list(torch.broadcast_shapes(*[mask.shape[:dim] + (1,) + mask.shape[dim + 1 :] for mask in masks]))
+    parts = []
+    for tensor in tensors:
+        size = list(common)
+        size[dim] = unwrap(tensor).shape[dim]
+        if isinstance(tensor, Masked):
+            parts.append(tensor.mask.expand(size))
+        else:
+            parts.append(torch.ones(size, dtype=masks[0].dtype, device=masks[0].device))
+    return Masked(value, torch.cat(parts, dim))
+
+
+_SPLIT_DIM_POSITION = {"chunk": 1, "split": 1, "tensor_split": 1, "unbind": 0}
+
+
+@builtin_rule(torch.chunk, torch.split, torch.tensor_split, torch.unbind, "chunk", "split", "tensor_split", "unbind")
+def split(op: Any, x: Any, *args: Any, **kwargs: Any) -> Tuple[Masked, ...]:
+    """Splitting along a channel dimension keeps the mask; along a spatial one splits it alike."""
+    x = _require_masked(x, "a split")
+    name = op.__name__
+    names = ("sections", "dim") if _SPLIT_DIM_POSITION[name] == 1 else ("dim",)
+    dim = _bind(args, kwargs, names, {"dim": 0})["dim"] % x.value.ndim
+    values = op(x.value, *args, **kwargs)
+    if x.mask.shape[dim] != 1:
+        masks = op(x.mask, *args, **kwargs)
+    elif name == "unbind":
+        masks = [x.mask.select(dim, 0)] * len(values)
+    else:
+        masks = [x.mask] * len(values)
+    return tuple(Masked(value, mask) for value, mask in zip(values, masks))
+
+
+_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+
+
+@builtin_rule("size", "dim", "numel", "ndimension", "get_device", len, metadata=True)
+def read_metadata(op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Shape and dtype queries: the value's, which do not depend on which pixels are visible."""
+    return op(*unwrap(args), **unwrap(kwargs))
+
+
+@builtin_rule(getattr, metadata=True)
+def read_attribute(op: Any, x: Any, name: str, *default: Any) -> Any:
+    """``x.shape``, ``x.dtype`` and other metadata attributes of an activation."""
+    if name not in _METADATA_ATTRIBUTES:
+        raise UnsupportedLayerError(f"reading attribute '{name}' of an activation.")
+    return op(unwrap(x), name, *default)

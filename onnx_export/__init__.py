@@ -1,0 +1,1 @@
+"""ONNX export of layer-masked CNNs (not implemented yet; see the project's issue tracker)."""
