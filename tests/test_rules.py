@@ -1,0 +1,241 @@
+"""Each built-in rule against a direct computation of the paper's formula."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.shufflenetv2 import channel_shuffle
+
+from captum_layermask import UnsupportedLayerError, layer_masked
+
+from .reference import paper_neighbor_pad, visible_any, windows
+
+
+def random_mask(n, h, w, keep=0.3):
+    return (torch.rand(n, 1, h, w) < keep).double()
+
+
+def pairs(*values):
+    return [v if isinstance(v, tuple) else (v, v) for v in values]
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=5, stride=2, padding=2),
+        dict(kernel_size=3, dilation=2, padding=2),
+        dict(kernel_size=(1, 7), padding=(0, 3)),
+        dict(kernel_size=3, padding=1, groups=2),
+        dict(kernel_size=2, stride=2),
+    ],
+)
+def test_conv_equals_paper_neighbor_padding_on_kept_outputs(conv):
+    layer = nn.Conv2d(4, 6, **conv).double()
+    x, mask = torch.randn(2, 4, 13, 11, dtype=torch.float64), random_mask(2, 13, 11)
+    kernel, stride, padding, dilation = pairs(layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    receptive_field = max((k - 1) * d + 1 for k, d in zip(kernel, dilation))  # the paper's k
+    kept = visible_any(mask, kernel, stride, padding, dilation)
+    expected = layer(paper_neighbor_pad(x, mask, receptive_field)) * kept
+    for model in (nn.Sequential(layer), layer):  # module rule, and F.conv2d traced inside Conv2d.forward
+        assert torch.allclose(layer_masked(model)(x, mask), expected, atol=1e-9)
+
+
+def test_conv_with_reflect_padding_pads_the_mask_alike():
+    layer = nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect").double()
+    x, mask = torch.randn(1, 3, 9, 9, dtype=torch.float64), random_mask(1, 9, 9)
+    kept = visible_any(F.pad(mask, (1, 1, 1, 1), mode="reflect"), (3, 3), (1, 1), (0, 0), (1, 1))
+    expected = layer(paper_neighbor_pad(x, mask, 3)) * kept
+    assert torch.allclose(layer_masked(nn.Sequential(layer))(x, mask), expected, atol=1e-9)
+
+
+def test_zero_padding_variant_convolves_the_zero_filled_input():
+    layer = nn.Conv2d(3, 2, 3, padding=1).double()
+    x, mask = torch.randn(2, 3, 8, 8, dtype=torch.float64), random_mask(2, 8, 8)
+    expected = layer(x * mask) * visible_any(mask, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert torch.allclose(layer_masked(nn.Sequential(layer), padding="zero")(x, mask), expected, atol=1e-9)
+
+
+def test_partial_convolution_rescales_by_the_visible_share_of_the_window():
+    layer = nn.Conv2d(3, 2, 3, padding=1).double()
+    x, mask = torch.randn(2, 3, 8, 8, dtype=torch.float64), random_mask(2, 8, 8, keep=0.6)
+    ones = torch.ones(1, 1, 3, 3, dtype=torch.float64)
+    inside = F.conv2d(torch.ones(1, 1, 8, 8, dtype=torch.float64), ones, padding=1)
+    visible = F.conv2d(mask, ones, padding=1)
+    scale = torch.where(visible > 0, inside / visible.clamp(min=1), 0)
+    response = F.conv2d(x * mask, layer.weight, None, padding=1)
+    expected = (response * scale + layer.bias.view(1, -1, 1, 1)) * (visible > 0)
+    assert torch.allclose(layer_masked(nn.Sequential(layer), padding="partial")(x, mask), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["neighbor", "zero", "partial"])
+def test_every_padding_variant_reproduces_the_model_with_a_full_mask(variant):
+    layer = nn.Conv2d(3, 2, 3, padding=1).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.allclose(layer_masked(nn.Sequential(layer), padding=variant)(x, torch.ones(8, 8)), layer(x))
+
+
+def test_unknown_padding_variant_is_refused():
+    with pytest.raises(ValueError, match="padding must be one of"):
+        layer_masked(nn.Conv2d(1, 1, 1), padding="reflect")
+
+
+def test_max_pool_takes_the_maximum_over_visible_cells_only():
+    pool = nn.MaxPool2d(3, stride=2, padding=1)
+    x, mask = torch.randn(2, 3, 9, 9, dtype=torch.float64), random_mask(2, 9, 9)
+    x = torch.where(mask > 0, x, 1e6)  # a removed cell would win every window it is in
+    out = layer_masked(nn.Sequential(pool))(x, mask)
+    for i, j, cells in windows(9, 9, (3, 3), (2, 2), (1, 1)):
+        for b in range(2):
+            seen = [x[b, :, y, z] for y, z in cells if mask[b, 0, y, z] > 0]
+            expected = torch.stack(seen).amax(0) if seen else torch.zeros(3, dtype=torch.float64)
+            assert torch.equal(out[b, :, i, j], expected)
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False])
+def test_avg_pool_averages_visible_cells_with_the_layers_border_scaling(count_include_pad):
+    pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=count_include_pad)
+    x, mask = torch.randn(1, 2, 6, 6, dtype=torch.float64), random_mask(1, 6, 6, keep=0.5)
+    out = layer_masked(nn.Sequential(pool))(x, mask)
+    for i, j, cells in windows(6, 6, (3, 3), (1, 1), (1, 1)):
+        seen = [x[0, :, y, z] for y, z in cells if mask[0, 0, y, z] > 0]
+        divisor = 9 if count_include_pad else len(cells)
+        expected = torch.stack(seen).mean(0) * len(cells) / divisor if seen else torch.zeros(2, dtype=torch.float64)
+        assert torch.allclose(out[0, :, i, j], expected)
+    assert torch.allclose(layer_masked(nn.Sequential(pool))(x, torch.ones(6, 6)), pool(x))
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_adaptive_avg_pool_is_the_mean_of_visible_cells(size):
+    x, mask = torch.randn(2, 4, 7, 7, dtype=torch.float64), random_mask(2, 7, 7)
+    out = layer_masked(nn.Sequential(nn.AdaptiveAvgPool2d(size)))(x, mask)
+    for b in range(2):
+        for i in range(size):
+            for j in range(size):
+                rows = slice(i * 7 // size, -(-(i + 1) * 7 // size))
+                cols = slice(j * 7 // size, -(-(j + 1) * 7 // size))
+                visible = mask[b, 0, rows, cols] > 0
+                expected = x[b, :, rows, cols][:, visible].mean(1) if visible.any() else torch.zeros(4, dtype=torch.float64)
+                assert torch.allclose(out[b, :, i, j], expected)
+
+
+class GlobalMean(nn.Module):
+    def forward(self, x):
+        return torch.cat([x.mean([2, 3]), torch.mean(x, dim=(-1, -2), keepdim=True).flatten(1)], 1)
+
+
+def test_mean_over_spatial_dims_averages_visible_cells():
+    x, mask = torch.randn(3, 2, 5, 5, dtype=torch.float64), random_mask(3, 5, 5, keep=0.5)
+    mask[2] = 0
+    out = layer_masked(GlobalMean())(x, mask)
+    expected = (x * mask).sum((2, 3)) / mask.sum((2, 3)).clamp(min=1)
+    assert torch.allclose(out, torch.cat([expected, expected], 1))
+    assert torch.equal(out[2], torch.zeros(4, dtype=torch.float64))
+
+
+def test_flatten_of_a_spatial_map_ends_the_spatial_part_with_zero_fill():
+    conv, fc = nn.Conv2d(2, 3, 3, padding=1).double(), nn.Linear(3 * 6 * 6, 4).double()
+    model = nn.Sequential(conv, nn.Flatten(), fc)
+    x, mask = torch.randn(2, 2, 6, 6, dtype=torch.float64), random_mask(2, 6, 6)
+    kept = visible_any(mask, (3, 3), (1, 1), (1, 1), (1, 1))
+    expected = fc((conv(paper_neighbor_pad(x, mask, 3)) * kept).flatten(1))
+    assert torch.allclose(layer_masked(model)(x, mask), expected)
+
+
+class Shuffle(nn.Module):
+    def __init__(self, shuffle):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1).double()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1).double()
+        self.shuffle = shuffle
+
+    def forward(self, x):
+        y = self.conv1(x)
+        return self.conv2(channel_shuffle(y, 2) if self.shuffle else y)
+
+
+def test_channel_shuffle_keeps_the_mask_on_the_pixels():
+    plain, shuffled = Shuffle(False), Shuffle(True)
+    shuffled.load_state_dict(plain.state_dict())
+    with torch.no_grad():  # permute conv2's input channels so that both models compute the same function
+        shuffled.conv2.weight.copy_(plain.conv2.weight[:, torch.tensor([0, 2, 1, 3])])
+    x, mask = torch.randn(2, 3, 8, 8, dtype=torch.float64), random_mask(2, 8, 8)
+    assert torch.allclose(layer_masked(shuffled)(x, mask), layer_masked(plain)(x, mask))
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 2, 1).double()
+        self.b = nn.Conv2d(2, 2, 5, padding=2).double()
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+def test_channel_concatenation_is_visible_where_every_branch_is():
+    x, mask = torch.randn(1, 2, 9, 9, dtype=torch.float64), random_mask(1, 9, 9)
+    model = Branches()
+    out = layer_masked(model)(x, mask)
+    assert torch.equal((out != 0).any(1, keepdim=True), mask > 0)  # the 5x5 branch alone reaches further
+    expected = torch.cat([model.a(x), model.b(paper_neighbor_pad(x, mask, 5))], 1) * mask
+    assert torch.allclose(out, expected)
+
+
+class Crop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3).double()
+
+    def forward(self, x):
+        return self.conv(x[:, :, 2:-1, 1:])
+
+
+def test_spatial_slicing_slices_the_mask():
+    x, mask = torch.randn(2, 3, 10, 10, dtype=torch.float64), random_mask(2, 10, 10, keep=0.5)
+    model = Crop()
+    expected = layer_masked(nn.Sequential(model.conv))(x[:, :, 2:-1, 1:], mask[:, :, 2:-1, 1:])
+    assert torch.equal(layer_masked(model)(x, mask), expected)
+
+
+def test_channels_last_layer_norm_and_linear_are_pointwise():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), torchvision_permute([0, 2, 3, 1]), nn.LayerNorm(4), nn.Linear(4, 4), torchvision_permute([0, 3, 1, 2])).double()
+    x, mask = torch.randn(2, 3, 6, 6, dtype=torch.float64), random_mask(2, 6, 6)
+    masked = layer_masked(model)(x, mask)
+    reference = model[4](model[3](model[2](model[1](model[0](paper_neighbor_pad(x, mask, 3))))))
+    assert torch.allclose(masked, reference * visible_any(mask, (3, 3), (1, 1), (1, 1), (1, 1)))
+
+
+def torchvision_permute(dims):
+    from torchvision.ops.misc import Permute
+
+    return Permute(dims)
+
+
+class SpatialLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class SpatialSum(nn.Module):
+    def forward(self, x):
+        return x.sum([2, 3])
+
+
+@pytest.mark.parametrize("model, message", [(SpatialLinear(), "a linear layer mixes values along dimension 3"), (SpatialSum(), "'sum' over spatial dimensions")])
+def test_operations_that_mix_pixels_without_a_rule_fail_loudly(model, message):
+    with pytest.raises(UnsupportedLayerError, match=message):
+        layer_masked(model)(torch.randn(1, 2, 6, 6), torch.ones(6, 6))
+
+
+def test_batch_norm_in_training_mode_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).eval()
+    masked = layer_masked(model)
+    masked(torch.randn(2, 3, 4, 4), torch.ones(4, 4))
+    model.train()
+    with pytest.raises(UnsupportedLayerError, match=r"'1'.*call \.eval\(\)"):
+        masked(torch.randn(2, 3, 4, 4), torch.ones(4, 4))
