@@ -21,8 +21,12 @@ from .rules import PADDING_RULES
 
 
 def masked_input(image: Tensor, mask: Optional[Tensor]) -> Any:
-    """The first node of a layer-masked graph: pairs the image with its mask (or passes it on if none)."""
-    return image if mask is None else Masked(image, mask)
+    """The first node of a layer-masked graph: pairs the image with its mask (or passes it on if none).
+
+    Removed pixels are set to 0 by selection, the one place where their values (possibly NaN or inf) are read:
+    from here on they are finite, so that every later rule can mask by multiplication.
+    """
+    return image if mask is None else Masked(torch.where(mask > 0, image, 0), mask)
 
 
 def masked_output(tree: Any) -> Any:

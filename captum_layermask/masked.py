@@ -18,8 +18,8 @@ class Masked:
 
     ``mask`` has the rank of ``value``; each of its dimensions is either the size of ``value``'s (a spatial
     dimension) or 1 (a channel/feature dimension, or one the mask broadcasts over, such as the batch). It holds
-    1 for visible cells and 0 for removed ones. Values of removed cells are unspecified (they may be NaN): every
-    rule that mixes cells reads only visible ones.
+    1 for visible cells and 0 for removed ones. Values of removed cells are unspecified but finite: every rule
+    that mixes cells reads only visible ones, through ``value * mask``.
     """
 
     value: Tensor

@@ -25,8 +25,10 @@ def _pair(value: IntPair) -> Tuple[int, int]:
 def box_sum_3x3(x: Tensor) -> Tensor:
     r"""Sum of every cell's 3x3 neighbourhood, zero outside the image.
 
-    This is ``x * f`` of Algorithm 1 with :math:`f = \mathbf{1}_{3\times3}` and zero padding, computed as two
-    separable passes of shifted additions (exact, and several times faster on CPU than a depthwise convolution).
+    This is ``x * f`` of Algorithm 1 with :math:`f = \mathbf{1}_{3\times3}` and zero padding, computed as a
+    vertical then a horizontal pass of shifted in-place additions: exact, and on CPU as fast as a depthwise
+    convolution for many channels and an order of magnitude faster for few. The vertical pass shifts each
+    ``H * W`` plane, flattened, by one row, so that every addition runs over long contiguous memory.
 
     Args:
         x (Tensor): shape ``(..., H, W)``.
@@ -34,11 +36,16 @@ def box_sum_3x3(x: Tensor) -> Tensor:
     Returns:
         Tensor of the shape of ``x``.
     """
-    padded = F.pad(x, (1, 1, 1, 1))
-    rows = padded[..., :, :-2] + padded[..., :, 1:-1]
-    rows = rows + padded[..., :, 2:]
-    total = rows[..., :-2, :] + rows[..., 1:-1, :]
-    return total + rows[..., 2:, :]
+    height, width = x.shape[-2:]
+    planes = x.reshape(-1, height * width)
+    columns = planes.clone()
+    columns[:, width:] += planes[:, :-width]
+    columns[:, :-width] += planes[:, width:]
+    columns = columns.view(x.shape)
+    total = columns.clone()
+    total[..., 1:] += columns[..., :-1]
+    total[..., :-1] += columns[..., 1:]
+    return total
 
 
 def neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tensor:
@@ -48,12 +55,14 @@ def neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tensor:
     removed cell adjacent (8-neighbourhood) to the cells known so far takes the average of its known neighbours.
     Visible cells keep their values; removed cells farther than ``width`` from any visible cell are 0.
 
-    Whatever removed cells hold (including NaN or inf) never reaches the result: the input is masked by selection,
-    not by multiplication. The paper's :math:`\epsilon = 10^{-8}` in the denominator is replaced by an exact
-    division restricted to the cells being filled, which differs from it by at most a relative 1e-8.
+    As in the paper, the input is first multiplied by the mask (:math:`\mathbf{x} \odot \mathbf{m}`), so the
+    values of removed cells never reach the result as long as they are finite (``0 * inf`` is NaN):
+    :func:`~captum_layermask.layer_masked` clears removed pixels once at the input for that reason. The paper's
+    :math:`\epsilon = 10^{-8}` in the denominator is replaced by an exact division restricted to the cells being
+    filled, which differs from it by at most a relative 1e-8.
 
     Args:
-        x (Tensor): activations, shape ``(N, C, H, W)``.
+        x (Tensor): activations, shape ``(N, C, H, W)``, finite.
         mask (Tensor): shape ``(N, 1, H, W)`` or ``(1, 1, H, W)``; 1 (or True) for visible cells, 0 for removed.
         width (int): number of iterations :math:`k`, i.e. how many cells beyond the visible region get filled.
 
@@ -70,13 +79,13 @@ def neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tensor:
     if not isinstance(width, int) or width < 0:
         raise ValueError(f"neighbor_pad width must be a non-negative int, got {width!r}.")
     known = (mask > 0).to(x.dtype)
-    padded = torch.where(known > 0, x, 0)
+    padded = x * known
     for _ in range(width):
         count = box_sum_3x3(known)
-        ring = (known == 0) & (count > 0)
-        weight = torch.where(ring, count.clamp(min=1).reciprocal(), 0)
-        padded = torch.addcmul(padded, box_sum_3x3(padded), weight)
-        known = torch.where(count > 0, 1, known)
+        grown = (count > 0).to(x.dtype)
+        weight = (grown - known) / count.clamp(min=1)  # 1 / (number of known neighbours) on the new ring
+        padded = padded.addcmul_(box_sum_3x3(padded), weight)
+        known = grown
     return padded
 
 
@@ -130,6 +139,9 @@ def propagate_mask(
         Tensor of shape ``(N, 1, H_out, W_out)``, the convolution's output size.
     """
     pad = conv_padding(kernel_size, padding, dilation)
+    if _pair(kernel_size) == (1, 1) and not any(pad):
+        sh, sw = _pair(stride)
+        return mask[..., ::sh, ::sw]
     if any(pad):
         mask = F.pad(mask, pad, mode=_PAD_MODES[padding_mode])
     return F.max_pool2d(mask, _pair(kernel_size), _pair(stride), 0, _pair(dilation))

@@ -1,10 +1,11 @@
-"""Built-in masking rules (paper section 3.2), one per operation family.
+r"""Built-in masking rules (paper section 3.2), one per operation family.
 
-Every rule keeps one invariant: an operation that combines values of different cells reads only visible cells
-(by selection, so NaN or inf in removed cells cannot leak), and values left in removed cells are unspecified.
-Operations that act on each cell separately therefore run unchanged on the whole tensor, which is what makes
-layer masking cheap: only convolutions with kernels larger than 1, pooling and reshapes that merge spatial
-dimensions do extra work.
+Every rule keeps one invariant: values in removed cells are finite but unspecified, and an operation that
+combines values of different cells reads only visible ones (through ``x * m``, the paper's
+:math:`\mathbf{x} \odot \mathbf{m}`, which is exact for finite values; removed input pixels are cleared once, by
+selection, when the image enters the graph). Operations that act on each cell separately therefore run
+unchanged on the whole tensor, which is what makes layer masking cheap: only convolutions with kernels larger
+than 1, pooling and reshapes that merge spatial dimensions do extra work.
 """
 
 from __future__ import annotations
@@ -73,8 +74,14 @@ def _spatial_mask(x: Masked) -> Tensor:
     return mask
 
 
-def _visible(mask: Tensor) -> Tensor:
-    return mask > 0
+def _fill_removed(value: Tensor, mask: Tensor, fill: float) -> Tensor:
+    """``value`` in visible cells, ``fill`` (finite) in removed ones."""
+    return value * mask + (1 - mask) * fill
+
+
+def _lowest(value: Tensor) -> float:
+    """A finite stand-in for -inf: no finite value is below it, and it stays finite through later layers."""
+    return torch.finfo(value.dtype).min
 
 
 def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -195,10 +202,11 @@ def conv2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
 
     The padding width is the kernel's reach ``(k - 1) * dilation`` rather than the paper's ``k``: cells farther
     away are read only by outputs whose mask is 0, so the visible outputs are the paper's exactly. A 1x1
-    convolution therefore needs no padding at all.
+    convolution therefore runs on the activations as they are, like any per-cell operation.
     """
     geometry = _conv_geometry(op, x, args, kwargs)
-    padded = neighbor_pad(x.value, x.mask, receptive_reach(geometry["kernel_size"], geometry["dilation"]))
+    reach = receptive_reach(geometry["kernel_size"], geometry["dilation"])
+    padded = neighbor_pad(x.value, x.mask, reach) if reach else x.value  # a 1x1 kernel reads its own cell only
     return Masked(op(padded, *args, **kwargs), propagate_mask(x.mask, **geometry))
 
 
@@ -261,9 +269,10 @@ def max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     params = _params(op, args, kwargs, _MAX_POOL_ARGS, _MAX_POOL_DEFAULTS)
     _no_indices(params)
     mask = _spatial_mask(x)
-    hidden = torch.where(_visible(mask), x.value, float("-inf"))
     params.pop("return_indices")
-    return Masked(op(hidden, *args, **kwargs), F.max_pool2d(mask, **params))
+    visible = F.max_pool2d(mask, **params)
+    pooled = op(_fill_removed(x.value, mask, _lowest(x.value)), *args, **kwargs)
+    return Masked(pooled * visible, visible)
 
 
 @builtin_rule(nn.AvgPool2d, F.avg_pool2d)
@@ -276,7 +285,7 @@ def avg_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     x = _require_masked(x, "average pooling")
     params = _params(op, args, kwargs, _AVG_POOL_ARGS, _AVG_POOL_DEFAULTS)
     mask = _spatial_mask(x)
-    total = op(torch.where(_visible(mask), x.value, 0), *args, **kwargs)
+    total = op(x.value * mask, *args, **kwargs)
     visible = F.avg_pool2d(mask, **params)
     inside = F.avg_pool2d(torch.ones_like(mask[:1]), **params)
     return Masked(total * _safe_divide(inside, visible), _as_mask(visible > 0, mask))
@@ -288,7 +297,7 @@ def adaptive_avg_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     x = _require_masked(x, "adaptive average pooling")
     output_size = _params(op, args, kwargs, ("output_size",), {})["output_size"]
     mask = _spatial_mask(x)
-    total = op(torch.where(_visible(mask), x.value, 0), *args, **kwargs)
+    total = op(x.value * mask, *args, **kwargs)
     visible = F.adaptive_avg_pool2d(mask, output_size)
     return Masked(_safe_divide(total, visible), _as_mask(visible > 0, mask))
 
@@ -300,12 +309,12 @@ def adaptive_max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     params = _params(op, args, kwargs, ("output_size", "return_indices"), {"return_indices": False})
     _no_indices(params)
     mask = _spatial_mask(x)
-    pooled = op(torch.where(_visible(mask), x.value, float("-inf")), *args, **kwargs)
+    pooled = op(_fill_removed(x.value, mask, _lowest(x.value)), *args, **kwargs)
     visible = F.adaptive_max_pool2d(mask, params["output_size"])
-    return Masked(torch.where(visible > 0, pooled, 0), visible)
+    return Masked(pooled * visible, visible)
 
 
-_REDUCTION_FILL = {"mean": 0.0, "amax": float("-inf"), "amin": float("inf")}
+_SPATIAL_REDUCTIONS = ("mean", "amax", "amin")
 
 
 @builtin_rule(torch.mean, torch.amax, torch.amin, torch.sum, "mean", "amax", "amin", "sum")
@@ -322,18 +331,17 @@ def reduction(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     if all(x.mask.shape[d] == 1 for d in dims):
         return Masked(op(x.value, *args, **kwargs), mask_out)
     kind = op.__name__
-    if kind not in _REDUCTION_FILL:
+    if kind not in _SPATIAL_REDUCTIONS:
         raise UnsupportedLayerError(f"'{kind}' over spatial dimensions; use a mean (global average pooling) instead.")
-    visible = _visible(x.mask)
     if kind == "mean":
-        total = torch.where(visible, x.value, 0).sum(dims, keepdim=keepdim)
+        total = (x.value * x.mask).sum(dims, keepdim=keepdim)
         broadcast = math.prod(x.value.shape[d] for d in dims if x.mask.shape[d] == 1)
         value = _safe_divide(total, x.mask.sum(dims, keepdim=keepdim) * broadcast)
         if kwargs.get("dtype") is not None:
             value = value.to(kwargs["dtype"])
     else:
-        reduced = getattr(torch, kind)(torch.where(visible, x.value, _REDUCTION_FILL[kind]), dims, keepdim)
-        value = torch.where(mask_out > 0, reduced, 0)
+        fill = _lowest(x.value) if kind == "amax" else -_lowest(x.value)
+        value = getattr(torch, kind)(_fill_removed(x.value, x.mask, fill), dims, keepdim) * mask_out
     return Masked(value, mask_out)
 
 
@@ -398,7 +406,7 @@ def reshape(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
             mask_shape += [1] * len(target)
     mask = x.mask
     if merged:
-        value = op(torch.where(_visible(mask), x.value, 0), *args, **kwargs)
+        value = op(x.value * mask, *args, **kwargs)
         mask = mask.amax(merged, keepdim=True)
     return Masked(value, mask.reshape(mask_shape))
 

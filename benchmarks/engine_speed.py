@@ -1,0 +1,86 @@
+"""Cost of layer masking: ResNet-50, batch 8, 224x224, half of the 16x16 patches removed (issue: engine).
+
+Times the plain and the layer-masked forward pass side by side (no_grad, each masked pass right after a plain
+one; the time ratio is the median of the per-pair ratios, which cancels the slow drifts of a shared machine)
+and each one's peak tensor memory (bytes held by tensors allocated during the pass, from the profiler's
+allocation events; the model's weights and the inputs are not counted). Ratios are what stays
+comparable across machines.
+
+    .venv/bin/python benchmarks/engine_speed.py [--repeats 10] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+from torch.profiler import ProfilerActivity, profile
+
+from captum_layermask import layer_masked
+
+BATCH, SIZE, PATCH = 8, 224, 16
+
+
+def setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet50().eval()
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    grid = torch.rand(BATCH, 1, SIZE // PATCH, SIZE // PATCH).argsort(-1).argsort(-1) < (SIZE // PATCH) // 2
+    mask = grid.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)  # exactly half of each row of patches
+    return model, layer_masked(model), x, mask
+
+
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def peak_tensor_memory_mib(function) -> float:
+    """Peak of the bytes held by tensors allocated during one call, from the profiler's allocation events."""
+    function()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        function()
+    changes = []
+    for event in profiler.events():
+        if event.name == "[memory]":  # frees, recorded on their own
+            changes.append((event.time_range.start, event.cpu_memory_usage))
+        elif event.self_cpu_memory_usage:
+            changes.append((event.time_range.start, event.self_cpu_memory_usage))
+    held = peak = 0
+    for _, change in sorted(changes):
+        held += change
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, masked, x, mask = setup()
+    plain_times, masked_times = [], []
+    with torch.no_grad():
+        for _ in range(2):  # warm-up
+            model(x), masked(x, mask)
+        for _ in range(args.repeats):
+            plain_times.append(timed(lambda: model(x)))
+            masked_times.append(timed(lambda: masked(x, mask)))
+        plain_mem = peak_tensor_memory_mib(lambda: model(x))
+        layer_mem = peak_tensor_memory_mib(lambda: masked(x, mask))
+    plain, layer = statistics.median(plain_times), statistics.median(masked_times)
+    time_ratio = statistics.median(m / p for m, p in zip(masked_times, plain_times))
+    print(f"ResNet-50, batch {BATCH}, {SIZE}x{SIZE}, half of the {PATCH}x{PATCH} patches removed, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    print(f"{'':29}{'plain':>10}{'layer-masked':>14}{'ratio':>8}")
+    print(f"{'forward time (s)':29}{plain:>10.3f}{layer:>14.3f}{time_ratio:>8.2f}")
+    print(f"{'peak tensor memory (MiB)':29}{plain_mem:>10.0f}{layer_mem:>14.0f}{layer_mem / plain_mem:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
