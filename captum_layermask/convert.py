@@ -148,7 +148,7 @@ def _rule_node(graph: fx.Graph, node: fx.Node, op: Any, entry: RuleEntry, env: D
     kwargs = fx.map_arg(node.kwargs, env.__getitem__)
     if node.op == "call_module":
         target = RuleCall(entry.rule, None, node.target, type(op).__name__)
-        args = (graph.get_attr(node.target), *args)
+        args = (graph.create_node("get_attr", node.target, name=f"{node.name}_module"), *args)
     elif node.op == "call_method":
         target = RuleCall(entry.rule, call_method(node.target), _module_path(node), node.target)
     else:
