@@ -4,6 +4,7 @@ Layer masking (Balasubramanian & Feizi, ICCV 2023) runs a CNN on the visible pix
 removed pixels, whatever fills them, have no influence on the output.
 """
 
+from .baseline import LayerMask
 from .convert import LayerMaskedModel, add_mask_stream, layer_masked, trace
 from .errors import LayerMaskError, MaskShapeError, TracingError, UnsupportedLayerError
 from .masked import Masked
@@ -11,6 +12,7 @@ from .masking import neighbor_pad, propagate_mask
 from .registry import RuleHandle, register_rule
 
 __all__ = [
+    "LayerMask",
     "LayerMaskError",
     "LayerMaskedModel",
     "Masked",

@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
+from .baseline import check_no_baseline, mask_from_baseline
 from .errors import LayerMaskError, TracingError, UnsupportedLayerError
 from .masked import Masked, align_rank, format_mask
 from .registry import RULES, RuleCall, RuleEntry, RuleRegistry, call_method
@@ -163,27 +164,39 @@ class LayerMaskedModel(nn.Module):
     ``self.graph_module`` (``print(masked.graph_module.code)`` shows it).
     """
 
-    def __init__(self, graph_module: fx.GraphModule, padding: str, training: bool) -> None:
+    decodes_layer_mask = True  # it recognises LayerMask() baselines (see captum_layermask.baseline)
+
+    def __init__(self, graph_module: fx.GraphModule, padding: str, training: bool, required_inputs: int) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.padding = padding
+        self.required_inputs = required_inputs
         self.training = training
         graph_module.training = training
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, x: Tensor, *args: Any, mask: Optional[Tensor] = None, **kwargs: Any) -> Any:
         """Runs the model on the visible pixels of ``x``.
 
         Args:
             x (Tensor): images, shape ``(N, C, H, W)``.
+            *args: the model's further inputs, passed on unmasked. One positional argument more than the model
+                requires is the mask: ``masked(x, mask)`` for a model that takes only images.
             mask (Tensor, optional): 1 (True) for visible pixels, 0 for removed ones; shape ``(H, W)``,
                 ``(N, H, W)``, ``(N, 1, H, W)`` or ``(1, 1, H, W)``. Removed pixels have no influence on the
-                output, whatever their values. If None, the output is exactly ``model(x)``.
-            *args, **kwargs: further inputs of the model, passed on unmasked.
+                output, whatever their values. If None, pixels set to a :class:`~captum_layermask.LayerMask`
+                baseline by Captum are removed, and without any the output is exactly ``model(x)``.
+            **kwargs: further keyword inputs of the model.
 
         Returns:
             The model's output, same structure, shapes and dtypes; outputs that see no visible pixel (e.g. the
             logits of an image whose mask is all 0) are 0.
         """
+        if mask is None and len(args) == self.required_inputs:
+            *args, mask = args
+        if mask is None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            mask = mask_from_baseline(x)
+            for index, value in enumerate((*args, *kwargs.values())):
+                check_no_baseline(value, f"input {index + 2} of the model")
         if mask is not None:
             mask = format_mask(mask, x)
         return self.graph_module(x, mask, *args, **kwargs)
@@ -235,5 +248,6 @@ def layer_masked(
             return model
         raise LayerMaskError("this model is already layer-masked; pass the original model to layer_masked.")
     registry = _registry_for(padding, rules)
-    graph_module = add_mask_stream(trace(model, registry), registry)
-    return LayerMaskedModel(graph_module, padding, model.training)
+    traced = trace(model, registry)
+    required = sum(1 for node in traced.graph.nodes if node.op == "placeholder" and not node.args)
+    return LayerMaskedModel(add_mask_stream(traced, registry), padding, model.training, required)

@@ -190,9 +190,15 @@ class TwoInputs(nn.Module):
 
 
 def test_further_inputs_pass_through_unmasked():
-    model, x, mask = TwoInputs(), torch.randn(1, 3, 6, 6), torch.ones(6, 6)
-    assert torch.allclose(layer_masked(model)(x, mask, torch.tensor(3.0)), model(x, torch.tensor(3.0)), atol=1e-6)
-    assert torch.allclose(layer_masked(model)(x, mask, scale=torch.tensor(3.0)), model(x, torch.tensor(3.0)), atol=1e-6)
+    model, x, mask, scale = TwoInputs(), torch.randn(1, 3, 6, 6), torch.ones(6, 6), torch.tensor(3.0)
+    masked = layer_masked(model)
+    expected = model(x, scale)
+    assert torch.equal(masked(x, scale), expected)  # no mask: the model itself
+    assert torch.allclose(masked(x, scale, mask), expected, atol=1e-6)  # the mask follows the model's inputs
+    assert torch.allclose(masked(x, scale=scale, mask=mask), expected, atol=1e-6)
+    half = torch.ones(6, 6)
+    half[:, 3:] = 0
+    assert not torch.allclose(masked(x, scale, half), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -208,6 +214,6 @@ def test_masked_model_exports_with_a_dynamic_batch():
     masked = layer_masked(model)
     x, mask = torch.randn(2, 3, 12, 12), (torch.rand(2, 1, 12, 12) < 0.5).float()
     batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(masked, (x, mask), dynamic_shapes=({0: batch}, {0: batch}))
+    program = torch.export.export(masked, (x,), {"mask": mask}, dynamic_shapes={"x": {0: batch}, "mask": {0: batch}})
     x3, mask3 = torch.randn(3, 3, 12, 12), (torch.rand(3, 1, 12, 12) < 0.5).float()
-    assert torch.allclose(program.module()(x3, mask3), masked(x3, mask3), atol=1e-6)
+    assert torch.allclose(program.module()(x3, mask=mask3), masked(x3, mask3), atol=1e-6)

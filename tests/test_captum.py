@@ -1,0 +1,162 @@
+"""LayerMask() as a Captum baseline: every perturbed input is evaluated with layer masking, exactly."""
+
+import gc
+
+import pytest
+import torch
+import torchvision
+from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion, ShapleyValueSampling
+from torch import nn
+
+from captum_layermask import LayerMask, LayerMaskError, MaskShapeError, layer_masked
+from captum_layermask.baseline import mask_from_baseline
+
+from .conftest import randomize_batchnorm
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return randomize_batchnorm(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+        ).eval()
+    )
+
+
+def patches(size=16, patch=4):
+    """Feature ids of square patches, shape (1, 1, size, size): shared by all channels of a pixel."""
+    grid = torch.arange((size // patch) ** 2).view(1, 1, size // patch, size // patch)
+    return grid.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+
+
+@pytest.mark.parametrize("per_eval", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_feature_ablation_is_the_drop_of_the_layer_masked_model(per_eval, dtype):
+    masked = layer_masked(small_cnn().to(dtype))
+    x, segments = torch.randn(1, 3, 16, 16, dtype=dtype), patches()
+    attr = FeatureAblation(masked).attribute(x, target=2, feature_mask=segments, baselines=LayerMask(), perturbations_per_eval=per_eval)
+    with torch.no_grad():
+        for feature in range(16):
+            keep = segments != feature
+            expected = masked(x)[0, 2] - masked(x, keep)[0, 2]
+            got = attr[0, :, segments[0, 0] == feature]
+            assert torch.allclose(got, expected.expand_as(got), atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_occlusion_is_the_drop_of_the_layer_masked_model():
+    masked = layer_masked(small_cnn())
+    x = torch.randn(2, 3, 16, 16)
+    attr = Occlusion(masked).attribute(x, sliding_window_shapes=(3, 8, 8), strides=(3, 8, 8), target=1, baselines=LayerMask(), perturbations_per_eval=3)
+    with torch.no_grad():
+        for top in (0, 8):
+            for left in (0, 8):
+                keep = torch.ones(16, 16, dtype=torch.bool)
+                keep[top : top + 8, left : left + 8] = False
+                expected = masked(x)[:, 1] - masked(x, keep)[:, 1]
+                assert torch.allclose(attr[:, :, top, left], expected[:, None].expand(2, 3), atol=1e-6)
+
+
+class Recorder(nn.Module):
+    """Forwards to a layer-masked model and checks each sample against a direct call with the decoded mask."""
+
+    decodes_layer_mask = True
+
+    def __init__(self, masked, image, segments):
+        super().__init__()
+        self.masked, self.image, self.segments = masked, image, segments
+        self.samples = 0
+
+    def forward(self, x):
+        out = self.masked(x)
+        for i in range(len(x)):
+            keep = mask_from_baseline(x[i : i + 1])
+            keep = torch.ones(1, 1, 16, 16, dtype=torch.bool) if keep is None else keep
+            for feature in self.segments.unique():  # whole segments only
+                assert keep[self.segments == feature].unique().numel() == 1
+            with torch.no_grad():
+                assert torch.allclose(out[i], self.masked(self.image, keep)[0], atol=1e-6)
+            self.samples += 1
+        return out
+
+
+@pytest.mark.parametrize("method", [Lime, KernelShap])
+def test_lime_and_kernel_shap_use_exactly_the_layer_masked_outputs(method):
+    masked, x, segments = layer_masked(small_cnn()), torch.randn(1, 3, 16, 16), patches()
+    recorder = Recorder(masked, x, segments)
+    attr = method(recorder).attribute(x, target=0, feature_mask=segments, baselines=LayerMask(), n_samples=40, perturbations_per_eval=8)
+    assert recorder.samples >= 40 and attr.shape == x.shape and attr.isfinite().all()
+
+
+def test_shapley_value_sampling_attributions_add_up_to_the_output():
+    masked, x, segments = layer_masked(small_cnn()), torch.randn(1, 3, 16, 16), patches()
+    attr = ShapleyValueSampling(masked).attribute(x, target=3, feature_mask=segments, baselines=LayerMask(), n_samples=2, perturbations_per_eval=4)
+    per_feature = torch.stack([attr[0, 0][segments[0, 0] == f][0] for f in range(16)])
+    with torch.no_grad():  # efficiency: against the all-removed input, whose output is 0
+        assert torch.allclose(per_feature.sum(), masked(x)[0, 3], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("per_eval", [1, 3])
+def test_the_mask_is_recovered_exactly_in_every_dtype(dtype, per_eval):
+    segments = patches(8, 4)
+    x = torch.randn(1, 3, 8, 8).to(dtype)
+    decoded = []
+
+    def forward(batch):
+        for i in range(len(batch)):
+            keep = mask_from_baseline(batch[i : i + 1])
+            decoded.append(torch.ones(1, 1, 8, 8, dtype=torch.bool) if keep is None else keep)
+            visible = decoded[-1].expand_as(batch[i : i + 1])
+            assert torch.equal(batch[i : i + 1][visible], x[visible])  # visible pixels untouched
+        return batch.float().sum((1, 2, 3))
+
+    FeatureAblation(forward).attribute(x, feature_mask=segments, baselines=LayerMask(), perturbations_per_eval=per_eval)
+    expected = [torch.ones(1, 1, 8, 8, dtype=torch.bool)] + [segments != f for f in range(4)]
+    assert len(decoded) == 5 and all(torch.equal(d, e) for d, e in zip(decoded, expected))
+
+
+def test_a_plain_model_is_refused_with_a_pointer_to_layer_masked():
+    with pytest.raises(LayerMaskError, match=r"pass layer_masked\(model\)"):
+        FeatureAblation(small_cnn()).attribute(torch.randn(1, 3, 16, 16), target=0, feature_mask=patches(), baselines=LayerMask())
+
+
+def test_the_guard_is_gone_once_the_baseline_is():
+    hooks = torch.nn.modules.module._global_forward_pre_hooks
+    before = len(hooks)
+    FeatureAblation(layer_masked(small_cnn())).attribute(torch.randn(1, 3, 16, 16), target=0, feature_mask=patches(), baselines=LayerMask())
+    gc.collect()
+    assert len(hooks) == before == 0
+
+
+def test_a_feature_mask_that_splits_a_pixels_channels_is_refused():
+    segments = torch.arange(3).view(1, 3, 1, 1).expand(1, 3, 16, 16)  # one feature per channel
+    with pytest.raises(MaskShapeError, match="some channels of a pixel but not others"):
+        FeatureAblation(layer_masked(small_cnn())).attribute(torch.randn(1, 3, 16, 16), target=0, feature_mask=segments, baselines=LayerMask())
+
+
+class ImageAndScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cnn = small_cnn()
+
+    def forward(self, x, scale):
+        return self.cnn(x) * scale
+
+
+def test_several_inputs_layer_mask_the_image_and_refuse_other_inputs():
+    masked = layer_masked(ImageAndScale().eval())
+    x, scale = torch.randn(1, 3, 16, 16), torch.ones(1, 4)
+    attr, _ = FeatureAblation(masked).attribute((x, scale), target=0, feature_mask=(patches(), torch.zeros(1, 4, dtype=torch.long) + 16), baselines=(LayerMask(), 0.0))
+    with torch.no_grad():
+        keep = patches() != 5
+        assert torch.allclose(attr[0, 0, 4, 4], masked(x, scale)[0, 0] - masked(x, scale, keep)[0, 0], atol=1e-6)
+    with pytest.raises(MaskShapeError, match="input 2 of the model"):
+        FeatureAblation(masked).attribute((x, scale), target=0, baselines=(LayerMask(), LayerMask()), feature_mask=(patches(), torch.zeros(1, 4, dtype=torch.long) + 16))
+
+
+def test_resnet18_with_lime_at_small_resolution():
+    model = randomize_batchnorm(torchvision.models.resnet18(num_classes=5).eval())
+    x = torch.randn(1, 3, 32, 32)
+    attr = Lime(layer_masked(model)).attribute(x, target=1, feature_mask=patches(32, 8), baselines=LayerMask(), n_samples=20, perturbations_per_eval=10)
+    assert attr.shape == x.shape and attr.isfinite().all()
