@@ -26,9 +26,9 @@ def box_sum_3x3(x: Tensor) -> Tensor:
     r"""Sum of every cell's 3x3 neighbourhood, zero outside the image.
 
     This is ``x * f`` of Algorithm 1 with :math:`f = \mathbf{1}_{3\times3}` and zero padding, computed as a
-    vertical then a horizontal pass of shifted in-place additions: exact, and on CPU as fast as a depthwise
-    convolution for many channels and an order of magnitude faster for few. The vertical pass shifts each
-    ``H * W`` plane, flattened, by one row, so that every addition runs over long contiguous memory.
+    vertical then a horizontal pass of shifted additions: exact, and on CPU as fast as a depthwise convolution
+    for many channels and an order of magnitude faster for few. The vertical pass shifts each ``H * W`` plane,
+    flattened, by one row, so that every addition runs over long contiguous memory.
 
     Args:
         x (Tensor): shape ``(..., H, W)``.
@@ -36,15 +36,31 @@ def box_sum_3x3(x: Tensor) -> Tensor:
     Returns:
         Tensor of the shape of ``x``.
     """
+    if torch.is_grad_enabled() and x.requires_grad:  # in-place updates of fresh tensors: autograd follows them
+        height, width = x.shape[-2:]
+        planes = x.reshape(-1, height * width)
+        columns = planes.clone()
+        columns[:, width:] += planes[:, :-width]
+        columns[:, :-width] += planes[:, width:]
+        columns = columns.view(x.shape)
+        total = columns.clone()
+        total[..., 1:] += columns[..., :-1]
+        total[..., :-1] += columns[..., 1:]
+        return total
+    x = x.contiguous()
+    return _box_sum_into(x, torch.empty_like(x), torch.empty_like(x))
+
+
+def _box_sum_into(x: Tensor, columns: Tensor, total: Tensor) -> Tensor:
+    """``box_sum_3x3`` written into preallocated contiguous buffers (no autograd): two passes per direction."""
     height, width = x.shape[-2:]
-    planes = x.reshape(-1, height * width)
-    columns = planes.clone()
-    columns[:, width:] += planes[:, :-width]
-    columns[:, :-width] += planes[:, width:]
-    columns = columns.view(x.shape)
-    total = columns.clone()
-    total[..., 1:] += columns[..., :-1]
-    total[..., :-1] += columns[..., 1:]
+    planes, column_planes = x.view(-1, height * width), columns.view(-1, height * width)
+    torch.add(planes[:, width:], planes[:, :-width], out=column_planes[:, width:])
+    column_planes[:, :width].copy_(planes[:, :width])
+    column_planes[:, :-width].add_(planes[:, width:])
+    torch.add(columns[..., 1:], columns[..., :-1], out=total[..., 1:])
+    total[..., :1].copy_(columns[..., :1])
+    total[..., :-1].add_(columns[..., 1:])
     return total
 
 
@@ -79,12 +95,14 @@ def neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tensor:
     if not isinstance(width, int) or width < 0:
         raise ValueError(f"neighbor_pad width must be a non-negative int, got {width!r}.")
     known = (mask > 0).to(x.dtype)
-    padded = x * known
+    padded = (x * known).contiguous()
+    buffers = None if torch.is_grad_enabled() and padded.requires_grad else (torch.empty_like(padded), torch.empty_like(padded))
     for _ in range(width):
         count = box_sum_3x3(known)
         grown = (count > 0).to(x.dtype)
         weight = (grown - known) / count.clamp(min=1)  # 1 / (number of known neighbours) on the new ring
-        padded = padded.addcmul_(box_sum_3x3(padded), weight)
+        neighbours = box_sum_3x3(padded) if buffers is None else _box_sum_into(padded, *buffers)
+        padded = padded.addcmul_(neighbours, weight)
         known = grown
     return padded
 

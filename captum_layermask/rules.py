@@ -75,8 +75,8 @@ def _spatial_mask(x: Masked) -> Tensor:
 
 
 def _fill_removed(value: Tensor, mask: Tensor, fill: float) -> Tensor:
-    """``value`` in visible cells, ``fill`` (finite) in removed ones."""
-    return value * mask + (1 - mask) * fill
+    """``value`` in visible cells, ``fill`` (finite) in removed ones, in one pass over ``value``."""
+    return torch.addcmul((1 - mask) * fill, value, mask)
 
 
 def _lowest(value: Tensor) -> float:

@@ -1,0 +1,52 @@
+"""Cost of LayerMask() in Captum: Lime on ResNet-18, 224x224, 500 samples, perturbations_per_eval=16 (issue: Captum).
+
+Runs Lime with ``baselines=LayerMask()`` on the layer-masked model and with a grey baseline (0 after
+normalisation) on the plain model, alternately, with the same random samples, and prints the median time of
+each and the median of the per-pair ratios.
+
+    .venv/bin/python benchmarks/captum_lime.py [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+from captum.attr import Lime
+
+from captum_layermask import LayerMask, layer_masked
+
+SIZE, PATCH, SAMPLES, PER_EVAL = 224, 16, 500, 16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    grid = torch.arange((SIZE // PATCH) ** 2).view(1, 1, SIZE // PATCH, SIZE // PATCH)
+    segments = grid.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)
+    runs = {"grey baseline, plain model": (Lime(model), 0.0), "LayerMask(), layer-masked model": (Lime(layer_masked(model)), LayerMask())}
+    times = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, (lime, baseline) in runs.items():
+            torch.manual_seed(1)
+            start = time.perf_counter()
+            lime.attribute(x, target=0, feature_mask=segments, baselines=baseline, n_samples=SAMPLES, perturbations_per_eval=PER_EVAL)
+            times[name].append(time.perf_counter() - start)
+    grey, layer = times.values()
+    print(f"Lime, ResNet-18, {SIZE}x{SIZE}, {(SIZE // PATCH) ** 2} patches, {SAMPLES} samples, perturbations_per_eval={PER_EVAL}, {args.threads} threads")
+    for name, values in times.items():
+        print(f"  {name:34} {statistics.median(values):7.2f} s")
+    print(f"  ratio (median of pairs)            {statistics.median(l / g for l, g in zip(layer, grey)):7.2f}")
+
+
+if __name__ == "__main__":
+    main()
