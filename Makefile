@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_OUT ?= demo-output
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-slow demo benchmark clean
+.PHONY: setup test test-slow demo benchmark train-demo-model clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,18 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The bundled scene holds a star and a square: explain each, then the fill-sensitivity demo on a photo.
 demo: setup
-	$(PY) -m captum_layermask.demo --out $(DEMO_OUT)
+	$(VENV)/bin/layermask explain --target 3 --out $(DEMO_OUT)/star
+	$(VENV)/bin/layermask explain --target 1 --out $(DEMO_OUT)/square
+	$(PY) -m captum_layermask.demo.fill --out $(DEMO_OUT)/fill
 
 benchmark: setup
 	$(PY) benchmarks/engine_speed.py
+	$(PY) benchmarks/captum_lime.py
+
+train-demo-model: setup
+	$(PY) -m captum_layermask.demo.train
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -7,7 +7,7 @@
    never reads removed pixels. The network has random weights (no pretrained weights can be downloaded here),
    so only the invariance is meaningful, not the predicted classes.
 
-    python -m captum_layermask.demo --out demo-output
+    python -m captum_layermask.demo.fill --out demo-output
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from skimage import data  # noqa: E402
 
-from . import layer_masked, neighbor_pad  # noqa: E402
+from .. import layer_masked, neighbor_pad  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

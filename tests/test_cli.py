@@ -1,0 +1,76 @@
+"""The layermask command: explain on the bundled demo, a torchvision model from a weights file, bad input."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from captum.attr import FeatureAblation
+
+from captum_layermask import LayerMask, layer_masked
+from captum_layermask.cli import main, read_image, segment
+from captum_layermask.demo import model as demo_model
+from captum_layermask.demo import shapes
+
+
+def test_explain_the_demo_scene_writes_the_figure_and_the_attributions(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["explain", "--samples", "16", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"explanation.png", "attributions.pt", "segments.npy", "attributions_black.npy", "attributions_grey.npy", "attributions_layer.npy"}
+    saved = torch.load(out / "attributions.pt", weights_only=True)
+    assert set(saved["attributions"]) == {"black", "grey", "layer"}
+    assert all(a.shape == (1, 3, 128, 128) and a.isfinite().all() for a in saved["attributions"].values())
+    assert np.load(out / "segments.npy").max() == 63  # 8x8 patches of 16 pixels
+
+
+def test_explain_computes_what_captum_computes_with_layer_masking(tmp_path):
+    assert main(["explain", "--method", "ablation", "--maskings", "layer", "--target", "1", "--out", str(tmp_path)]) == 0
+    model = demo_model.load_demo_model()
+    image = read_image(demo_model.SCENE, 128)
+    segments = segment(image, "patches", None)
+    expected = FeatureAblation(layer_masked(model)).attribute(shapes.normalize(image), target=1, feature_mask=segments, baselines=LayerMask(), perturbations_per_eval=16)
+    assert torch.allclose(torch.from_numpy(np.load(tmp_path / "attributions_layer.npy")), expected[0], atol=1e-5)
+
+
+def test_explain_a_torchvision_model_from_a_weights_file(tmp_path):
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "r18.pth")
+    torchvision.utils.save_image(torch.rand(1, 3, 70, 90), tmp_path / "image.png")
+    args = ["explain", "--model", "resnet18", "--weights", str(tmp_path / "r18.pth"), "--num-classes", "7", "--image", str(tmp_path / "image.png")]
+    assert main(args + ["--size", "64", "--segments", "slic", "--samples", "8", "--maskings", "grey,layer", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "attributions_layer.npy").exists() and not (tmp_path / "out" / "attributions_black.npy").exists()
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "junk.pth").write_bytes(b"not weights")
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "r18.pth")
+    np.save(tmp_path / "segments.npy", np.zeros((10, 10), dtype=np.int64))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "{dir}/broken.png"], "cannot read image"),
+        (["--image", "{dir}/missing.png"], "cannot read image"),
+        (["--weights", "{dir}/junk.pth"], "is not a state dict that torch.load(weights_only=True) reads"),
+        (["--model", "resnet18", "--weights", "{dir}/r18.pth", "--image", "{dir}/missing.png"], "does not fit resnet18: size mismatch for fc.weight"),
+        (["--model", "resnet1234", "--weights", "{dir}/r18.pth"], "unknown model 'resnet1234'"),
+        (["--target", "6"], "target 6 is out of range: the model has 6 classes"),
+        (["--segments-file", "{dir}/segments.npy"], "segments in"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr_and_leaves_nothing(files, capsys, args, message):
+    out = files / "out"
+    assert main(["explain", "--samples", "4", "--out", str(out)] + [a.format(dir=files) for a in args]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("layermask: error:") and message in error[0]
+    assert not out.exists() and not list(files.glob(".layermask-*"))
+
+
+def test_python_dash_m_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "captum_layermask", "explain", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--segments" in result.stdout
