@@ -27,6 +27,13 @@ SENTINEL = -1.5 * 2.0**-14
 """The value of ``LayerMask()``: a normal number in every float dtype (no flush-to-zero), and exact in each."""
 
 
+_PARTIAL_PIXELS_REFUSED = 4
+"""A sample with this many pixels where some channels, not all, hold the sentinel is refused. One channel of a
+real image equals the sentinel by chance at a rate near 1e-7 per value (continuous data normalised by a power of
+two), so isolated partial pixels are visible pixels; a feature mask that splits channels makes whole segments of
+them."""
+
+
 def _sentinel_hits(x: Tensor) -> Tensor:
     return x == torch.tensor(SENTINEL, dtype=x.dtype, device=x.device)
 
@@ -41,8 +48,8 @@ def mask_from_baseline(x: Tensor) -> Optional[Tensor]:
         Bool tensor ``(N, 1, H, W)``, True where visible; None if no pixel was removed.
 
     Raises:
-        MaskShapeError: if some channels of a pixel hold the sentinel and others do not (a feature mask that
-            splits a pixel's channels), or if ``x`` is not an image batch.
+        MaskShapeError: if, in a sample, several pixels have some channels at the sentinel and others not (a
+            feature mask that splits a pixel's channels), or if ``x`` is not an image batch.
     """
     if not x.is_floating_point():
         return None
@@ -55,12 +62,13 @@ def mask_from_baseline(x: Tensor) -> Optional[Tensor]:
             f"{tuple(x.shape)}; use it as the baseline of the image input only."
         )
     removed = hits.all(1, keepdim=True)
-    if bool((hits.any(1, keepdim=True) & ~removed).any()):
+    partial = (hits.any(1, keepdim=True) & ~removed).flatten(1).sum(1)
+    if bool((partial >= _PARTIAL_PIXELS_REFUSED).any()):
         raise MaskShapeError(
             "the feature mask removes some channels of a pixel but not others; layer masking removes whole "
             "pixels, so give every channel of a pixel the same feature id (e.g. a feature_mask of shape (N, 1, H, W))."
         )
-    return ~removed
+    return ~removed if bool(removed.any()) else None
 
 
 def check_no_baseline(value: Any, what: str) -> None:

@@ -135,6 +135,16 @@ def test_a_feature_mask_that_splits_a_pixels_channels_is_refused():
         FeatureAblation(layer_masked(small_cnn())).attribute(torch.randn(1, 3, 16, 16), target=0, feature_mask=segments, baselines=LayerMask())
 
 
+def test_a_visible_channel_equal_to_the_sentinel_by_chance_stays_visible():
+    x = torch.randn(1, 3, 16, 16)
+    x[0, 1, 5, 5] = float(LayerMask())  # happens about once in 1e7 values of continuous data
+    keep = patches() != 3
+    blended = torch.where(keep, x, float(LayerMask()))
+    assert torch.equal(mask_from_baseline(blended), keep)
+    masked = layer_masked(small_cnn())
+    assert torch.equal(masked(x), small_cnn()(x))
+
+
 class ImageAndScale(nn.Module):
     def __init__(self):
         super().__init__()
