@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from .baseline import check_no_baseline, mask_from_baseline
 from .errors import LayerMaskError, TracingError, UnsupportedLayerError
-from .masked import Masked, align_rank, format_mask
+from .masked import Masked, align_rank, format_mask, map_masked
 from .registry import RULES, RuleCall, RuleEntry, RuleRegistry, call_method
 from .rules import PADDING_RULES
 
@@ -32,14 +32,7 @@ def masked_input(image: Tensor, mask: Optional[Tensor]) -> Any:
 
 def masked_output(tree: Any) -> Any:
     """The last node: each output tensor with 0 in cells (or samples) that see no visible pixel."""
-    if isinstance(tree, Masked):
-        return torch.where(align_rank(tree.mask, tree.value.ndim) > 0, tree.value, 0)
-    if isinstance(tree, (list, tuple)):
-        items = [masked_output(item) for item in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    if isinstance(tree, dict):
-        return {key: masked_output(item) for key, item in tree.items()}
-    return tree
+    return map_masked(tree, lambda out: torch.where(align_rank(out.mask, out.value.ndim) > 0, out.value, 0))
 
 
 class _RuleTracer(fx.Tracer):

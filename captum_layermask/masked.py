@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, Callable, Iterator, List
 
 import torch
 from torch import Tensor
@@ -26,38 +26,43 @@ class Masked:
     mask: Tensor
 
 
+def _leaves(tree: Any) -> Iterator[Masked]:
+    """Every :class:`Masked` in a nested list/tuple/dict argument, in order."""
+    if isinstance(tree, Masked):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _leaves(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _leaves(item)
+
+
+def map_masked(tree: Any, function: Callable[[Masked], Any]) -> Any:
+    """Replaces every :class:`Masked` in a nested list/tuple/dict by ``function(it)``, keeping the structure."""
+    if isinstance(tree, Masked):
+        return function(tree)
+    if isinstance(tree, (list, tuple)):
+        items = [map_masked(item, function) for item in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    if isinstance(tree, dict):
+        return {key: map_masked(item, function) for key, item in tree.items()}
+    return tree
+
+
 def is_masked(tree: Any) -> bool:
     """Whether a (possibly nested) argument holds a :class:`Masked` value."""
-    if isinstance(tree, Masked):
-        return True
-    if isinstance(tree, (list, tuple)):
-        return any(is_masked(item) for item in tree)
-    if isinstance(tree, dict):
-        return any(is_masked(item) for item in tree.values())
-    return False
+    return next(_leaves(tree), None) is not None
 
 
 def unwrap(tree: Any) -> Any:
     """Replaces every :class:`Masked` in a nested argument by its value."""
-    if isinstance(tree, Masked):
-        return tree.value
-    if isinstance(tree, (list, tuple)):
-        items = [unwrap(item) for item in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    if isinstance(tree, dict):
-        return {key: unwrap(item) for key, item in tree.items()}
-    return tree
+    return map_masked(tree, lambda masked: masked.value)
 
 
 def masks_of(tree: Any) -> List[Tensor]:
     """The masks of every :class:`Masked` in a nested argument, in order."""
-    if isinstance(tree, Masked):
-        return [tree.mask]
-    if isinstance(tree, (list, tuple)):
-        return [mask for item in tree for mask in masks_of(item)]
-    if isinstance(tree, dict):
-        return [mask for item in tree.values() for mask in masks_of(item)]
-    return []
+    return [masked.mask for masked in _leaves(tree)]
 
 
 def align_rank(mask: Tensor, ndim: int) -> Tensor:
