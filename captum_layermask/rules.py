@@ -178,6 +178,47 @@ def softmax(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     return pointwise(op, x, *args, **kwargs)
 
 
+def _masked_group_norm(x: Masked, groups: int, weight: Any, bias: Any, eps: float) -> Masked:
+    """Group normalization with the mean and variance of each group taken over its visible cells only."""
+    value, mask = x.value, x.mask
+    batch, channels = value.shape[:2]
+    grouped = value.reshape(batch, groups, -1)
+    visible = mask.expand(batch, channels // groups, *value.shape[2:]).reshape(batch, 1, -1).expand_as(grouped)
+    count = visible.sum(-1, keepdim=True)
+    mean = _safe_divide((grouped * visible).sum(-1, keepdim=True), count)
+    variance = _safe_divide((((grouped - mean) * visible) ** 2).sum(-1, keepdim=True), count)
+    normalized = ((grouped - mean) / torch.sqrt(variance + eps)).reshape(value.shape)
+    shape = (1, channels) + (1,) * (value.ndim - 2)
+    if weight is not None:
+        normalized = normalized * weight.reshape(shape)
+    if bias is not None:
+        normalized = normalized + bias.reshape(shape)
+    return Masked(normalized, mask)
+
+
+@builtin_rule(nn.GroupNorm, F.group_norm, nn.InstanceNorm2d, F.instance_norm)
+def group_norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Group and instance normalization: statistics over the visible cells of each sample only.
+
+    Running statistics (an instance norm with ``track_running_stats`` in eval mode) make it per-cell instead.
+    """
+    x = _require_masked(x, "group normalization")
+    _require_feature_dims(x, [1], "group normalization")
+    if isinstance(op, nn.GroupNorm):
+        return _masked_group_norm(x, op.num_groups, op.weight, op.bias, op.eps)
+    if isinstance(op, nn.InstanceNorm2d):
+        if op.track_running_stats and not op.training:
+            return pointwise(op, x)
+        return _masked_group_norm(x, x.value.shape[1], op.weight, op.bias, op.eps)
+    if op is F.group_norm:
+        bound = _bind(args, kwargs, ("num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+        return _masked_group_norm(x, bound["num_groups"], bound["weight"], bound["bias"], bound["eps"])
+    bound = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"), {"running_mean": None, "running_var": None, "weight": None, "bias": None, "use_input_stats": True, "eps": 1e-5})
+    if not bound["use_input_stats"]:
+        return pointwise(op, x, *args, **kwargs)
+    return _masked_group_norm(x, x.value.shape[1], bound["weight"], bound["bias"], bound["eps"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # convolutions: g_k(Pad_k(x, m)) with the mask max-pooled by the same kernel (section 3.2, Algorithm 1)
 

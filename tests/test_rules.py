@@ -239,3 +239,25 @@ def test_batch_norm_in_training_mode_is_refused():
     model.train()
     with pytest.raises(UnsupportedLayerError, match=r"'1'.*call \.eval\(\)"):
         masked(torch.randn(2, 3, 4, 4), torch.ones(4, 4))
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(2, 4), nn.InstanceNorm2d(4, affine=True)])
+def test_group_and_instance_norm_use_the_statistics_of_visible_cells(norm):
+    norm = norm.double()
+    if norm.weight is not None:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else 4
+    x, mask = torch.randn(2, 4, 6, 6, dtype=torch.float64), random_mask(2, 6, 6, keep=0.5)
+    out = layer_masked(nn.Sequential(norm))(x, mask)
+    for b in range(2):
+        visible = mask[b, 0] > 0
+        for g in range(groups):
+            channels = slice(g * 4 // groups, (g + 1) * 4 // groups)
+            cells = x[b, channels][:, visible]
+            normalized = (x[b, channels] - cells.mean()) / torch.sqrt(cells.var(unbiased=False) + norm.eps)
+            expected = normalized * norm.weight[channels, None, None] + norm.bias[channels, None, None]
+            assert torch.allclose(out[b, channels][:, visible], expected[:, visible])
+    full = layer_masked(nn.Sequential(norm))(x, torch.ones(6, 6))
+    assert torch.allclose(full, norm(x))
