@@ -94,6 +94,23 @@ def neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tensor:
     """
     if not isinstance(width, int) or width < 0:
         raise ValueError(f"neighbor_pad width must be a non-negative int, got {width!r}.")
+    if torch.compiler.is_exporting():  # one node per padded layer, for exporters to translate (ONNX: a function)
+        return torch.ops.captum_layermask.neighbor_pad(x, mask.to(x.dtype), width)
+    return _neighbor_pad(x, mask, width)
+
+
+@torch.library.custom_op("captum_layermask::neighbor_pad", mutates_args=())
+def _neighbor_pad_op(x: Tensor, mask: Tensor, width: int) -> Tensor:
+    """``neighbor_pad`` as a torch custom op: how exported graphs (``torch.export``) show it."""
+    return _neighbor_pad(x, mask, width)
+
+
+@_neighbor_pad_op.register_fake
+def _(x: Tensor, mask: Tensor, width: int) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tensor:
     known = (mask > 0).to(x.dtype)
     padded = (x * known).contiguous()
     buffers = None if torch.is_grad_enabled() and padded.requires_grad else (torch.empty_like(padded), torch.empty_like(padded))

@@ -217,3 +217,12 @@ def test_masked_model_exports_with_a_dynamic_batch():
     program = torch.export.export(masked, (x,), {"mask": mask}, dynamic_shapes={"x": {0: batch}, "mask": {0: batch}})
     x3, mask3 = torch.randn(3, 3, 12, 12), (torch.rand(3, 1, 12, 12) < 0.5).float()
     assert torch.allclose(program.module()(x3, mask=mask3), masked(x3, mask3), atol=1e-6)
+
+
+def test_exported_graphs_show_one_neighbor_padding_node_per_padded_convolution():
+    masked = layer_masked(small_cnn())  # two 3x3 convolutions
+    x, mask = torch.randn(2, 3, 12, 12), (torch.rand(2, 1, 12, 12) < 0.5).float()
+    program = torch.export.export(masked, (x,), {"mask": mask})
+    pads = [node for node in program.graph.nodes if node.target is torch.ops.captum_layermask.neighbor_pad.default]
+    assert [node.args[2] for node in pads] == [2, 2]
+    assert torch.allclose(program.module()(x, mask=mask), masked(x, mask), atol=1e-6)
