@@ -30,6 +30,7 @@ demo: setup
 benchmark: setup
 	$(PY) benchmarks/engine_speed.py
 	$(PY) benchmarks/captum_lime.py
+	$(PY) benchmarks/onnx_speed.py
 
 train-demo-model: setup
 	$(PY) -m captum_layermask.demo.train

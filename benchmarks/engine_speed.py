@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torchvision
 from torch.profiler import ProfilerActivity, profile
 
 from captum_layermask import layer_masked
+
+from _timing import paired_times, ratio_of_pairs
 
 BATCH, SIZE, PATCH = 8, 224, 16
 
@@ -31,12 +32,6 @@ def setup(seed: int = 0):
     grid = torch.rand(BATCH, 1, SIZE // PATCH, SIZE // PATCH).argsort(-1).argsort(-1) < (SIZE // PATCH) // 2
     mask = grid.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)  # exactly half of each row of patches
     return model, layer_masked(model), x, mask
-
-
-def timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def peak_tensor_memory_mib(function) -> float:
@@ -64,17 +59,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, masked, x, mask = setup()
-    plain_times, masked_times = [], []
+    times = paired_times({"plain": lambda: model(x), "masked": lambda: masked(x, mask)}, args.repeats, warmup=2)
     with torch.no_grad():
-        for _ in range(2):  # warm-up
-            model(x), masked(x, mask)
-        for _ in range(args.repeats):
-            plain_times.append(timed(lambda: model(x)))
-            masked_times.append(timed(lambda: masked(x, mask)))
         plain_mem = peak_tensor_memory_mib(lambda: model(x))
         layer_mem = peak_tensor_memory_mib(lambda: masked(x, mask))
-    plain, layer = statistics.median(plain_times), statistics.median(masked_times)
-    time_ratio = statistics.median(m / p for m, p in zip(masked_times, plain_times))
+    plain, layer = statistics.median(times["plain"]), statistics.median(times["masked"])
+    time_ratio = ratio_of_pairs(times["masked"], times["plain"])
     print(f"ResNet-50, batch {BATCH}, {SIZE}x{SIZE}, half of the {PATCH}x{PATCH} patches removed, "
           f"{args.threads} threads, torch {torch.__version__}")
     print(f"{'':29}{'plain':>10}{'layer-masked':>14}{'ratio':>8}")

@@ -1,0 +1,29 @@
+"""Paired timing for the benchmarks: runs alternate, so a shared machine's slow drifts hit them alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def paired_times(runs: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Seconds of each run per round, rounds taken in turn (under ``torch.no_grad``)."""
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for run in runs.values():
+                run()
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio_of_pairs(numerator: List[float], denominator: List[float]) -> float:
+    """The median of the per-round ratios."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator))

@@ -1,0 +1,57 @@
+"""onnxruntime (CPU, 2 threads) against PyTorch eager layer masking: ResNet-50, batch 8, 224x224 (issue: ONNX).
+
+Exports the layer-masked ResNet-50 with ``export_masked`` (verified against PyTorch), then times both on the
+same inputs (half of the 16x16 patches removed), alternately; prints medians and the median of per-pair ratios.
+
+    .venv/bin/python benchmarks/onnx_speed.py [--repeats 10] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import onnxruntime
+import torch
+import torchvision
+
+from captum_layermask import layer_masked
+from onnx_export import export_masked
+from onnx_export.export import verification_masks
+
+from _timing import paired_times, ratio_of_pairs
+
+BATCH, SIZE = 8, 224
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    masked = layer_masked(model)
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_masked(model, Path(folder) / "resnet50.onnx", input_shape=(BATCH, 3, SIZE, SIZE), verify_batch=2)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    image = torch.randn(BATCH, 3, SIZE, SIZE)
+    mask = verification_masks(BATCH, SIZE, SIZE)["half removed"]
+    feeds = {"image": image.numpy(), "mask": mask.numpy()}
+    runs = {"PyTorch eager": lambda: masked(image, mask), "onnxruntime": lambda: session.run(["logits"], feeds)}
+    times = paired_times(runs, args.repeats)
+    eager, ort = times.values()
+    print(f"Layer-masked ResNet-50, batch {BATCH}, {SIZE}x{SIZE}, half of the 16x16 patches removed, {args.threads} threads")
+    for name, values in times.items():
+        print(f"  {name:15} {statistics.median(values):6.3f} s")
+    print(f"  onnxruntime / eager (median of pairs) {ratio_of_pairs(ort, eager):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""``export_masked``: a layer-masked CNN as an ONNX model for stock onnxruntime."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from captum_layermask import LayerMaskedModel, layer_masked
+
+from .functions import add_neighbor_pad_function, neighbor_pad_translation
+
+SUPPORTED_OPSETS = range(18, 24)
+INPUT_NAMES = ("image", "mask")
+OUTPUT_NAME = "logits"
+
+
+class ExportError(Exception):
+    """The model cannot be exported, or the export does not reproduce it; no file was written."""
+
+
+def verification_masks(batch: int, height: int, width: int, seed: int = 0) -> dict:
+    """Masks ``(batch, 1, H, W)`` in float32 that the export is checked with: full, half and 90% removed."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = lambda keep: torch.rand(batch, 1, -(-height // 16), -(-width // 16), generator=generator) < keep  # noqa: E731
+    patches = lambda g: g.repeat_interleave(16, 2).repeat_interleave(16, 3)[..., :height, :width].float()  # noqa: E731
+    return {"full": torch.ones(batch, 1, height, width), "half removed": patches(grid(0.5)), "90% removed": patches(grid(0.1))}
+
+
+def verify(path: Path, masked: nn.Module, input_shape: Sequence[int], batch: int, rtol: float = 1e-4) -> float:
+    """Runs the file in onnxruntime against PyTorch; returns the largest relative difference.
+
+    Raises:
+        ExportError: if any output differs by more than ``rtol`` relative to the largest output magnitude.
+    """
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(batch, *input_shape[1:], generator=generator)
+    worst = 0.0
+    for name, mask in verification_masks(batch, *input_shape[2:]).items():
+        try:
+            got = session.run([OUTPUT_NAME], {"image": image.numpy(), "mask": mask.numpy()})[0]
+        except Exception as error:  # onnxruntime's own exception types
+            raise ExportError(f"onnxruntime cannot run the export: {str(error).strip().splitlines()[-1]}") from None
+        with torch.no_grad():
+            expected = masked(image, mask).numpy()
+        difference = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
+        if difference > rtol:
+            raise ExportError(f"onnxruntime differs from PyTorch by {difference:.2e} (relative) with the {name} mask.")
+        worst = max(worst, difference)
+    return worst
+
+
+def export_masked(
+    model: nn.Module,
+    path: Union[str, Path],
+    *,
+    input_shape: Sequence[int],
+    opset: Optional[int] = None,
+    dynamic_batch: bool = True,
+    dynamic_size: bool = False,
+    verify_batch: Optional[int] = None,
+) -> Path:
+    """Exports a CNN with layer masking to ONNX, checks it, and verifies it against PyTorch before writing.
+
+    The ONNX graph takes ``image`` (float32, N x C x H x W) and ``mask`` (float32, N x 1 x H x W, 1 = visible)
+    and returns ``logits``. Each neighbor-padded layer is one ``captum_layermask::NeighborPad`` function call.
+
+    Args:
+        model (nn.Module): a plain CNN (converted with :func:`~captum_layermask.layer_masked`) or a
+            layer-masked one.
+        path: where to write the ``.onnx`` file; nothing is written if anything fails.
+        input_shape: ``(N, C, H, W)`` of the example input.
+        opset (int, optional): the default-domain opset, 18 to 23 (default: the exporter's).
+        dynamic_batch (bool): the batch size is dynamic (default).
+        dynamic_size (bool): height and width are dynamic too, where the model allows it.
+        verify_batch (int, optional): batch size of the verification run (default: one more than the example's
+            when the batch is dynamic). With a dynamic batch the example has at least 2 images, since
+            ``torch.export`` fixes dimensions of size 1.
+
+    Returns:
+        The path written.
+
+    Raises:
+        UnsupportedLayerError: if the model has operations that cannot be layer-masked.
+        ExportError: for an unsupported opset, a failed export, checker errors or a verification mismatch.
+
+    Examples::
+
+        >>> export_masked(torchvision.models.resnet50(weights=...), "resnet50-masked.onnx", input_shape=(1, 3, 224, 224))
+    """
+    if opset is not None and opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}.")
+    if len(input_shape) != 4:
+        raise ExportError(f"input_shape must be (N, C, H, W), got {tuple(input_shape)}.")
+    masked = model if isinstance(model, LayerMaskedModel) else layer_masked(model)
+    masked = masked.eval()
+    path = Path(path)
+    program = _to_onnx(masked, input_shape, opset, dynamic_batch, dynamic_size)
+    handle, staging = tempfile.mkstemp(suffix=".onnx", dir=path.parent if path.parent.exists() else None)
+    os.close(handle)
+    try:
+        program.save(staging)
+        onnx.checker.check_model(onnx.load(staging), full_check=True)
+        batch = verify_batch or (max(input_shape[0], 2) + 1 if dynamic_batch else input_shape[0])
+        verify(Path(staging), masked, input_shape, batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, path)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"the exported model fails onnx.checker: {error}") from None
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    return path
+
+
+def _to_onnx(masked: nn.Module, input_shape: Sequence[int], opset: Optional[int], dynamic_batch: bool, dynamic_size: bool):
+    batch = max(input_shape[0], 2) if dynamic_batch else input_shape[0]  # torch.export fixes dimensions of size 1
+    image = torch.randn(batch, *input_shape[1:], generator=torch.Generator().manual_seed(0))
+    mask = verification_masks(batch, *input_shape[2:])["half removed"]
+    dims = {}
+    if dynamic_batch:
+        dims[0] = torch.export.Dim("batch")
+    if dynamic_size:
+        dims.update({2: torch.export.Dim("height"), 3: torch.export.Dim("width")})
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                masked, (image,), kwargs={"mask": mask}, dynamo=True, opset_version=opset,
+                input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                dynamic_shapes={"x": dims, "mask": dims} if dims else None,
+                custom_translation_table={torch.ops.captum_layermask.neighbor_pad.default: neighbor_pad_translation},
+                verbose=False,
+            )
+    except Exception as error:  # the exporter's own errors carry its report; keep their first line
+        raise ExportError(f"torch.onnx.export failed: {str(error).strip().splitlines()[0]}") from error
+    add_neighbor_pad_function(program.model)
+    return program

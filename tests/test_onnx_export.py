@@ -1,0 +1,96 @@
+"""ONNX export: stock onnxruntime reproduces the layer-masked model; neighbor padding is one function call per layer."""
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from captum_layermask import UnsupportedLayerError, layer_masked
+from onnx_export import DOMAIN, ExportError, export_masked
+from onnx_export.__main__ import main
+from onnx_export.export import verification_masks
+
+from .conftest import randomize_batchnorm
+from .test_torchvision import FAMILIES, size_for
+
+
+def padded_convolutions(masked):
+    """Convolutions the masked graph calls (unused ones, like Inception's auxiliary head in eval mode, are not)."""
+    graph_module = masked.graph_module
+    called = [graph_module.get_submodule(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"]
+    return sum(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in called)
+
+
+def check_export(name, tmp_path, batch=5, shared_pads=False):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(torchvision.models.get_model(name, num_classes=10).eval())
+    size = size_for(name)
+    path = export_masked(model, tmp_path / f"{name}.onnx", input_shape=(2, 3, size, size))
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [(f.domain, f.name) for f in proto.functions] == [(DOMAIN, "NeighborPad")]
+    masked = layer_masked(model)
+    calls = [node for node in proto.graph.node if node.op_type == "NeighborPad"]
+    # the exporter merges layers that pad the same input by the same width (Inception's 1x3 / 3x1 pairs)
+    assert (0 < len(calls) <= padded_convolutions(masked)) if shared_pads else len(calls) == padded_convolutions(masked)
+    assert all(node.domain == DOMAIN for node in calls)
+    assert [i.name for i in proto.graph.input] == ["image", "mask"] and [o.name for o in proto.graph.output] == ["logits"]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = torch.randn(batch, 3, size, size)
+    for mask in verification_masks(batch, size, size, seed=7).values():
+        got = session.run(["logits"], {"image": image.numpy(), "mask": mask.numpy()})[0]
+        with torch.no_grad():
+            expected = masked(image, mask).numpy()
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "vgg11_bn"])
+def test_onnxruntime_reproduces_the_layer_masked_model(name, tmp_path):
+    check_export(name, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_exports(name, tmp_path):
+    check_export(name, tmp_path, batch=3, shared_pads=True)
+
+
+def test_the_function_is_algorithm_1():
+    from captum_layermask import neighbor_pad
+    from onnx_export import NeighborPad
+
+    x, mask = np.random.default_rng(0).normal(size=(2, 4, 9, 7)).astype(np.float32), (np.random.default_rng(1).random((2, 1, 9, 7)) < 0.3).astype(np.float32)
+    expected = neighbor_pad(torch.from_numpy(x), torch.from_numpy(mask), 3).numpy()
+    assert np.allclose(NeighborPad(x, mask, width=3), expected, atol=1e-6)
+
+
+def test_an_operation_that_cannot_be_masked_fails_before_writing(tmp_path):
+    with pytest.raises(UnsupportedLayerError, match="PixelShuffle"):
+        export_masked(nn.Sequential(nn.Conv2d(3, 12, 3), nn.PixelShuffle(2)), tmp_path / "x.onnx", input_shape=(1, 3, 16, 16))
+    with pytest.raises(ExportError, match="opset 12 is not supported"):
+        export_masked(nn.Sequential(nn.Conv2d(3, 4, 3)), tmp_path / "x.onnx", input_shape=(1, 3, 16, 16), opset=12)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_exports_and_verifies(tmp_path, capsys):
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "r18.pth")
+    out = tmp_path / "r18.onnx"
+    assert main(["--model", "resnet18", "--weights", str(tmp_path / "r18.pth"), "--num-classes", "7", "--size", "64", "--out", str(out)]) == 0
+    assert out.exists() and "verified against PyTorch" in capsys.readouterr().out
+    assert main(["--model", "resnet18", "--weights", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "bad.onnx")]) == 2
+    assert "does not fit resnet18" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
+
+
+def test_a_dynamic_size_export_runs_at_other_resolutions(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(torchvision.models.resnet18(num_classes=10).eval())
+    path = export_masked(model, tmp_path / "r18.onnx", input_shape=(2, 3, 64, 64), dynamic_size=True)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image, mask = torch.randn(3, 3, 96, 80), verification_masks(3, 96, 80, seed=3)["half removed"]
+    got = session.run(["logits"], {"image": image.numpy(), "mask": mask.numpy()})[0]
+    with torch.no_grad():
+        expected = layer_masked(model)(image, mask).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
