@@ -10,8 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from captum_layermask import LayerMaskError
 from captum_layermask.cli import CommandError, load_torchvision
 
@@ -40,5 +38,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     sys.exit(main())
