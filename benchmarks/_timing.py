@@ -27,3 +27,10 @@ def paired_times(runs: Dict[str, Callable[[], object]], repeats: int, warmup: in
 def ratio_of_pairs(numerator: List[float], denominator: List[float]) -> float:
     """The median of the per-round ratios."""
     return statistics.median(n / d for n, d in zip(numerator, denominator))
+
+
+def print_medians(times: Dict[str, List[float]], decimals: int = 3) -> None:
+    """One line per run: its median time."""
+    width = max(len(name) for name in times)
+    for name, values in times.items():
+        print(f"  {name:{width}}  {statistics.median(values):.{decimals}f} s")

@@ -10,7 +10,6 @@ each and the median of the per-pair ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torchvision
@@ -18,7 +17,7 @@ from captum.attr import Lime
 
 from captum_layermask import LayerMask, layer_masked
 
-from _timing import paired_times, ratio_of_pairs
+from _timing import paired_times, print_medians, ratio_of_pairs
 
 SIZE, PATCH, SAMPLES, PER_EVAL = 224, 16, 500, 16
 
@@ -34,19 +33,19 @@ def main() -> None:
     x = torch.randn(1, 3, SIZE, SIZE)
     grid = torch.arange((SIZE // PATCH) ** 2).view(1, 1, SIZE // PATCH, SIZE // PATCH)
     segments = grid.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)
-    runs = {"grey baseline, plain model": (Lime(model), 0.0), "LayerMask(), layer-masked model": (Lime(layer_masked(model)), LayerMask())}
+    masked = layer_masked(model)
+    runs = {"grey baseline, plain model": (Lime(model), 0.0), "LayerMask(), layer-masked model": (Lime(masked), LayerMask())}
     def lime_run(lime, baseline):
         torch.manual_seed(1)  # the same samples for both
         lime.attribute(x, target=0, feature_mask=segments, baselines=baseline, n_samples=SAMPLES, perturbations_per_eval=PER_EVAL)
 
     with torch.no_grad():  # one-time costs (weight reorders, allocations) out of the first timed run
-        model(x.repeat(PER_EVAL, 1, 1, 1)), layer_masked(model)(x.repeat(PER_EVAL, 1, 1, 1), torch.ones(SIZE, SIZE))
+        model(x.repeat(PER_EVAL, 1, 1, 1)), masked(x.repeat(PER_EVAL, 1, 1, 1), torch.ones(SIZE, SIZE))
     times = paired_times({name: (lambda pair=pair: lime_run(*pair)) for name, pair in runs.items()}, args.rounds, warmup=0)
     grey, layer = times.values()
     print(f"Lime, ResNet-18, {SIZE}x{SIZE}, {(SIZE // PATCH) ** 2} patches, {SAMPLES} samples, perturbations_per_eval={PER_EVAL}, {args.threads} threads")
-    for name, values in times.items():
-        print(f"  {name:34} {statistics.median(values):7.2f} s")
-    print(f"  ratio (median of pairs)            {ratio_of_pairs(layer, grey):7.2f}")
+    print_medians(times, decimals=2)
+    print(f"  ratio (median of pairs): {ratio_of_pairs(layer, grey):.2f}")
 
 
 if __name__ == "__main__":

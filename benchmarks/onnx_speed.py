@@ -9,7 +9,6 @@ same inputs (half of the 16x16 patches removed), alternately; prints medians and
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from captum_layermask import layer_masked
 from onnx_export import export_masked
 from onnx_export.export import verification_masks
 
-from _timing import paired_times, ratio_of_pairs
+from _timing import paired_times, print_medians, ratio_of_pairs
 
 BATCH, SIZE = 8, 224
 
@@ -48,9 +47,8 @@ def main() -> None:
     times = paired_times(runs, args.repeats)
     eager, ort = times.values()
     print(f"Layer-masked ResNet-50, batch {BATCH}, {SIZE}x{SIZE}, half of the 16x16 patches removed, {args.threads} threads")
-    for name, values in times.items():
-        print(f"  {name:15} {statistics.median(values):6.3f} s")
-    print(f"  onnxruntime / eager (median of pairs) {ratio_of_pairs(ort, eager):.2f}")
+    print_medians(times)
+    print(f"  onnxruntime / eager (median of pairs): {ratio_of_pairs(ort, eager):.2f}")
 
 
 if __name__ == "__main__":
