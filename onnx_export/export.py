@@ -103,23 +103,28 @@ def export_masked(
     if len(input_shape) != 4:
         raise ExportError(f"input_shape must be (N, C, H, W), got {tuple(input_shape)}.")
     masked = model if isinstance(model, LayerMaskedModel) else layer_masked(model)
-    masked = masked.eval()
+    modes = {module: module.training for module in masked.modules()}  # shared with the user's model
+    masked.eval()
     path = Path(path)
-    program = _to_onnx(masked, input_shape, opset, dynamic_batch, dynamic_size)
-    handle, staging = tempfile.mkstemp(suffix=".onnx", dir=path.parent if path.parent.exists() else None)
-    os.close(handle)
     try:
-        program.save(staging)
-        onnx.checker.check_model(onnx.load(staging), full_check=True)
-        batch = verify_batch or (max(input_shape[0], 2) + 1 if dynamic_batch else input_shape[0])
-        verify(Path(staging), masked, input_shape, batch)
+        program = _to_onnx(masked, input_shape, opset, dynamic_batch, dynamic_size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, path)
-    except onnx.checker.ValidationError as error:
-        raise ExportError(f"the exported model fails onnx.checker: {error}") from None
+        handle, staging = tempfile.mkstemp(suffix=".onnx", dir=path.parent)  # beside the target: an atomic rename
+        os.close(handle)
+        try:
+            program.save(staging)
+            onnx.checker.check_model(onnx.load(staging), full_check=True)
+            batch = verify_batch or (max(input_shape[0], 2) + 1 if dynamic_batch else input_shape[0])
+            verify(Path(staging), masked, input_shape, batch)
+            os.replace(staging, path)
+        except onnx.checker.ValidationError as error:
+            raise ExportError(f"the exported model fails onnx.checker: {error}") from None
+        finally:
+            if os.path.exists(staging):
+                os.remove(staging)
     finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+        for module, training in modes.items():
+            module.training = training
     return path
 
 

@@ -86,8 +86,11 @@ def test_the_command_exports_and_verifies(tmp_path, capsys):
 
 def test_a_dynamic_size_export_runs_at_other_resolutions(tmp_path):
     torch.manual_seed(0)
-    model = randomize_batchnorm(torchvision.models.resnet18(num_classes=10).eval())
-    path = export_masked(model, tmp_path / "r18.onnx", input_shape=(2, 3, 64, 64), dynamic_size=True)
+    model = randomize_batchnorm(torchvision.models.resnet18(num_classes=10).train())
+    path = export_masked(model, tmp_path / "new folder" / "r18.onnx", input_shape=(2, 3, 64, 64), dynamic_size=True)
+    assert all(module.training for module in model.modules())  # the export leaves the model's mode alone
+    assert [p.name for p in (tmp_path / "new folder").iterdir()] == ["r18.onnx"]
+    model.eval()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     image, mask = torch.randn(3, 3, 96, 80), verification_masks(3, 96, 80, seed=3)["half removed"]
     got = session.run(["logits"], {"image": image.numpy(), "mask": mask.numpy()})[0]
