@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable, Dict, List
 
 import torch
+
+
+def parse_arguments(description: str, repeats_flag: str = "--repeats", repeats: int = 10) -> argparse.Namespace:
+    """``--threads`` (applied to torch here) and the number of timed rounds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(repeats_flag, type=int, default=repeats, dest="repeats")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def paired_times(runs: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:

@@ -9,30 +9,25 @@ each and the median of the per-pair ratios.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torchvision
 from captum.attr import Lime
 
 from captum_layermask import LayerMask, layer_masked
+from captum_layermask.cli import patch_segments
 
-from _timing import paired_times, print_medians, ratio_of_pairs
+from _timing import paired_times, parse_arguments, print_medians, ratio_of_pairs
 
 SIZE, PATCH, SAMPLES, PER_EVAL = 224, 16, 500, 16
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_arguments(__doc__.splitlines()[0], "--rounds", 3)
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, SIZE, SIZE)
-    grid = torch.arange((SIZE // PATCH) ** 2).view(1, 1, SIZE // PATCH, SIZE // PATCH)
-    segments = grid.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)
+    segments = patch_segments(SIZE, SIZE, PATCH)
     masked = layer_masked(model)
     runs = {"grey baseline, plain model": (Lime(model), 0.0), "LayerMask(), layer-masked model": (Lime(masked), LayerMask())}
     def lime_run(lime, baseline, samples=SAMPLES):
@@ -41,7 +36,7 @@ def main() -> None:
 
     for lime, baseline in runs.values():  # one-time costs (weight reorders, first Lasso fit) out of the timing
         lime_run(lime, baseline, samples=PER_EVAL)
-    times = paired_times({name: (lambda pair=pair: lime_run(*pair)) for name, pair in runs.items()}, args.rounds, warmup=0)
+    times = paired_times({name: (lambda pair=pair: lime_run(*pair)) for name, pair in runs.items()}, args.repeats, warmup=0)
     grey, layer = times.values()
     print(f"Lime, ResNet-18, {SIZE}x{SIZE}, {(SIZE // PATCH) ** 2} patches, {SAMPLES} samples, perturbations_per_eval={PER_EVAL}, {args.threads} threads")
     print_medians(times, decimals=2)

@@ -17,6 +17,7 @@ import torch
 from captum.attr import Lime
 
 from captum_layermask import LayerMask, layer_masked
+from captum_layermask.cli import patch_segments
 from captum_layermask.demo import shapes
 from captum_layermask.demo.model import load_demo_model
 
@@ -32,8 +33,7 @@ def main() -> None:
     model = load_demo_model()
     masked = layer_masked(model)
     scenes = shapes.render(args.scenes, torch.Generator().manual_seed(args.seed), objects=2)
-    patch = torch.arange(shapes.SIZE) // 16
-    segments = (patch[:, None] * (shapes.SIZE // 16) + patch[None, :])[None, None]
+    segments = patch_segments(shapes.SIZE, shapes.SIZE)
     fills = {"black": (model, shapes.normalize(torch.zeros(1, 3, 1, 1))), "grey": (model, 0.0), "layer masking": (masked, LayerMask())}
     hits = {name: 0 for name in fills}
     chance = ceiling = total = 0

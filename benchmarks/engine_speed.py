@@ -11,7 +11,6 @@ comparable across machines.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
@@ -20,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from captum_layermask import layer_masked
 
-from _timing import paired_times, ratio_of_pairs
+from _timing import paired_times, parse_arguments, ratio_of_pairs
 
 BATCH, SIZE, PATCH = 8, 224, 16
 
@@ -53,11 +52,7 @@ def peak_tensor_memory_mib(function) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_arguments(__doc__.splitlines()[0], "--repeats", 15)
     model, masked, x, mask = setup()
     times = paired_times({"plain": lambda: model(x), "masked": lambda: masked(x, mask)}, args.repeats, warmup=2)
     with torch.no_grad():

@@ -8,7 +8,6 @@ same inputs (half of the 16x16 patches removed), alternately; prints medians and
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -20,17 +19,13 @@ from captum_layermask import layer_masked
 from onnx_export import export_masked
 from onnx_export.export import verification_masks
 
-from _timing import paired_times, print_medians, ratio_of_pairs
+from _timing import paired_times, parse_arguments, print_medians, ratio_of_pairs
 
 BATCH, SIZE = 8, 224
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_arguments(__doc__.splitlines()[0], "--repeats", 10)
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()
     masked = layer_masked(model)

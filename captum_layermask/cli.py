@@ -125,6 +125,12 @@ def load_subject(args: argparse.Namespace) -> Subject:
     return Subject(model, read_image(args.image, args.size or 224), _normalizer(mean, std), classes)
 
 
+def patch_segments(height: int, width: int, patch: int = 16) -> Tensor:
+    """Feature ids of square patches in row-major order, shape ``(1, 1, height, width)``."""
+    rows, columns = torch.arange(height) // patch, torch.arange(width) // patch
+    return (rows[:, None] * (-(-width // patch)) + columns[None, :])[None, None]
+
+
 def segment(image: Tensor, how: str, file: Optional[Path]) -> Tensor:
     """Feature ids ``(1, 1, H, W)``: 16x16 patches, SLIC (196 segments) or quickshift (the paper's settings)."""
     height, width = image.shape[-2:]
@@ -136,8 +142,7 @@ def segment(image: Tensor, how: str, file: Optional[Path]) -> Tensor:
         if tuple(segments.shape) != (height, width):
             raise CommandError(f"segments in {file} have shape {tuple(segments.shape)}, but the image is {height}x{width}.")
     elif how == "patches":
-        rows, columns = torch.arange(height) // 16, torch.arange(width) // 16
-        segments = rows[:, None] * (-(-width // 16)) + columns[None, :]
+        segments = patch_segments(height, width)[0, 0]
     else:
         from skimage.segmentation import quickshift, slic
 
