@@ -12,9 +12,10 @@ import argparse
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,11 +26,16 @@ from torch import Tensor, nn
 from .baseline import LayerMask
 from .convert import layer_masked
 from .errors import LayerMaskError
+from .maskers import IMAGENET_MEAN, IMAGENET_STD, MASKER_NAMES
+from .segmentation import SEGMENTER_NAMES, SLIC, Patches, Quickshift, segment_images
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+EVALUATE_DESCRIPTION = (
+    "Measures how much each masking method distorts the model (paper section 4): removal curves of accuracy, class "
+    "entropy and unchanged predictions with their AUC, shape bias, and LIME's top-k ablation accuracy, alignment "
+    "score and top-k Jaccard. Writes results.md, results.csv and figures. With no arguments it evaluates the bundled "
+    "demo model on held-out demo scenes, offline."
+)
 METHODS = ("lime", "kernelshap", "ablation", "occlusion")
-SEGMENTERS = ("patches", "slic", "quickshift")
 MASKINGS = ("black", "grey", "layer")
 
 
@@ -109,48 +115,43 @@ def load_torchvision(name: str, weights: Optional[str], num_classes: Optional[in
     return model.eval(), enum.meta["categories"], IMAGENET_MEAN, IMAGENET_STD
 
 
-def load_subject(args: argparse.Namespace) -> Subject:
+def load_model(args: argparse.Namespace) -> tuple:
+    """The model of ``--model``/``--weights``, in eval mode, with its class names and normalisation."""
     if args.model == "demo":
         from .demo import model as demo_model
         from .demo import shapes
 
         model = demo_model.ShapesResNet()
         load_state(model, Path(args.weights) if args.weights else demo_model.WEIGHTS, "the demo model")
-        model.eval()
-        image = read_image(args.image or demo_model.SCENE, args.size or shapes.SIZE)
-        return Subject(model, image, shapes.normalize, shapes.CLASSES)
-    model, classes, mean, std = load_torchvision(args.model, args.weights, args.num_classes)
+        return model.eval(), shapes.CLASSES, shapes.MEAN, shapes.STD
+    return load_torchvision(args.model, args.weights, args.num_classes)
+
+
+def load_subject(args: argparse.Namespace) -> Subject:
+    model, classes, mean, std = load_model(args)
+    if args.model == "demo":
+        from .demo import model as demo_model
+        from .demo import shapes
+
+        return Subject(model, read_image(args.image or demo_model.SCENE, args.size or shapes.SIZE), shapes.normalize, classes)
     if args.image is None:
         raise CommandError(f"--image is needed with --model {args.model} (the bundled scene is for the demo model).")
     return Subject(model, read_image(args.image, args.size or 224), _normalizer(mean, std), classes)
 
 
-def patch_segments(height: int, width: int, patch: int = 16) -> Tensor:
-    """Feature ids of square patches in row-major order, shape ``(1, 1, height, width)``."""
-    rows, columns = torch.arange(height) // patch, torch.arange(width) // patch
-    return (rows[:, None] * (-(-width // patch)) + columns[None, :])[None, None]
-
-
 def segment(image: Tensor, how: str, file: Optional[Path]) -> Tensor:
-    """Feature ids ``(1, 1, H, W)``: 16x16 patches, SLIC (196 segments) or quickshift (the paper's settings)."""
+    """Segment ids ``(1, 1, H, W)`` of an image in [0, 1]: 16x16 patches, SLIC or quickshift, or from a file."""
     height, width = image.shape[-2:]
-    if file is not None:
-        try:
-            segments = torch.from_numpy(np.load(file)).long()
-        except (OSError, ValueError) as error:
-            raise CommandError(f"cannot read segments {file}: {error}") from None
-        if tuple(segments.shape) != (height, width):
-            raise CommandError(f"segments in {file} have shape {tuple(segments.shape)}, but the image is {height}x{width}.")
-    elif how == "patches":
-        segments = patch_segments(height, width)[0, 0]
-    else:
-        from skimage.segmentation import quickshift, slic
-
-        pixels = image[0].permute(1, 2, 0).double().numpy()
-        labels = slic(pixels, n_segments=196, start_label=0) if how == "slic" else quickshift(pixels, kernel_size=2, max_dist=200, ratio=0.2)
-        segments = torch.from_numpy(labels).long()
-    _, segments = torch.unique(segments, return_inverse=True)  # consecutive ids from 0
-    return segments[None, None]
+    if file is None:
+        segmenter = Patches() if how == "patches" else {"slic": SLIC, "quickshift": Quickshift}[how](mean=(0, 0, 0), std=(1, 1, 1))
+        return segment_images(image, segmenter)[:, None]
+    try:
+        segments = torch.from_numpy(np.load(file)).long()
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot read segments {file}: {error}") from None
+    if tuple(segments.shape) != (height, width):
+        raise CommandError(f"segments in {file} have shape {tuple(segments.shape)}, but the image is {height}x{width}.")
+    return segment_images(image, segments[None])[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,6 +224,20 @@ def plot_explanation(subject: Subject, segments: Tensor, results: Dict[str, Tens
     plt.close(fig)
 
 
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A staging folder beside ``out`` whose files move into ``out`` only if the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".layermask-", dir=out.parent))
+    try:
+        yield staging
+        out.mkdir(exist_ok=True)
+        for file in staging.iterdir():
+            shutil.move(str(file), out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def explain(args: argparse.Namespace) -> Path:
     subject = load_subject(args)
     segments = segment(subject.image, args.segments, args.segments_file)
@@ -232,20 +247,90 @@ def explain(args: argparse.Namespace) -> Path:
     if not 0 <= target < logits.shape[1]:
         raise CommandError(f"target {target} is out of range: the model has {logits.shape[1]} classes (0 to {logits.shape[1] - 1}).")
     results = attribute(subject, segments, target, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".layermask-", dir=args.out.parent))
-    try:
+    with staged_output(args.out) as staging:
         plot_explanation(subject, segments, results, target, args.top, staging / "explanation.png")
         torch.save({"attributions": results, "segments": segments, "target": target, "image": subject.image}, staging / "attributions.pt")
         for masking, attribution in results.items():
             np.save(staging / f"attributions_{masking}.npy", attribution[0].numpy())
         np.save(staging / "segments.npy", segments[0, 0].numpy())
-        args.out.mkdir(exist_ok=True)
-        for file in staging.iterdir():
-            shutil.move(str(file), args.out / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"predicted '{subject.class_name(int(logits.argmax(1)))}'; explained '{subject.class_name(target)}'; wrote {args.out}/explanation.png")
+    return args.out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluating
+
+
+def _image_files(folder: Path) -> List[tuple]:
+    """``(path, class index)`` of an ImageNet-style folder: one subfolder per class, in sorted order."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if not folder.is_dir():
+        raise CommandError(f"--images {folder} is not a folder; give a folder with one subfolder of images per class.")
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+    files = [(path, index) for index, name in enumerate(classes) for path in sorted((folder / name).iterdir()) if path.suffix.lower() in IMG_EXTENSIONS]
+    if not files:
+        raise CommandError(f"--images {folder} holds no images in class subfolders (<folder>/<class>/<image>).")
+    return files
+
+
+def read_object_mask(path: Path, size: int) -> Tensor:
+    """An object mask image (non-zero on the object) as ``(size, size)`` bool, cropped like :func:`read_image`."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as file:
+            pixels = torch.from_numpy(np.asarray(file.convert("L")).copy())
+    except FileNotFoundError:
+        raise CommandError(f"no object mask {path}: --object-masks needs <masks>/<class>/<image name>.png for every image.") from None
+    except (OSError, UnidentifiedImageError) as error:
+        raise CommandError(f"cannot read object mask {path}: {error}") from None
+    side = min(pixels.shape)
+    pixels = torchvision.transforms.functional.center_crop(pixels[None], [side, side])
+    return F.interpolate(pixels[None].float(), size=(size, size), mode="nearest")[0, 0] > 0
+
+
+def load_evaluation_data(args: argparse.Namespace, mean: Sequence[float], std: Sequence[float], classes: Optional[Sequence[str]]):
+    """The images of ``--images`` (or held-out demo scenes), their labels and optional object masks."""
+    from .report import EvaluationData
+
+    if args.images is None:
+        if args.model != "demo":
+            raise CommandError(f"--images is needed with --model {args.model} (the bundled scenes are for the demo model).")
+        from .demo import shapes
+
+        scenes = shapes.render(args.limit or 64, torch.Generator().manual_seed(args.data_seed), objects=1)
+        return EvaluationData(shapes.normalize(scenes.images), scenes.labels[:, 0], scenes.object_masks[:, 0], mean, std, classes)
+    files = _image_files(args.images)
+    if args.limit and args.limit < len(files):
+        chosen = torch.randperm(len(files), generator=torch.Generator().manual_seed(args.data_seed))[: args.limit]
+        files = [files[i] for i in sorted(chosen.tolist())]
+    size = args.size or 224
+    images = torch.cat([read_image(path, size) for path, _ in files])
+    labels = torch.tensor([label for _, label in files])
+    masks = None
+    if args.object_masks is not None:
+        masks = torch.stack([read_object_mask(args.object_masks / path.parent.name / f"{path.stem}.png", size) for path, _ in files])
+    return EvaluationData(_normalizer(mean, std)(images), labels, masks, mean, std, classes)
+
+
+def evaluate_command(args: argparse.Namespace) -> Path:
+    from .report import evaluate
+
+    model, classes, mean, std = load_model(args)
+    data = load_evaluation_data(args, mean, std, classes)
+    with torch.no_grad():
+        width = model(data.images[:1]).shape[1]
+    if int(data.labels.max()) >= width:
+        raise CommandError(f"labels go up to {int(data.labels.max())}, but the model has {width} classes: check the class folders or --num-classes.")
+    top_k = args.top_k or (5 if args.model == "demo" else 20)
+    report = evaluate(model, data, maskers=args.maskers, segmenters=args.segments, fractions=[i / (args.fractions - 1) for i in range(args.fractions)], lime_images=args.lime_images, n_samples=args.samples, k=top_k, batch_size=args.batch_size, seed=args.seed)
+    with staged_output(args.out) as staging:
+        (staging / "results.md").write_text(report.to_markdown())
+        report.to_csv(staging / "results.csv")
+        report.save_figures(staging, classes)
+    print(report.to_markdown())
+    print(f"wrote {args.out}/results.md, results.csv and figures")
     return args.out
 
 
@@ -253,27 +338,33 @@ def explain(args: argparse.Namespace) -> Path:
 # command line
 
 
-def _maskings(value: str) -> List[str]:
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    unknown = [name for name in names if name not in MASKINGS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"maskings are a comma-separated subset of {', '.join(MASKINGS)}")
-    return names
+def _subset(choices: Sequence[str], what: str) -> Callable[[str], List[str]]:
+    def parse(value: str) -> List[str]:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        if not names or any(name not in choices for name in names):
+            raise argparse.ArgumentTypeError(f"{what} are a comma-separated subset of {','.join(choices)}")
+        return names
+
+    return parse
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="demo", help="'demo' (bundled, offline) or a torchvision classifier name, e.g. resnet50")
+    parser.add_argument("--weights", help="state-dict file (loaded with weights_only=True) or a torchvision weights name, e.g. IMAGENET1K_V2")
+    parser.add_argument("--num-classes", type=int, help="classes of a torchvision model whose weights file has another head")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layermask", description="Perturbation-based explanations of CNNs with layer masking.")
     commands = parser.add_subparsers(dest="command", required=True)
     explain_parser = commands.add_parser("explain", help="explain one image under black, grey and layer masking", description=__doc__.split("\n\n")[1])
-    explain_parser.add_argument("--model", default="demo", help="'demo' (bundled, offline) or a torchvision classifier name, e.g. resnet50")
-    explain_parser.add_argument("--weights", help="state-dict file (loaded with weights_only=True) or a torchvision weights name, e.g. IMAGENET1K_V2")
-    explain_parser.add_argument("--num-classes", type=int, help="classes of a torchvision model whose weights file has another head")
+    _add_model_arguments(explain_parser)
     explain_parser.add_argument("--image", type=Path, help="image file (default: the bundled demo scene)")
     explain_parser.add_argument("--target", type=int, help="class index to explain (default: the top prediction)")
     explain_parser.add_argument("--method", choices=METHODS, default="lime")
-    explain_parser.add_argument("--segments", choices=SEGMENTERS, default="patches", help="16x16 patches, SLIC (196) or quickshift, as in the paper")
+    explain_parser.add_argument("--segments", choices=SEGMENTER_NAMES, default="patches", help="16x16 patches, SLIC (196) or quickshift, as in the paper")
     explain_parser.add_argument("--segments-file", type=Path, help=".npy array of shape (H, W) with a segment id per pixel")
-    explain_parser.add_argument("--maskings", type=_maskings, default=list(MASKINGS), help="comma-separated subset of black,grey,layer")
+    explain_parser.add_argument("--maskings", type=_subset(MASKINGS, "maskings"), default=list(MASKINGS), help="comma-separated subset of black,grey,layer")
     explain_parser.add_argument("--samples", type=int, default=500, help="perturbed samples for Lime and KernelShap (paper: 500)")
     explain_parser.add_argument("--per-eval", type=int, default=16, help="perturbations per forward pass")
     explain_parser.add_argument("--size", type=int, help="input resolution (default: 128 for the demo model, 224 otherwise)")
@@ -281,6 +372,24 @@ def build_parser() -> argparse.ArgumentParser:
     explain_parser.add_argument("--seed", type=int, default=0)
     explain_parser.add_argument("--out", type=Path, default=Path("explain-output"), help="output folder")
     explain_parser.set_defaults(run=explain)
+
+    evaluate_parser = commands.add_parser("evaluate", help="measure missingness bias: removal curves, shape bias, LIME metrics", description=EVALUATE_DESCRIPTION)
+    _add_model_arguments(evaluate_parser)
+    evaluate_parser.add_argument("--images", type=Path, help="ImageNet-style folder <images>/<class>/<image> (default: held-out demo scenes)")
+    evaluate_parser.add_argument("--object-masks", type=Path, help="folder <masks>/<class>/<image name>.png, non-zero on the object (enables shape bias and LIME alignment)")
+    evaluate_parser.add_argument("--limit", type=int, help="evaluate on this many images (a seeded random subset of --images; demo: 64 scenes)")
+    evaluate_parser.add_argument("--size", type=int, help="input resolution of --images (default 224)")
+    evaluate_parser.add_argument("--maskers", type=_subset(MASKER_NAMES, "maskers"), default=["black", "grey", "layer"], help="comma-separated subset of " + ",".join(MASKER_NAMES))
+    evaluate_parser.add_argument("--segments", type=_subset(SEGMENTER_NAMES, "segmenters"), default=["patches"], help="comma-separated subset of patches,slic,quickshift")
+    evaluate_parser.add_argument("--fractions", type=int, default=11, help="points of the removal curves, from 0 to 1")
+    evaluate_parser.add_argument("--lime-images", type=int, default=32, help="images explained with LIME for its metrics (0: none)")
+    evaluate_parser.add_argument("--samples", type=int, default=500, help="LIME samples per image (paper: 500)")
+    evaluate_parser.add_argument("--top-k", type=int, help="segments taken by the top-k LIME metrics (default: 20 as in the paper; 5 for the demo's 64 patches)")
+    evaluate_parser.add_argument("--batch-size", type=int, default=64)
+    evaluate_parser.add_argument("--seed", type=int, default=0, help="seed of the random removal order and of LIME's samples")
+    evaluate_parser.add_argument("--data-seed", type=int, default=1000, help="seed of the demo scenes and of the --limit subset")
+    evaluate_parser.add_argument("--out", type=Path, default=Path("evaluate-output"), help="output folder")
+    evaluate_parser.set_defaults(run=evaluate_command)
     return parser
 
 

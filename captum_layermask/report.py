@@ -1,0 +1,193 @@
+"""One evaluation of a model under several maskers: removal curves, shape bias and LIME metrics, written as a
+Markdown table, a CSV file and figures. ``layermask evaluate`` runs it; it works the same from Python.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from torch import Tensor, nn
+
+from .evaluation import DEFAULT_FRACTIONS, LimeMetrics, RemovalCurve, ShapeBias, lime_metrics, removal_curve, shape_bias
+from .maskers import IMAGENET_MEAN, IMAGENET_STD, Masker, black, get_masker
+from .segmentation import SLIC, Patches, Quickshift, segment_images
+
+MASKER_TITLES = {"black": "black fill", "grey": "grey fill", "layer": "layer masking", "blur": "blur fill", "mean": "mean-colour fill"}
+
+
+@dataclass
+class EvaluationData:
+    """Images to evaluate on.
+
+    Attributes:
+        images: ``(N, C, H, W)`` model inputs (normalised).
+        labels: ``(N,)`` class indices.
+        object_masks: ``(N, H, W)`` bool, True on the labelled object, or None (then no shape bias, no LIME
+            alignment or Jaccard, and no saliency orders).
+        mean, std: the normalisation of ``images`` (for black fill and for SLIC/quickshift).
+        class_names: names of the class indices, or None.
+    """
+
+    images: Tensor
+    labels: Tensor
+    object_masks: Optional[Tensor] = None
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    class_names: Optional[Sequence[str]] = None
+
+
+@dataclass
+class EvaluationReport:
+    """What :func:`evaluate` measured."""
+
+    removal: List[RemovalCurve] = field(default_factory=list)
+    shape: List[ShapeBias] = field(default_factory=list)
+    lime: Dict[str, Dict[str, LimeMetrics]] = field(default_factory=dict)  # segmenter -> masker -> metrics
+    images: int = 0
+    lime_images: int = 0
+
+    def rows(self) -> List[Dict[str, object]]:
+        """The results as flat rows: section, segmenter, order, masker, metric, value."""
+        rows: List[Dict[str, object]] = []
+        for curve in self.removal:
+            for metric, value in curve.auc.items():
+                rows.append(dict(section="removal AUC", segmenter=curve.segmenter, order=curve.order, masker=curve.masker, metric=metric, value=value))
+        for result in self.shape:
+            for metric in ("object_accuracy", "broken_accuracy", "difference"):
+                rows.append(dict(section="shape bias", segmenter="", order="", masker=result.masker, metric=metric, value=getattr(result, metric)))
+        for segmenter, results in self.lime.items():
+            for result in results.values():
+                for metric in ("topk_ablation_accuracy", "alignment_score", "topk_jaccard"):
+                    rows.append(dict(section=f"LIME (k={result.k})", segmenter=segmenter, order="", masker=result.masker, metric=metric, value=getattr(result, metric)))
+        return rows
+
+    def to_csv(self, path: Path) -> None:
+        with open(path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=["section", "segmenter", "order", "masker", "metric", "value"])
+            writer.writeheader()
+            for row in self.rows():
+                writer.writerow({**row, "value": f"{row['value']:.4f}"})
+
+    def to_markdown(self) -> str:
+        parts = []
+        if self.removal:
+            parts.append(self._removal_table())
+        if self.shape:
+            counts = self.shape[0].count
+            lines = [f"**Shape bias** ({counts} images classified correctly unmasked): accuracy with the object removed, with the broken mask removed, and the difference (higher: less reliance on the mask's shape).", "", "| masker | object removed | broken mask removed | difference |", "|---|---|---|---|"]
+            lines += [f"| {_title(r.masker)} | {r.object_accuracy:.3f} | {r.broken_accuracy:.3f} | {r.difference:+.3f} |" for r in self.shape]
+            parts.append("\n".join(lines))
+        if self.lime:
+            parts.append(self._lime_table())
+        return "\n\n".join(parts) + "\n"
+
+    def _removal_table(self) -> str:
+        columns = list(dict.fromkeys((c.segmenter, c.order) for c in self.removal))
+        maskers = list(dict.fromkeys(c.masker for c in self.removal))
+        by_key = {(c.segmenter, c.order, c.masker): c for c in self.removal}
+        header = "| AUC | " + " | ".join(f"{s}, {o.replace('_', ' ')}" for s, o in columns) + " |"
+        lines = [f"**Removal curves** ({self.images} images): area under each metric against the fraction of segments removed (higher is better).", "", header, "|---" * (len(columns) + 1) + "|"]
+        for metric in ("accuracy", "entropy", "unchanged"):
+            for masker in maskers:
+                values = [by_key.get((s, o, masker)) for s, o in columns]
+                cells = [f"{v.auc[metric]:.3f}" if v is not None else "" for v in values]
+                lines.append(f"| {metric}: {_title(masker)} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def _lime_table(self) -> str:
+        segmenters = list(self.lime)
+        maskers = list(dict.fromkeys(m for results in self.lime.values() for m in results))
+        k = next(iter(next(iter(self.lime.values())).values())).k
+        names = (("topk_ablation_accuracy", f"top-{k} ablation accuracy (lower is better)"), ("alignment_score", "alignment score"), ("topk_jaccard", f"top-{k} Jaccard"))
+        lines = [f"**LIME metrics** ({self.lime_images} images, true class explained): top-{k} ablation accuracy (grey removal; lower is better), alignment score and top-{k} Jaccard with the object mask (higher is better).", "", "| metric | " + " | ".join(segmenters) + " |", "|---" * (len(segmenters) + 1) + "|"]
+        for metric, label in names:
+            for masker in maskers:
+                cells = [f"{getattr(self.lime[s][masker], metric):.3f}" if masker in self.lime[s] else "" for s in segmenters]
+                lines.append(f"| {label}: {_title(masker)} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def save_figures(self, folder: Path, class_names: Optional[Sequence[str]] = None) -> List[Path]:
+        """Writes ``removal_<segmenter>_<order>.png``, ``shape_bias.png`` and ``lime_<segmenter>.png``."""
+        import matplotlib.pyplot as plt
+
+        from .plots import plot_lime_metrics, plot_removal_curves, plot_shape_bias
+
+        figures = {}
+        for segmenter, order in dict.fromkeys((c.segmenter, c.order) for c in self.removal):
+            curves = [c for c in self.removal if (c.segmenter, c.order) == (segmenter, order)]
+            figures[f"removal_{segmenter}_{order}.png"] = plot_removal_curves(curves)
+        if self.shape:
+            figures["shape_bias.png"] = plot_shape_bias(self.shape, class_names)
+        for segmenter, results in self.lime.items():
+            figures[f"lime_{segmenter}.png"] = plot_lime_metrics(results, title=f"LIME with {segmenter} segments")
+        paths = []
+        for name, figure in figures.items():
+            figure.savefig(folder / name, dpi=110, bbox_inches="tight")
+            plt.close(figure)
+            paths.append(folder / name)
+        return paths
+
+
+def _title(masker: str) -> str:
+    return MASKER_TITLES.get(masker, masker)
+
+
+def _masker_for(name: str, data: EvaluationData) -> Masker:
+    return black(data.mean, data.std) if name == "black" else get_masker(name)
+
+
+def _segmenter_for(name: str, data: EvaluationData):
+    return {"patches": lambda: Patches(), "slic": lambda: SLIC(mean=data.mean, std=data.std), "quickshift": lambda: Quickshift(mean=data.mean, std=data.std)}[name]()
+
+
+def evaluate(
+    model: nn.Module,
+    data: EvaluationData,
+    *,
+    maskers: Sequence[str] = ("black", "grey", "layer"),
+    segmenters: Sequence[str] = ("patches",),
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    lime_images: int = 32,
+    n_samples: int = 500,
+    k: int = 20,
+    batch_size: int = 64,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> EvaluationReport:
+    """Runs the removal curves (random order, and most/least salient first with the object masks as saliency),
+    the shape bias and the LIME metrics (on the first ``lime_images`` images) under each masker.
+
+    Args:
+        model (nn.Module): the classifier, in eval mode.
+        data (EvaluationData): images, labels, optional object masks and the normalisation.
+        maskers: names among ``black``, ``grey``, ``layer``, ``blur``, ``mean``.
+        segmenters: names among ``patches``, ``slic``, ``quickshift``.
+        fractions, batch_size, seed, show_progress: see :func:`~captum_layermask.evaluation.removal_curve`.
+        lime_images (int): images explained with LIME (0: no LIME metrics).
+        n_samples, k: LIME's samples and the segments taken by the top-k metrics.
+
+    Returns:
+        An :class:`EvaluationReport`.
+    """
+    report = EvaluationReport(images=len(data.images))
+    masks = data.object_masks
+    orders = ("random",) if masks is None else ("random", "most_salient", "least_salient")
+    common = dict(batch_size=batch_size, show_progress=show_progress)
+    for segmenter_name in segmenters:
+        segments = segment_images(data.images, _segmenter_for(segmenter_name, data))
+        for order in orders:
+            for name in maskers:
+                curve = removal_curve(model, data.images, data.labels, segments, order, _masker_for(name, data), fractions, saliency=None if masks is None else masks.float(), seed=seed, **common)
+                curve.segmenter = segmenter_name
+                report.removal.append(curve)
+        if masks is not None and lime_images > 0:
+            chosen = slice(0, min(lime_images, len(data.images)))
+            report.lime_images = chosen.stop
+            results = lime_metrics(model, data.images[chosen], data.labels[chosen], masks[chosen], segments[chosen], [_masker_for(name, data) for name in maskers], k=k, n_samples=n_samples, ablation_masker="grey", seed=seed, **common)
+            report.lime[segmenter_name] = results
+    if masks is not None:
+        report.shape = [shape_bias(model, data.images, data.labels, masks, _masker_for(name, data), **common) for name in maskers]
+    return report
