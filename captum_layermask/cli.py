@@ -323,8 +323,7 @@ def evaluate_command(args: argparse.Namespace) -> Path:
         width = model(data.images[:1]).shape[1]
     if int(data.labels.max()) >= width:
         raise CommandError(f"labels go up to {int(data.labels.max())}, but the model has {width} classes: check the class folders or --num-classes.")
-    top_k = args.top_k or (5 if args.model == "demo" else 20)
-    report = evaluate(model, data, maskers=args.maskers, segmenters=args.segments, fractions=[i / (args.fractions - 1) for i in range(args.fractions)], lime_images=args.lime_images, n_samples=args.samples, k=top_k, batch_size=args.batch_size, seed=args.seed)
+    report = evaluate(model, data, maskers=args.maskers, segmenters=args.segments, fractions=[i / (args.fractions - 1) for i in range(args.fractions)], lime_images=args.lime_images, diagnostic_images=args.diagnostic_images, n_samples=args.samples, k=args.top_k, batch_size=args.batch_size, seed=args.seed)
     with staged_output(args.out) as staging:
         (staging / "results.md").write_text(report.to_markdown())
         report.to_csv(staging / "results.csv")
@@ -383,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--segments", type=_subset(SEGMENTER_NAMES, "segmenters"), default=["patches"], help="comma-separated subset of patches,slic,quickshift")
     evaluate_parser.add_argument("--fractions", type=int, default=11, help="points of the removal curves, from 0 to 1")
     evaluate_parser.add_argument("--lime-images", type=int, default=32, help="images explained with LIME for its metrics (0: none)")
+    evaluate_parser.add_argument("--diagnostic-images", type=int, default=16, help="images for linearity, output collapse and feature magnitude (0: none)")
     evaluate_parser.add_argument("--samples", type=int, default=500, help="LIME samples per image (paper: 500)")
-    evaluate_parser.add_argument("--top-k", type=int, help="segments taken by the top-k LIME metrics (default: 20 as in the paper; 5 for the demo's 64 patches)")
+    evaluate_parser.add_argument("--top-k", type=int, help="segments taken by the top-k LIME metrics (default: a tenth of the segments, as the paper's 20 of 196)")
     evaluate_parser.add_argument("--batch-size", type=int, default=64)
     evaluate_parser.add_argument("--seed", type=int, default=0, help="seed of the random removal order and of LIME's samples")
     evaluate_parser.add_argument("--data-seed", type=int, default=1000, help="seed of the demo scenes and of the --limit subset")

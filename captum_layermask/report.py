@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 from torch import Tensor, nn
 
+from .diagnostics import SizeCurve, linearity, magnitude_curve, output_collapse
 from .evaluation import DEFAULT_FRACTIONS, LimeMetrics, RemovalCurve, ShapeBias, lime_metrics, removal_curve, shape_bias
 from .maskers import IMAGENET_MEAN, IMAGENET_STD, Masker, black, get_masker
 from .segmentation import SLIC, Patches, Quickshift, segment_images
@@ -46,8 +47,12 @@ class EvaluationReport:
     removal: List[RemovalCurve] = field(default_factory=list)
     shape: List[ShapeBias] = field(default_factory=list)
     lime: Dict[str, Dict[str, LimeMetrics]] = field(default_factory=dict)  # segmenter -> masker -> metrics
+    linearity: Dict[str, Dict[int, float]] = field(default_factory=dict)  # masker -> patch size -> score
+    collapse: List[SizeCurve] = field(default_factory=list)
+    magnitude: List[SizeCurve] = field(default_factory=list)
     images: int = 0
     lime_images: int = 0
+    diagnostic_images: int = 0
 
     def rows(self) -> List[Dict[str, object]]:
         """The results as flat rows: section, segmenter, order, masker, metric, value."""
@@ -62,6 +67,13 @@ class EvaluationReport:
             for result in results.values():
                 for metric in ("topk_ablation_accuracy", "alignment_score", "topk_jaccard"):
                     rows.append(dict(section=f"LIME (k={result.k})", segmenter=segmenter, order="", masker=result.masker, metric=metric, value=getattr(result, metric)))
+        for masker, scores in self.linearity.items():
+            for patch, score in scores.items():
+                rows.append(dict(section="linearity", segmenter=f"{patch}px patches", order="", masker=masker, metric="cosine similarity", value=score))
+        for section, curves in (("output collapse", self.collapse), ("feature magnitude", self.magnitude)):
+            for curve in curves:
+                for size, value in zip(curve.sizes, curve.values):
+                    rows.append(dict(section=section, segmenter=f"{size}px visible", order="", masker=curve.masker, metric=curve.metric, value=value))
         return rows
 
     def to_csv(self, path: Path) -> None:
@@ -82,6 +94,16 @@ class EvaluationReport:
             parts.append("\n".join(lines))
         if self.lime:
             parts.append(self._lime_table())
+        if self.linearity:
+            patches = list(next(iter(self.linearity.values())))
+            lines = [f"**Linearity in masking** ({self.diagnostic_images} images): cosine similarity of the features and the sum of the features of each patch alone (higher: more linear).", "", "| masker | " + " | ".join(f"{p}px patches" for p in patches) + " |", "|---" * (len(patches) + 1) + "|"]
+            lines += [f"| {_title(m)} | " + " | ".join(f"{scores[p]:.3f}" for p in patches) + " |" for m, scores in self.linearity.items()]
+            parts.append("\n".join(lines))
+        if self.collapse:
+            sizes = self.collapse[0].sizes
+            lines = [f"**Output collapse** ({self.diagnostic_images} images, all pairs): change of the pairwise cosine similarity of features when the images shrink to n x n (closer to 0 is better).", "", "| masker | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+            lines += [f"| {_title(c.masker)} | " + " | ".join(f"{v:+.3f}" for v in c.values) + " |" for c in self.collapse]
+            parts.append("\n".join(lines))
         return "\n\n".join(parts) + "\n"
 
     def _removal_table(self) -> str:
@@ -100,9 +122,9 @@ class EvaluationReport:
     def _lime_table(self) -> str:
         segmenters = list(self.lime)
         maskers = list(dict.fromkeys(m for results in self.lime.values() for m in results))
-        k = next(iter(next(iter(self.lime.values())).values())).k
-        names = (("topk_ablation_accuracy", f"top-{k} ablation accuracy (lower is better)"), ("alignment_score", "alignment score"), ("topk_jaccard", f"top-{k} Jaccard"))
-        lines = [f"**LIME metrics** ({self.lime_images} images, true class explained): top-{k} ablation accuracy (grey removal; lower is better), alignment score and top-{k} Jaccard with the object mask (higher is better).", "", "| metric | " + " | ".join(segmenters) + " |", "|---" * (len(segmenters) + 1) + "|"]
+        ks = {s: next(iter(results.values())).k for s, results in self.lime.items()}
+        names = (("topk_ablation_accuracy", "top-k ablation accuracy (lower is better)"), ("alignment_score", "alignment score"), ("topk_jaccard", "top-k Jaccard"))
+        lines = [f"**LIME metrics** ({self.lime_images} images, true class explained): top-k ablation accuracy (grey removal; lower is better), alignment score and top-k Jaccard with the object mask (higher is better).", "", "| metric | " + " | ".join(f"{s} (k={ks[s]})" for s in segmenters) + " |", "|---" * (len(segmenters) + 1) + "|"]
         for metric, label in names:
             for masker in maskers:
                 cells = [f"{getattr(self.lime[s][masker], metric):.3f}" if masker in self.lime[s] else "" for s in segmenters]
@@ -113,7 +135,7 @@ class EvaluationReport:
         """Writes ``removal_<segmenter>_<order>.png``, ``shape_bias.png`` and ``lime_<segmenter>.png``."""
         import matplotlib.pyplot as plt
 
-        from .plots import plot_lime_metrics, plot_removal_curves, plot_shape_bias
+        from .plots import plot_lime_metrics, plot_removal_curves, plot_shape_bias, plot_size_curves
 
         figures = {}
         for segmenter, order in dict.fromkeys((c.segmenter, c.order) for c in self.removal):
@@ -123,6 +145,10 @@ class EvaluationReport:
             figures["shape_bias.png"] = plot_shape_bias(self.shape, class_names)
         for segmenter, results in self.lime.items():
             figures[f"lime_{segmenter}.png"] = plot_lime_metrics(results, title=f"LIME with {segmenter} segments")
+        if self.collapse:
+            figures["output_collapse.png"] = plot_size_curves(self.collapse, "output collapse: E[c_n - c]")
+        if self.magnitude:
+            figures["feature_magnitude.png"] = plot_size_curves(self.magnitude, "mean feature norm, n x n visible")
         paths = []
         for name, figure in figures.items():
             figure.savefig(folder / name, dpi=110, bbox_inches="tight")
@@ -143,6 +169,12 @@ def _segmenter_for(name: str, data: EvaluationData):
     return {"patches": lambda: Patches(), "slic": lambda: SLIC(mean=data.mean, std=data.std), "quickshift": lambda: Quickshift(mean=data.mean, std=data.std)}[name]()
 
 
+def default_top_k(segments: Tensor) -> int:
+    """A tenth of the median number of segments per image (the paper's top-20 of 196 patches), at least 1."""
+    counts = segments.flatten(1).amax(1).double() + 1
+    return max(1, round(0.1 * float(counts.median())))
+
+
 def evaluate(
     model: nn.Module,
     data: EvaluationData,
@@ -151,8 +183,9 @@ def evaluate(
     segmenters: Sequence[str] = ("patches",),
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     lime_images: int = 32,
+    diagnostic_images: int = 16,
     n_samples: int = 500,
-    k: int = 20,
+    k: Optional[int] = None,
     batch_size: int = 64,
     seed: int = 0,
     show_progress: bool = True,
@@ -167,7 +200,11 @@ def evaluate(
         segmenters: names among ``patches``, ``slic``, ``quickshift``.
         fractions, batch_size, seed, show_progress: see :func:`~captum_layermask.evaluation.removal_curve`.
         lime_images (int): images explained with LIME (0: no LIME metrics).
-        n_samples, k: LIME's samples and the segments taken by the top-k metrics.
+        diagnostic_images (int): images for linearity (patches of 1/2, 1/4 and 1/8 of the side), output
+            collapse and feature magnitude (0: no diagnostics).
+        n_samples (int): LIME's samples per image.
+        k (int, optional): segments taken by the top-k metrics; by default a tenth of the median number of
+            segments per image, the paper's proportion (20 of 196).
 
     Returns:
         An :class:`EvaluationReport`.
@@ -186,8 +223,22 @@ def evaluate(
         if masks is not None and lime_images > 0:
             chosen = slice(0, min(lime_images, len(data.images)))
             report.lime_images = chosen.stop
-            results = lime_metrics(model, data.images[chosen], data.labels[chosen], masks[chosen], segments[chosen], [_masker_for(name, data) for name in maskers], k=k, n_samples=n_samples, ablation_masker="grey", seed=seed, **common)
+            top = k or default_top_k(segments)
+            results = lime_metrics(model, data.images[chosen], data.labels[chosen], masks[chosen], segments[chosen], [_masker_for(name, data) for name in maskers], k=top, n_samples=n_samples, ablation_masker="grey", seed=seed, **common)
             report.lime[segmenter_name] = results
     if masks is not None:
         report.shape = [shape_bias(model, data.images, data.labels, masks, _masker_for(name, data), **common) for name in maskers]
+    if diagnostic_images > 0:
+        _diagnose(report, model, data.images[:diagnostic_images], [_masker_for(name, data) for name in maskers], common)
     return report
+
+
+def _diagnose(report: EvaluationReport, model: nn.Module, images: Tensor, maskers: Sequence[Masker], common: dict) -> None:
+    side = min(images.shape[-2:])
+    patches, sizes = [side // 2, side // 4, side // 8], [side // 8, side // 4, side // 2, 3 * side // 4, side]
+    report.diagnostic_images = len(images)
+    for masker in maskers:
+        report.linearity[masker.name] = {p: linearity(model, images, p, masker, **common) for p in patches}
+        if len(images) > 1:
+            report.collapse.append(output_collapse(model, images, sizes, masker, **common))
+        report.magnitude.append(magnitude_curve(model, images, sizes, masker, **common))
