@@ -157,3 +157,27 @@ def test_diagnostics_leave_no_hook_on_the_model():
     model, images = small_cnn(), torch.randn(2, 3, 16, 16)
     linearity(model, images, 8, "layer", show_progress=False)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "name, classifier",
+    [("resnet18", "fc"), ("vgg11_bn", "classifier.6"), ("mobilenet_v3_small", "classifier.3"), ("densenet121", "classifier"), ("efficientnet_b0", "classifier.1")],
+)
+def test_the_classifier_is_found_in_torchvision_models(name, classifier):
+    import torchvision
+
+    from captum_layermask._batching import FeatureReader
+
+    model = torchvision.models.get_model(name, num_classes=10).eval()
+    assert FeatureReader(model, None, torch.randn(1, 3, 64, 64)).module is model.get_submodule(classifier)
+    curve = magnitude_curve(model, torch.randn(2, 3, 64, 64), [32, 64], "layer", show_progress=False)
+    assert all(math.isfinite(v) and v > 0 for v in curve.values)
+
+
+def test_a_model_without_linear_layer_asks_for_a_feature_layer():
+    import torchvision
+
+    model = torchvision.models.squeezenet1_1(num_classes=10).eval()
+    with pytest.raises(LayerMaskError, match="pass feature_layer="):
+        linearity(model, torch.randn(1, 3, 64, 64), 32, "grey", show_progress=False)
+    assert linearity(model, torch.randn(1, 3, 64, 64), 32, "layer", feature_layer="output", show_progress=False) <= 1.0 + 1e-6
