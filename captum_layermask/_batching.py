@@ -20,19 +20,19 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def batches(count: int, batch_size: int, progress: Optional[tqdm]) -> Iterator[slice]:
+def batches(count: int, batch_size: int, progress: tqdm) -> Iterator[slice]:
     """Slices of ``range(count)`` of at most ``batch_size``, advancing ``progress`` by each one's length."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     for start in range(0, count, batch_size):
         stop = min(start + batch_size, count)
         yield slice(start, stop)
-        if progress is not None:
-            progress.update(stop - start)
+        progress.update(stop - start)
 
 
-def progress_bar(total: int, description: str, show: bool) -> Optional[tqdm]:
-    return tqdm(total=total, desc=description, unit="img", leave=False) if show else None
+def progress_bar(total: int, description: str, show: bool) -> tqdm:
+    """A progress bar over ``total`` images (a disabled one when ``show`` is False); use it in a ``with``."""
+    return tqdm(total=total, desc=description, unit="img", leave=False, disable=not show)
 
 
 def box_masks(height: int, width: int, boxes: Sequence[Tuple[int, int, int, int]]) -> Tensor:

@@ -194,9 +194,6 @@ def segment_scores(attribution: Tensor, segments: Tensor) -> Tensor:
 
 def plot_explanation(subject: Subject, segments: Tensor, results: Dict[str, Tensor], target: int, top: int, path: Path) -> None:
     """Paper Figure 8 style: per masking, the top segments for the class in green and against it in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     image = subject.image[0].permute(1, 2, 0).numpy()
@@ -395,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")  # figures go to files only
     try:
         args.run(args)
     except (CommandError, LayerMaskError) as error:

@@ -63,14 +63,11 @@ class _FeatureRun:
             image_index = torch.arange(len(images))
         if mask_index is None:
             mask_index = torch.zeros_like(image_index) if len(masks) == 1 else torch.arange(len(masks))
-        bar = progress_bar(len(image_index), description, self.show_progress)
         out = []
-        with torch.no_grad(), self.reader:
+        with torch.no_grad(), self.reader, progress_bar(len(image_index), description, self.show_progress) as bar:
             for part in batches(len(image_index), self.batch_size, bar):
                 x, mask = images[image_index[part]].to(self.device), masks[mask_index[part]].to(self.device)
                 out.append(self.reader.read(self.forward, x, mask).cpu())
-        if bar is not None:
-            bar.close()
         return torch.cat(out)
 
 
@@ -189,7 +186,8 @@ def magnitude_curve(
     show_progress: bool = True,
 ) -> SizeCurve:
     """Mean feature norm ``E_x ||f_m(x, m_n)||`` with only the centred ``n x n`` square of each image visible
-    (supplementary section 7.1, Fig. 18); layer masking tracks ``n²``.
+    (supplementary section 7.1, Fig. 18). The paper reports layer masking tracking ``n²``; with a global
+    average pool that renormalises by the visible area (section 3.2), as here, it need not grow at all.
 
     Args:
         model, images, masker, feature_layer, batch_size, show_progress: as in :func:`linearity`.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +45,21 @@ def _logits(output: Any) -> Tensor:
     return output
 
 
-def _predict(forward: Callable[[Tensor, Tensor], Any], device: torch.device, images: Tensor, masks: Callable[[slice], Tensor], batch_size: int, bar: Any) -> Tensor:
-    """Predicted classes ``(N,)`` of ``images`` under ``masks(part)`` (bool ``(len(part), 1, H, W)``)."""
+def _predict(forward: Callable[[Tensor, Tensor], Any], device: torch.device, images: Tensor, masks: Callable[[slice], Tensor], batch_size: int, bar: Any) -> Tuple[Tensor, int]:
+    """Predicted classes ``(N,)`` of ``images`` under ``masks(part)`` (bool ``(len(part), 1, H, W)``), and the
+    number of classes the model scores."""
     out = []
     with torch.no_grad():
         for part in batches(len(images), batch_size, bar):
-            out.append(_logits(forward(images[part].to(device), masks(part).to(device))).argmax(1).cpu())
-    return torch.cat(out)
+            logits = _logits(forward(images[part].to(device), masks(part).to(device)))
+            out.append(logits.argmax(1).cpu())
+    return torch.cat(out), logits.shape[1]
+
+
+def _clean_predict(forward: Callable[[Tensor, Tensor], Any], device: torch.device, images: Tensor, batch_size: int, bar: Any) -> Tuple[Tensor, int]:
+    """:func:`_predict` with nothing removed."""
+    full = torch.ones(1, 1, *images.shape[-2:], dtype=torch.bool)
+    return _predict(forward, device, images, lambda part: full.expand(part.stop - part.start, -1, -1, -1), batch_size, bar)
 
 
 def _check(images: Tensor, labels: Tensor, object_masks: Optional[Tensor] = None) -> None:
@@ -181,9 +189,6 @@ def removal_curve(
     orders = removal_order(segments, order, saliency, seed)
     masker_ = get_masker(masker)
     forward, device = masker_.bind(model), model_device(model)
-    full = torch.ones(1, 1, *images.shape[-2:], dtype=torch.bool)
-    bar = progress_bar(len(images) * (len(fractions) + 1), f"removal ({masker_.name}, {order})", show_progress)
-    clean = _predict(forward, device, images, lambda part: full.expand(part.stop - part.start, -1, -1, -1), batch_size, bar)
 
     def masks_at(fraction: float) -> Callable[[slice], Tensor]:
         def masks(part: slice) -> Tensor:
@@ -195,10 +200,9 @@ def removal_curve(
 
         return masks
 
-    predictions = torch.stack([_predict(forward, device, images, masks_at(f), batch_size, bar) for f in fractions], 1)
-    if bar is not None:
-        bar.close()
-    num_classes = max(int(_logits_width(forward, device, images)), int(predictions.max()) + 1)
+    with progress_bar(len(images) * (len(fractions) + 1), f"removal ({masker_.name}, {order})", show_progress) as bar:
+        clean, num_classes = _clean_predict(forward, device, images, batch_size, bar)
+        predictions = torch.stack([_predict(forward, device, images, masks_at(f), batch_size, bar)[0] for f in fractions], 1)
     return RemovalCurve(
         fractions=list(fractions),
         accuracy=[float((predictions[:, j] == labels).double().mean()) for j in range(len(fractions))],
@@ -209,11 +213,6 @@ def removal_curve(
         segmenter=_segmenter_name(segmenter),
         predictions=predictions,
     )
-
-
-def _logits_width(forward: Callable[[Tensor, Tensor], Any], device: torch.device, images: Tensor) -> int:
-    with torch.no_grad():
-        return _logits(forward(images[:1].to(device), torch.ones(1, 1, *images.shape[-2:], dtype=torch.bool, device=device))).shape[1]
 
 
 def _segmenter_name(segmenter: Any) -> str:
@@ -290,12 +289,9 @@ def shape_bias(
     masker_ = get_masker(masker)
     forward, device = masker_.bind(model), model_device(model)
     visible = {"object": ~object_masks.bool().cpu()[:, None], "broken": ~broken_mask(object_masks.bool().cpu())[:, None]}
-    bar = progress_bar(3 * len(images), f"shape bias ({masker_.name})", show_progress)
-    full = torch.ones(1, 1, *images.shape[-2:], dtype=torch.bool)
-    clean = _predict(forward, device, images, lambda part: full.expand(part.stop - part.start, -1, -1, -1), batch_size, bar)
-    correct = {name: _predict(forward, device, images, lambda part, m=m: m[part], batch_size, bar) == labels for name, m in visible.items()}
-    if bar is not None:
-        bar.close()
+    with progress_bar(3 * len(images), f"shape bias ({masker_.name})", show_progress) as bar:
+        clean, _ = _clean_predict(forward, device, images, batch_size, bar)
+        correct = {name: _predict(forward, device, images, lambda part, m=m: m[part], batch_size, bar)[0] == labels for name, m in visible.items()}
     chosen = clean == labels if only_correct else torch.ones_like(labels, dtype=torch.bool)
     per_class = {}
     for label in labels[chosen].unique().tolist():
@@ -367,10 +363,8 @@ def topk_ablation_accuracy(
     _check(images, labels)
     removed = top_segments_mask(attributions, segments, k)
     masker_ = get_masker(masker)
-    bar = progress_bar(len(images), f"top-{k} ablation ({masker_.name})", show_progress)
-    predictions = _predict(masker_.bind(model), model_device(model), images, lambda part: ~removed[part][:, None], batch_size, bar)
-    if bar is not None:
-        bar.close()
+    with progress_bar(len(images), f"top-{k} ablation ({masker_.name})", show_progress) as bar:
+        predictions, _ = _predict(masker_.bind(model), model_device(model), images, lambda part: ~removed[part][:, None], batch_size, bar)
     return float((predictions == torch.as_tensor(labels).cpu()).double().mean())
 
 
@@ -465,8 +459,8 @@ def lime_attributions(
     masker_ = get_masker(masker)
     forward, device = masker_.bind(model), model_device(model)
     segments = segments.to(device)
-    bar = progress_bar(len(images), f"lime ({masker_.name})", show_progress)
     maps = []
+    bar = progress_bar(len(images), f"lime ({masker_.name})", show_progress)
     for index in range(len(images)):
         ids = segments[index]
         generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
@@ -485,10 +479,8 @@ def lime_attributions(
         with torch.no_grad():
             coefficients = lime.attribute(images[index : index + 1].to(device), target=int(targets[index]), n_samples=n_samples, perturbations_per_eval=perturbations_per_eval)
         maps.append(coefficients.flatten().to(device)[ids].cpu())
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
+        bar.update()
+    bar.close()
     return torch.stack(maps)
 
 

@@ -17,11 +17,7 @@ METRIC_TITLES = {"accuracy": "accuracy", "entropy": "class entropy (nats)", "unc
 
 
 def _pyplot():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the user's backend: the command line selects Agg, the library never does
 
     return plt
 
