@@ -54,15 +54,19 @@ def mask_from_baseline(x: Tensor) -> Optional[Tensor]:
     if not x.is_floating_point():
         return None
     hits = _sentinel_hits(x)
-    if not bool(hits.any()):
-        return None
     if x.ndim != 4:
-        raise MaskShapeError(
-            f"LayerMask() removes pixels of an image batch (N, C, H, W), but it reached an input of shape "
-            f"{tuple(x.shape)}; use it as the baseline of the image input only."
-        )
-    removed = hits.all(1, keepdim=True)
-    partial = (hits.any(1, keepdim=True) & ~removed).flatten(1).sum(1)
+        if bool(hits.any()):
+            raise MaskShapeError(
+                f"LayerMask() removes pixels of an image batch (N, C, H, W), but it reached an input of shape "
+                f"{tuple(x.shape)}; use it as the baseline of the image input only."
+            )
+        return None
+    channels = x.shape[1]
+    hit_channels = hits.sum(1, keepdim=True, dtype=torch.uint8 if channels < 256 else torch.int32)
+    if not bool(hit_channels.any()):
+        return None
+    removed = hit_channels == channels
+    partial = ((hit_channels != 0) & ~removed).flatten(1).sum(1)
     if bool((partial >= _PARTIAL_PIXELS_REFUSED).any()):
         raise MaskShapeError(
             "the feature mask removes some channels of a pixel but not others; layer masking removes whole "

@@ -18,7 +18,8 @@ from .baseline import check_no_baseline, mask_from_baseline
 from .errors import LayerMaskError, TracingError, UnsupportedLayerError
 from .masked import Masked, align_rank, format_mask, map_masked
 from .registry import RULES, RuleCall, RuleEntry, RuleRegistry, call_method
-from .rules import PADDING_RULES
+from .demand import padding_rings
+from .rules import PADDING_RULES, conv2d_with_rings
 
 
 def masked_input(image: Tensor, mask: Optional[Tensor]) -> Any:
@@ -108,6 +109,7 @@ def add_mask_stream(traced: fx.GraphModule, registry: RuleRegistry = RULES) -> f
     env[image] = graph.call_function(masked_input, (env[image], mask))
     dependent: Set[fx.Node] = {image}
     unsupported: List[str] = []
+    rings = padding_rings(traced, registry)
     for node in traced.graph.nodes:
         if node.op == "placeholder":
             continue
@@ -126,6 +128,8 @@ def add_mask_stream(traced: fx.GraphModule, registry: RuleRegistry = RULES) -> f
             continue
         if not entry.metadata:
             dependent.add(node)
+        if node in rings:
+            entry = RuleEntry(entry.target, conv2d_with_rings(rings[node]))
         env[node] = _rule_node(graph, node, op, entry, env)
     if unsupported:
         raise UnsupportedLayerError(

@@ -6,7 +6,7 @@ visible cells and 0 for removed ones, in a floating dtype.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -96,13 +96,13 @@ def neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tensor:
         raise ValueError(f"neighbor_pad width must be a non-negative int, got {width!r}.")
     if torch.compiler.is_exporting():  # one node per padded layer, for exporters to translate (ONNX: a function)
         return torch.ops.captum_layermask.neighbor_pad(x, mask.to(x.dtype), width)
-    return _neighbor_pad(x, mask, width)
+    return _neighbor_pad(x, mask, width)[0]
 
 
 @torch.library.custom_op("captum_layermask::neighbor_pad", mutates_args=())
 def _neighbor_pad_op(x: Tensor, mask: Tensor, width: int) -> Tensor:
     """``neighbor_pad`` as a torch custom op: how exported graphs (``torch.export``) show it."""
-    return _neighbor_pad(x, mask, width)
+    return _neighbor_pad(x, mask, width)[0]
 
 
 @_neighbor_pad_op.register_fake
@@ -110,18 +110,114 @@ def _(x: Tensor, mask: Tensor, width: int) -> Tensor:
     return x.new_empty(x.shape)
 
 
-def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tensor:
-    known = (mask > 0).to(x.dtype)
-    padded = (x * known).contiguous()
-    buffers = None if torch.is_grad_enabled() and padded.requires_grad else (torch.empty_like(padded), torch.empty_like(padded))
+class _Ring(NamedTuple):
+    count: Tensor
+    """``uint8``: the number of known cells in each cell's 3x3 neighbourhood before this ring."""
+    known: Tensor
+    """Bool, True on the cells known before this ring."""
+    grown: Tensor
+    """Bool, True on the cells known after it: the mask dilated once more (3x3 window, zero outside)."""
+
+    def weights(self, dtype: torch.dtype) -> Tensor:
+        """1 / (number of known neighbours) on the ring's cells, 0 elsewhere."""
+        return self.count.to(dtype).clamp_(min=1).reciprocal_().mul_(self.grown ^ self.known)
+
+
+def _rings(mask: Tensor, width: int) -> Iterator[_Ring]:
+    """The rings of Algorithm 1, innermost first; each tensor has the mask's shape.
+
+    Ring ``r`` is the set of cells first reached at iteration ``r``. The counts are kept in ``uint8`` (at most
+    9), so that this mask-only work stays small next to the padding of the activations.
+    """
+    known = (mask > 0).contiguous()
+    columns = torch.empty(known.shape, dtype=torch.uint8, device=known.device)
+    total = torch.empty_like(columns)
     for _ in range(width):
-        count = box_sum_3x3(known)
-        grown = (count > 0).to(x.dtype)
-        weight = (grown - known) / count.clamp(min=1)  # 1 / (number of known neighbours) on the new ring
-        neighbours = box_sum_3x3(padded) if buffers is None else _box_sum_into(padded, *buffers)
-        padded = padded.addcmul_(neighbours, weight)
+        count = _box_sum_into(known.view(torch.uint8), columns, total)
+        grown = count > 0
+        yield _Ring(count, known, grown)
         known = grown
-    return padded
+
+
+def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tuple[Tensor, List[Tensor]]:
+    """``neighbor_pad`` and the mask after each ring (bool)."""
+    padded = (x * (mask > 0)).contiguous()
+    grown: List[Tensor] = []
+    if torch.is_grad_enabled() and padded.requires_grad:
+        for ring in _rings(mask, width):
+            padded = padded + box_sum_3x3(padded) * ring.weights(x.dtype)
+            grown.append(ring.grown)
+        return padded, grown
+    height, row = padded.shape[-2:]
+    columns = torch.empty_like(padded)
+    planes, column_planes = padded.view(-1, height * row), columns.view(-1, height * row)
+    for ring in _rings(mask, width):
+        # vertical pass of the box sum, then its horizontal pass added straight into the ring cells
+        torch.add(planes[:, row:], planes[:, :-row], out=column_planes[:, row:])
+        column_planes[:, :row].copy_(planes[:, :row])
+        column_planes[:, :-row].add_(planes[:, row:])
+        weight = ring.weights(x.dtype)
+        padded[..., 1:].addcmul_(columns[..., :-1], weight[..., 1:])
+        padded.addcmul_(columns, weight)
+        padded[..., :-1].addcmul_(columns[..., 1:], weight[..., :-1])
+        grown.append(ring.grown)
+    return padded, grown
+
+
+def centred_radius(kernel_size: IntPair, padding: Union[str, IntPair], dilation: IntPair = 1, padding_mode: str = "zeros") -> Optional[int]:
+    """``(k - 1) / 2`` for an odd, square, undilated kernel zero-padded by that much on each side, else None.
+
+    Such a convolution's output mask is its input mask dilated that many times (3x3 window), then subsampled by
+    the stride.
+    """
+    kh, kw = _pair(kernel_size)
+    if kh != kw or kh % 2 == 0 or _pair(dilation) != (1, 1) or padding_mode != "zeros":
+        return None
+    radius = (kh - 1) // 2
+    return radius if conv_padding(kernel_size, padding) == (radius,) * 4 else None
+
+
+def pad_for_convolution(
+    x: Tensor,
+    mask: Tensor,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: Union[str, IntPair] = 0,
+    dilation: IntPair = 1,
+    padding_mode: str = "zeros",
+    *,
+    rings: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    r"""A convolution's neighbor-padded input and its output mask (section 3.2), sharing the mask work.
+
+    The padding width is the kernel's reach ``(k - 1) * dilation`` (see :func:`receptive_reach`), or ``rings``
+    when fewer are read: :func:`~captum_layermask.demand.padding_rings` finds convolutions whose outer kept
+    outputs are never read (the last convolution of a residual block), and with ``rings=0`` the input is used as
+    it is. For the common centred kernel (odd, square, undilated, zero padding ``(k - 1) / 2``), the output mask
+    is the input mask dilated ``(k - 1) / 2`` times and subsampled by the stride, a dilation the padding has
+    already computed; otherwise it is :func:`propagate_mask`.
+
+    Args:
+        x (Tensor): activations ``(N, C, H, W)``, finite.
+        mask (Tensor): ``(N, 1, H, W)`` or ``(1, 1, H, W)``, 1 for visible cells.
+        kernel_size, stride, padding, dilation, padding_mode: those of the convolution.
+        rings (int, optional): pad at most this many rings.
+
+    Returns:
+        ``(padded, output_mask)``: ``padded`` of the shape of ``x``; ``output_mask`` of shape
+        ``(N, 1, H_out, W_out)`` in ``mask``'s dtype.
+    """
+    reach = receptive_reach(kernel_size, dilation)
+    width = reach if rings is None else min(rings, reach)
+    radius = centred_radius(kernel_size, padding, dilation, padding_mode)
+    if reach == 0 or radius is None or torch.compiler.is_exporting():
+        padded = neighbor_pad(x, mask, width) if width else x
+        return padded, propagate_mask(mask, kernel_size, stride, padding, dilation, padding_mode)
+    padded, grown = _neighbor_pad(x, mask, width) if width else (x, [])
+    if len(grown) < radius:
+        grown = [ring.grown for ring in _rings(mask, radius)]
+    sh, sw = _pair(stride)
+    return padded, grown[radius - 1][..., ::sh, ::sw].to(mask.dtype)
 
 
 def conv_padding(
@@ -163,7 +259,8 @@ def propagate_mask(
 
     An output cell is visible when at least one of the input cells its kernel reads is visible. Cells the
     convolution adds by its own padding count as removed for ``padding_mode="zeros"`` and as copies of the cells
-    they repeat for the other modes.
+    they repeat for the other modes. Computed as a count of the visible cells in each window (a convolution with
+    a kernel of ones), which is exact and on CPU several times faster than max pooling for large kernels.
 
     Args:
         mask (Tensor): shape ``(N, 1, H, W)``, 1 for visible cells.
@@ -177,9 +274,13 @@ def propagate_mask(
     if _pair(kernel_size) == (1, 1) and not any(pad):
         sh, sw = _pair(stride)
         return mask[..., ::sh, ::sw]
-    if any(pad):
+    left, right, top, bottom = pad
+    symmetric = padding_mode == "zeros" and left == right and top == bottom
+    if any(pad) and not symmetric:
         mask = F.pad(mask, pad, mode=_PAD_MODES[padding_mode])
-    return F.max_pool2d(mask, _pair(kernel_size), _pair(stride), 0, _pair(dilation))
+    window = torch.ones((1, 1, *_pair(kernel_size)), dtype=mask.dtype, device=mask.device)
+    count = F.conv2d(mask, window, None, _pair(stride), (top, left) if symmetric else 0, _pair(dilation))
+    return (count > 0).to(mask.dtype)
 
 
 def receptive_reach(kernel_size: IntPair, dilation: IntPair = 1) -> int:

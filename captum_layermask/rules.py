@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torchvision.ops.stochastic_depth import stochastic_depth
 
 from .errors import UnsupportedLayerError
 from .masked import Masked, align_rank, intersect, masks_of, unwrap
-from .masking import neighbor_pad, propagate_mask, receptive_reach
+from .masking import neighbor_pad, pad_for_convolution, propagate_mask
 from .registry import builtin_rule
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,6 +77,26 @@ def _spatial_mask(x: Masked) -> Tensor:
 def _fill_removed(value: Tensor, mask: Tensor, fill: float) -> Tensor:
     """``value`` in visible cells, ``fill`` (finite) in removed ones, in one pass over ``value``."""
     return torch.addcmul((1 - mask) * fill, value, mask)
+
+
+_SLICE_BYTES = 16 * 2**20
+
+
+def _in_batch_slices(function: Any, value: Tensor, mask: Tensor) -> Tensor:
+    """``function(value, mask)`` applied to slices of the batch and concatenated.
+
+    For operations that make a temporary copy of ``value`` (a fill before pooling): the copy then takes one
+    slice's memory (about 16 MiB) instead of the whole batch's, and a fresh multi-megabyte allocation per call is
+    what makes such a copy slow on CPU. ``function`` must treat samples independently.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # the batch size stays symbolic
+        return function(value, mask)
+    per_sample = value[:1].numel() * value.element_size()
+    step = max(1, _SLICE_BYTES // max(per_sample, 1))
+    if step >= value.shape[0]:
+        return function(value, mask)
+    masks = mask.split(step) if mask.shape[0] == value.shape[0] else [mask] * math.ceil(value.shape[0] / step)
+    return torch.cat([function(part, part_mask) for part, part_mask in zip(value.split(step), masks)])
 
 
 def _lowest(value: Tensor) -> float:
@@ -245,10 +265,26 @@ def conv2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     away are read only by outputs whose mask is 0, so the visible outputs are the paper's exactly. A 1x1
     convolution therefore runs on the activations as they are, like any per-cell operation.
     """
+    return _neighbor_padded_conv(op, x, args, kwargs, rings=None)
+
+
+def _neighbor_padded_conv(op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str, Any], rings: Optional[int]) -> Masked:
     geometry = _conv_geometry(op, x, args, kwargs)
-    reach = receptive_reach(geometry["kernel_size"], geometry["dilation"])
-    padded = neighbor_pad(x.value, x.mask, reach) if reach else x.value  # a 1x1 kernel reads its own cell only
-    return Masked(op(padded, *args, **kwargs), propagate_mask(x.mask, **geometry))
+    padded, mask = pad_for_convolution(x.value, x.mask, **geometry, rings=rings)
+    return Masked(op(padded, *args, **kwargs), mask)
+
+
+def conv2d_with_rings(rings: int) -> Any:
+    """The ``conv2d`` rule padding only ``rings`` rings, for a convolution whose outer kept cells are never read.
+
+    :func:`~captum_layermask.demand.padding_rings` finds such convolutions when a model is converted; the
+    values of every cell that a later layer reads are those of ``conv2d``.
+    """
+
+    def conv2d_with_fewer_rings(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+        return _neighbor_padded_conv(op, x, args, kwargs, rings=rings)
+
+    return conv2d_with_fewer_rings
 
 
 def conv2d_zero_padding(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
@@ -305,14 +341,33 @@ def _no_indices(params: Dict[str, Any]) -> None:
 
 @builtin_rule(nn.MaxPool2d, F.max_pool2d)
 def max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
-    """The maximum over the visible cells of each window: a removed cell never wins."""
+    """The maximum over the visible cells of each window: a removed cell never wins.
+
+    Removed cells are filled with the lowest finite value in a copy of the input. For a batch of images that copy
+    is written channels-last, the layout in which PyTorch's CPU max pooling is vectorised (several times faster
+    than on NCHW), and the result comes back in the input's layout; the values are the same either way.
+    """
     x = _require_masked(x, "max pooling")
     params = _params(op, args, kwargs, _MAX_POOL_ARGS, _MAX_POOL_DEFAULTS)
     _no_indices(params)
     mask = _spatial_mask(x)
     params.pop("return_indices")
     visible = F.max_pool2d(mask, **params)
-    pooled = op(_fill_removed(x.value, mask, _lowest(x.value)), *args, **kwargs)
+    if x.value.ndim != 4:
+        pooled = op(_fill_removed(x.value, mask, _lowest(x.value)), *args, **kwargs)
+        return Masked(pooled * visible, visible)
+    lowest = _lowest(x.value)
+    plain = torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.value.requires_grad)
+
+    def pool(value: Tensor, part: Tensor) -> Tensor:
+        if plain:  # autograd and exporters take no out= arguments
+            return op(_fill_removed(value, part, lowest), *args, **kwargs)
+        filled = torch.empty_like(value, memory_format=torch.channels_last)
+        return op(torch.where(part > 0, value, value.new_full((), lowest), out=filled), *args, **kwargs)
+
+    pooled = _in_batch_slices(pool, x.value, mask)
+    if x.value.is_contiguous():
+        pooled = pooled.contiguous()
     return Masked(pooled * visible, visible)
 
 
@@ -350,7 +405,8 @@ def adaptive_max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     params = _params(op, args, kwargs, ("output_size", "return_indices"), {"return_indices": False})
     _no_indices(params)
     mask = _spatial_mask(x)
-    pooled = op(_fill_removed(x.value, mask, _lowest(x.value)), *args, **kwargs)
+    lowest = _lowest(x.value)
+    pooled = _in_batch_slices(lambda value, part: op(_fill_removed(value, part, lowest), *args, **kwargs), x.value, mask)
     visible = F.adaptive_max_pool2d(mask, params["output_size"])
     return Masked(pooled * visible, visible)
 
