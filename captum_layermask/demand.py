@@ -89,15 +89,13 @@ def _demands(graph: _Graph, growth: Dict[fx.Node, _Growth]) -> Dict[fx.Node, int
         steps = min(steps, growth[node].steps)  # only visible cells are ever read
         demand[node] = max(demand.get(node, steps), steps)
 
-    for node in reversed(list(growth)):
+    for node in reversed(list(growth)):  # users before their inputs
         for user in node.users:
-            if user not in graph.dependent or user is node:
-                if user.op == "output":
-                    read(node, growth[node].steps)
+            if user.op == "output":
+                read(node, growth[node].steps)
+            elif user not in demand:  # reads only shapes, or its own result is never read
                 continue
-            if user not in demand:
-                continue
-            if user in graph.radius and user.args[0] is node and len(graph.inputs(user)) == 1:
+            elif user in graph.radius and user.args[0] is node and len(graph.inputs(user)) == 1:
                 read(node, min(demand[user], growth[user].steps) + graph.radius[user])
             elif user in graph.per_cell and growth[user].root is growth[node].root:
                 read(node, demand[user])

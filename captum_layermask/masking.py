@@ -74,8 +74,9 @@ def neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tensor:
     As in the paper, the input is first multiplied by the mask (:math:`\mathbf{x} \odot \mathbf{m}`), so the
     values of removed cells never reach the result as long as they are finite (``0 * inf`` is NaN):
     :func:`~captum_layermask.layer_masked` clears removed pixels once at the input for that reason. The paper's
-    :math:`\epsilon = 10^{-8}` in the denominator is replaced by an exact division restricted to the cells being
-    filled, which differs from it by at most a relative 1e-8.
+    :math:`\epsilon = 10^{-8}` in the denominator is left out: each filled cell is the sum of its known
+    neighbours times 1 / (their number), which only the cells being filled receive (float rounding apart, the
+    paper's value to a relative 1e-8).
 
     Args:
         x (Tensor): activations, shape ``(N, C, H, W)``, finite.

@@ -353,22 +353,20 @@ def max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     mask = _spatial_mask(x)
     params.pop("return_indices")
     visible = F.max_pool2d(mask, **params)
-    if x.value.ndim != 4:
-        pooled = op(_fill_removed(x.value, mask, _lowest(x.value)), *args, **kwargs)
-        return Masked(pooled * visible, visible)
     lowest = _lowest(x.value)
-    plain = torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.value.requires_grad)
-
-    def pool(value: Tensor, part: Tensor) -> Tensor:
-        if plain:  # autograd and exporters take no out= arguments
-            return op(_fill_removed(value, part, lowest), *args, **kwargs)
-        filled = torch.empty_like(value, memory_format=torch.channels_last)
-        return op(torch.where(part > 0, value, value.new_full((), lowest), out=filled), *args, **kwargs)
-
-    pooled = _in_batch_slices(pool, x.value, mask)
+    pooled = _in_batch_slices(lambda value, part: op(_filled_for_pooling(value, part, lowest), *args, **kwargs), x.value, mask)
     if x.value.is_contiguous():
         pooled = pooled.contiguous()
     return Masked(pooled * visible, visible)
+
+
+def _filled_for_pooling(value: Tensor, mask: Tensor, fill: float) -> Tensor:
+    """``_fill_removed``, written channels-last for a batch of images (not under autograd or export, which take
+    no ``out=``)."""
+    if value.ndim != 4 or torch.compiler.is_compiling() or (torch.is_grad_enabled() and value.requires_grad):
+        return _fill_removed(value, mask, fill)
+    filled = torch.empty_like(value, memory_format=torch.channels_last)
+    return torch.where(mask > 0, value, value.new_full((), fill), out=filled)
 
 
 @builtin_rule(nn.AvgPool2d, F.avg_pool2d)

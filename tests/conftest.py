@@ -1,5 +1,10 @@
+from unittest import mock
+
 import pytest
 import torch
+
+import captum_layermask.convert as convert
+from captum_layermask import layer_masked
 
 
 @pytest.fixture(autouse=True)
@@ -29,3 +34,9 @@ def randomize_batchnorm(model, seed=0):
                     module.weight.copy_(1 + 0.2 * torch.randn(shape, generator=generator))
                     module.bias.copy_(0.1 * torch.randn(shape, generator=generator))
     return model
+
+
+def layer_masked_full_padding(model):
+    """``layer_masked(model)`` without the demand analysis: every convolution pads its kernel's full reach."""
+    with mock.patch.object(convert, "padding_rings", lambda traced, registry: {}):
+        return layer_masked(model)

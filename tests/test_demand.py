@@ -12,7 +12,7 @@ from captum_layermask.masked import Masked
 from captum_layermask.masking import pad_for_convolution
 from captum_layermask.registry import RULES
 
-from .conftest import patch_masks, randomize_batchnorm
+from .conftest import layer_masked_full_padding, patch_masks, randomize_batchnorm
 
 
 def rings_of(model):
@@ -62,14 +62,12 @@ MODELS = {
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_outputs_equal_those_of_full_padding(name, monkeypatch):
+def test_outputs_equal_those_of_full_padding(name):
     torch.manual_seed(0)
     model = randomize_batchnorm(MODELS[name]().eval())
     x, mask = torch.randn(3, 3, 64, 64), patch_masks(3, 64, 64, patch=8, keep=0.4)
     assert rings_of(model)
-    fewer = layer_masked(model)
-    monkeypatch.setattr(convert, "padding_rings", lambda traced, registry: {})
-    full = layer_masked(model)
+    fewer, full = layer_masked(model), layer_masked_full_padding(model)
     with torch.no_grad():
         expected = full(x, mask)
         assert torch.allclose(fewer(x, mask), expected, rtol=0, atol=1e-6 * expected.abs().max())

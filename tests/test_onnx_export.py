@@ -24,9 +24,9 @@ def padded_convolutions(model, masked):
     """Convolutions the masked graph calls and pads (unused ones, like Inception's auxiliary head in eval mode,
     and those whose padded cells are never read, like a residual block's last one, are not)."""
     unpadded = {node.target for node, rings in padding_rings(trace(model), RULES).items() if rings == 0}
-    graph_module = masked.graph_module
-    called = [node.target for node in graph_module.graph.nodes if node.op == "get_attr" and node.target not in unpadded]
-    return sum(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in map(graph_module.get_submodule, called))
+    modules = dict(masked.graph_module.named_modules())
+    called = [modules.get(node.target) for node in masked.graph_module.graph.nodes if node.op == "get_attr" and node.target not in unpadded]
+    return sum(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in called)
 
 
 def check_export(name, tmp_path, batch=5, shared_pads=False):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.shufflenetv2 import channel_shuffle
 
-from captum_layermask import UnsupportedLayerError, layer_masked
+from captum_layermask import UnsupportedLayerError, layer_masked, rules
 
 from .reference import paper_neighbor_pad, visible_any, windows
 
@@ -80,13 +80,18 @@ def test_unknown_padding_variant_is_refused():
         layer_masked(nn.Conv2d(1, 1, 1), padding="reflect")
 
 
-def test_max_pool_takes_the_maximum_over_visible_cells_only():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("samples_per_slice", [None, 2])
+def test_max_pool_takes_the_maximum_over_visible_cells_only(layout, samples_per_slice, monkeypatch):
     pool = nn.MaxPool2d(3, stride=2, padding=1)
-    x, mask = torch.randn(2, 3, 9, 9, dtype=torch.float64), random_mask(2, 9, 9)
-    x = torch.where(mask > 0, x, 1e6)  # a removed cell would win every window it is in
+    x, mask = torch.randn(3, 3, 9, 9, dtype=torch.float64), random_mask(3, 9, 9)
+    x = torch.where(mask > 0, x, 1e6).contiguous(memory_format=layout)  # a removed cell would win its windows
+    if samples_per_slice:  # the fill copy is made in batch slices of this many samples
+        monkeypatch.setattr(rules, "_SLICE_BYTES", samples_per_slice * x[0].numel() * x.element_size())
     out = layer_masked(nn.Sequential(pool))(x, mask)
+    assert out.is_contiguous(memory_format=layout)
     for i, j, cells in windows(9, 9, (3, 3), (2, 2), (1, 1)):
-        for b in range(2):
+        for b in range(3):
             seen = [x[b, :, y, z] for y, z in cells if mask[b, 0, y, z] > 0]
             expected = torch.stack(seen).amax(0) if seen else torch.zeros(3, dtype=torch.float64)
             assert torch.equal(out[b, :, i, j], expected)

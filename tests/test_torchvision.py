@@ -12,7 +12,7 @@ import torchvision
 
 from captum_layermask import UnsupportedLayerError, layer_masked
 
-from .conftest import patch_masks, randomize_batchnorm
+from .conftest import layer_masked_full_padding, patch_masks, randomize_batchnorm
 
 FAMILIES = [
     "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "alexnet", "vgg11_bn", "squeezenet1_1",
@@ -60,6 +60,9 @@ def test_family(name):
         assert empty.isfinite().all() and torch.equal(empty, masked(x.flip(0), torch.zeros_like(mask)))
         # 4. the original model is untouched
         assert torch.equal(model(x), reference)
+        # 6. padding fewer rings where the padded cells are never read (tests/test_demand.py) changes nothing
+        full_padding = layer_masked_full_padding(model)(x, mask)
+        assert (out - full_padding).abs().max() <= 1e-6 * full_padding.abs().max()
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
 
@@ -88,3 +91,5 @@ def test_every_torchvision_classifier(name):
         assert (masked(x, torch.ones_like(mask)) - reference).abs().max() <= 1e-5 * reference.abs().max()
         out = masked(x, mask)
         assert torch.equal(masked(torch.where(mask, x, float("nan")), mask), out) and out.isfinite().all()
+        full_padding = layer_masked_full_padding(model)(x, mask)
+        assert (out - full_padding).abs().max() <= 1e-6 * full_padding.abs().max()
