@@ -57,8 +57,9 @@ class _Graph:
                 continue
             dependent.add(node)
             self.nodes.append(node)
-            if entry.rule is rules.conv2d and node.op == "call_module" and _dilating_radius(op) is not None:
-                self.radius[node] = _dilating_radius(op)
+            radius = _dilating_radius(op) if entry.rule is rules.conv2d and node.op == "call_module" else None
+            if radius is not None:
+                self.radius[node] = radius
             elif entry.rule in (rules.pointwise, rules.batch_norm):
                 self.per_cell.add(node)
         self.image = image
