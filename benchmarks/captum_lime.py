@@ -15,7 +15,7 @@ import torchvision
 from captum.attr import Lime
 
 from captum_layermask import LayerMask, layer_masked
-from captum_layermask.segmentation import patch_segments
+from captum_layermask import patch_segments
 
 from _timing import paired_times, parse_arguments, print_medians, ratio_of_pairs
 

@@ -17,7 +17,7 @@ import torch
 from captum.attr import Lime
 
 from captum_layermask import LayerMask, layer_masked
-from captum_layermask.segmentation import patch_segments
+from captum_layermask import patch_segments
 from captum_layermask.demo import shapes
 from captum_layermask.demo.model import load_demo_model
 

@@ -2,14 +2,32 @@
 
 Layer masking (Balasubramanian & Feizi, ICCV 2023) runs a CNN on the visible pixels of its input only, so that
 removed pixels, whatever fills them, have no influence on the output.
+
+- :mod:`captum_layermask.core`: the engine (``layer_masked``, rules, neighbor padding); torch only.
+- :mod:`captum_layermask.integrations.captum`: ``LayerMask()``, the Captum baseline.
+- :mod:`captum_layermask.evaluation`: maskers, segmenters, diagnostics and evaluation of missingness bias.
+- :mod:`captum_layermask.cli`: the ``layermask`` command.
 """
 
-from .baseline import LayerMask
-from .convert import LayerMaskedModel, add_mask_stream, layer_masked, trace
-from .errors import LayerMaskError, MaskShapeError, TracingError, UnsupportedLayerError
-from .masked import Masked
-from .masking import neighbor_pad, propagate_mask
-from .registry import RuleHandle, register_rule
+from .core import (
+    LayerMaskedModel,
+    LayerMaskError,
+    Masked,
+    MaskShapeError,
+    RuleHandle,
+    TracingError,
+    UnsupportedLayerError,
+    add_mask_stream,
+    layer_masked,
+    neighbor_pad,
+    patch_segments,
+    propagate_mask,
+    random_patch_masks,
+    register_mask_decoder,
+    register_rule,
+    trace,
+)
+from .integrations.captum import LayerMask
 
 __all__ = [
     "LayerMask",
@@ -23,7 +41,10 @@ __all__ = [
     "add_mask_stream",
     "layer_masked",
     "neighbor_pad",
+    "patch_segments",
     "propagate_mask",
+    "random_patch_masks",
+    "register_mask_decoder",
     "register_rule",
     "trace",
 ]

@@ -13,7 +13,7 @@ import onnx
 import torch
 from torch import nn
 
-from captum_layermask import LayerMaskedModel, layer_masked
+from captum_layermask import LayerMaskedModel, layer_masked, random_patch_masks
 
 from .functions import add_neighbor_pad_function, neighbor_pad_translation
 
@@ -29,9 +29,8 @@ class ExportError(Exception):
 def verification_masks(batch: int, height: int, width: int, seed: int = 0) -> dict:
     """Masks ``(batch, 1, H, W)`` in float32 that the export is checked with: full, half and 90% removed."""
     generator = torch.Generator().manual_seed(seed)
-    grid = lambda keep: torch.rand(batch, 1, -(-height // 16), -(-width // 16), generator=generator) < keep  # noqa: E731
-    patches = lambda g: g.repeat_interleave(16, 2).repeat_interleave(16, 3)[..., :height, :width].float()  # noqa: E731
-    return {"full": torch.ones(batch, 1, height, width), "half removed": patches(grid(0.5)), "90% removed": patches(grid(0.1))}
+    half, tenth = (random_patch_masks(batch, height, width, 16, keep, generator=generator).float() for keep in (0.5, 0.1))
+    return {"full": torch.ones(batch, 1, height, width), "half removed": half, "90% removed": tenth}
 
 
 def verify(path: Path, masked: nn.Module, input_shape: Sequence[int], batch: int, rtol: float = 1e-4) -> float:
@@ -100,12 +99,14 @@ def export_masked(
     """
     if opset is not None and opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}.")
-    if len(input_shape) != 4:
-        raise ExportError(f"input_shape must be (N, C, H, W), got {tuple(input_shape)}.")
+    if len(input_shape) != 4 or any(not isinstance(d, int) or d < 1 for d in input_shape):
+        raise ExportError(f"input_shape must be (N, C, H, W) with positive sizes, got {tuple(input_shape)}.")
+    path = Path(path)
+    _check_target(path)
     masked = model if isinstance(model, LayerMaskedModel) else layer_masked(model)
     modes = {module: module.training for module in masked.modules()}  # shared with the user's model
     masked.eval()
-    path = Path(path)
+    _check_input_shape(masked, input_shape)
     try:
         program = _to_onnx(masked, input_shape, opset, dynamic_batch, dynamic_size)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,7 @@ def export_masked(
             onnx.checker.check_model(onnx.load(staging), full_check=True)
             batch = verify_batch or (max(input_shape[0], 2) + 1 if dynamic_batch else input_shape[0])
             verify(Path(staging), masked, input_shape, batch)
+            os.chmod(staging, 0o666 & ~_umask())  # mkstemp made it private; the export is an ordinary file
             os.replace(staging, path)
         except onnx.checker.ValidationError as error:
             raise ExportError(f"the exported model fails onnx.checker: {error}") from None
@@ -126,6 +128,33 @@ def export_masked(
         for module, training in modes.items():
             module.training = training
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_target(path: Path) -> None:
+    """Refuses, before any work, a target that is a folder or in a folder that cannot be written."""
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; give the path of the .onnx file to write.")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write {path}: {parent} is not writable.")
+
+
+def _check_input_shape(masked: nn.Module, input_shape: Sequence[int]) -> None:
+    """Runs the model once on an example of ``input_shape``, so that a shape it cannot take fails with its cause."""
+    try:
+        with torch.no_grad():
+            masked(torch.zeros(*input_shape), mask=torch.ones(input_shape[0], 1, *input_shape[2:]))
+    except Exception as error:
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ExportError(f"the model does not run on inputs of shape {tuple(input_shape)}: {cause}") from None
 
 
 def _to_onnx(masked: nn.Module, input_shape: Sequence[int], opset: Optional[int], dynamic_batch: bool, dynamic_size: bool):
@@ -150,4 +179,25 @@ def _to_onnx(masked: nn.Module, input_shape: Sequence[int], opset: Optional[int]
     except Exception as error:  # the exporter's own errors carry its report; keep their first line
         raise ExportError(f"torch.onnx.export failed: {str(error).strip().splitlines()[0]}") from error
     add_neighbor_pad_function(program.model)
+    if dynamic_batch:
+        _broadcast_mask(program.model)
     return program
+
+
+def _broadcast_mask(model) -> None:
+    """Lets the ``mask`` input have batch size 1 for any batch of images, as PyTorch broadcasts it: its batch
+    dimension gets its own name, and an ``Expand`` to the image's batch feeds every node that read it."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    image, mask = graph.inputs[0], graph.inputs[1]
+    users = list(mask.uses())
+    mask.shape = ir.Shape([ir.SymbolicDim("mask_batch"), *list(mask.shape)[1:]])
+    batch = ir.node("Shape", [image], {"start": 0, "end": 1}, name="image_batch")
+    rest = ir.node("Shape", [mask], {"start": 1}, name="mask_rest")
+    shape = ir.node("Concat", [batch.outputs[0], rest.outputs[0]], {"axis": 0}, name="mask_shape")
+    expand = ir.node("Expand", [mask, shape.outputs[0]], name="mask_broadcast")
+    expand.outputs[0].name = "mask_broadcast"
+    graph.insert_before(graph.node(0), [batch, rest, shape, expand])
+    for user, index in users:
+        user.replace_input_with(index, expand.outputs[0])

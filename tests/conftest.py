@@ -1,10 +1,9 @@
-from unittest import mock
-
 import pytest
 import torch
 
-import captum_layermask.convert as convert
-from captum_layermask import layer_masked
+from captum_layermask import layer_masked, trace
+from captum_layermask.core.demand import padding_rings
+from captum_layermask.core.options import conversion_registry, neighbor_convolutions
 
 
 @pytest.fixture(autouse=True)
@@ -38,5 +37,11 @@ def randomize_batchnorm(model, seed=0):
 
 def layer_masked_full_padding(model):
     """``layer_masked(model)`` without the demand analysis: every convolution pads its kernel's full reach."""
-    with mock.patch.object(convert, "padding_rings", lambda traced, registry: {}):
-        return layer_masked(model)
+    return layer_masked(model, prune_padding=False)
+
+
+def demanded_rings(model, padding="neighbor", residual="intersection", rules=None):
+    """``{conv node: rings}`` that the demand analysis finds for ``layer_masked(model, ...)``."""
+    registry = conversion_registry(padding, residual, rules)
+    traced = trace(model, registry)
+    return padding_rings(traced, registry, neighbor_convolutions(traced, registry))

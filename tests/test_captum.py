@@ -9,7 +9,7 @@ from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion, ShapleyVal
 from torch import nn
 
 from captum_layermask import LayerMask, LayerMaskError, MaskShapeError, layer_masked
-from captum_layermask.baseline import mask_from_baseline
+from captum_layermask.integrations.captum import mask_from_baseline
 
 from .conftest import randomize_batchnorm
 
@@ -170,3 +170,93 @@ def test_resnet18_with_lime_at_small_resolution():
     x = torch.randn(1, 3, 32, 32)
     attr = Lime(layer_masked(model)).attribute(x, target=1, feature_mask=patches(32, 8), baselines=LayerMask(), n_samples=20, perturbations_per_eval=10)
     assert attr.shape == x.shape and attr.isfinite().all()
+
+
+def interrupting_cnn(error, at_call=3):
+    """A CNN whose second convolution raises ``error`` on its n-th call, as a Ctrl-C during Lime does."""
+    model, calls = small_cnn(), []
+
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise error
+
+    model[4].register_forward_pre_hook(hook)
+    return model
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_the_guard_survives_an_exception_in_a_forward(error):
+    x, baseline = torch.randn(1, 3, 16, 16), LayerMask()
+    interrupted = interrupting_cnn(error)
+    with pytest.raises(error):
+        Lime(layer_masked(interrupted)).attribute(x, target=0, feature_mask=patches(), baselines=baseline, n_samples=8)
+    for plain in (small_cnn(), interrupted, interrupted[0]):  # another model, the same one, a part of it
+        with pytest.raises(LayerMaskError, match="not layer-masked"):
+            FeatureAblation(plain).attribute(x, target=0, feature_mask=patches(), baselines=baseline)
+    FeatureAblation(layer_masked(small_cnn())).attribute(x, target=0, feature_mask=patches(), baselines=baseline)
+
+
+def test_a_wrapper_around_a_layer_masked_model_is_accepted():
+    masked = layer_masked(small_cnn())
+    wrapper = nn.Sequential(masked, nn.Softmax(1))
+    x, segments = torch.randn(1, 3, 16, 16), patches()
+    attr = FeatureAblation(wrapper).attribute(x, target=1, feature_mask=segments, baselines=LayerMask())
+    with torch.no_grad():
+        keep = segments != 5
+        expected = wrapper(x)[0, 1] - torch.softmax(masked(x, keep), 1)[0, 1]
+    assert torch.allclose(attr[0, 0, segments[0, 0] == 5], expected, atol=1e-6)
+
+
+class Normalizing(nn.Module):
+    def forward(self, x):
+        return x * 2 + 1
+
+
+def test_a_wrapper_that_changes_the_pixels_before_the_masked_model_is_refused():
+    wrapper = nn.Sequential(Normalizing(), layer_masked(small_cnn()))
+    with pytest.raises(LayerMaskError, match="changed those pixels"):
+        FeatureAblation(wrapper).attribute(torch.randn(1, 3, 16, 16), target=0, feature_mask=patches(), baselines=LayerMask())
+
+
+@pytest.mark.parametrize("method", ["IntegratedGradients", "DeepLift", "IntegratedGradients+NoiseTunnel"])
+def test_gradient_methods_refuse_layer_mask(method):
+    from captum import attr
+
+    masked, x = layer_masked(small_cnn()), torch.randn(1, 3, 16, 16)
+    with pytest.raises(LayerMaskError, match="only perturbation methods"):
+        if method == "IntegratedGradients":
+            attr.IntegratedGradients(masked).attribute(x, target=0, baselines=LayerMask())
+        elif method == "DeepLift":
+            attr.DeepLift(masked).attribute(x, target=0, baselines=LayerMask())
+        else:
+            attr.NoiseTunnel(attr.IntegratedGradients(masked)).attribute(x, target=0, baselines=LayerMask(), nt_samples=2)
+
+
+def test_the_guard_skips_the_modules_inside_a_call_and_non_image_inputs():
+    seen = []
+    mlp = nn.Sequential(*[nn.Linear(8, 8) for _ in range(50)])
+    cnn = small_cnn()
+    baseline = LayerMask()
+    guard = type(baseline).__mro__[0]  # keeps the baseline (and the guard) alive
+    from captum_layermask.integrations import captum as integration
+
+    original = integration._sentinel_hits
+    integration._sentinel_hits = lambda x: seen.append(tuple(x.shape)) or original(x)
+    try:
+        with torch.no_grad():
+            mlp(torch.randn(4, 8))
+            cnn(torch.randn(2, 3, 16, 16))
+    finally:
+        integration._sentinel_hits = original
+    assert guard is LayerMask and seen == [(2, 3, 16, 16)]  # only the CNN's own input was looked at
+
+
+@pytest.mark.parametrize("method", ["Lime without feature_mask", "Occlusion (1, 8, 8)"])
+def test_captum_defaults_that_split_channels_are_told_what_to_pass(method):
+    masked, x = layer_masked(small_cnn()), torch.randn(1, 3, 16, 16)
+    with pytest.raises(MaskShapeError, match=r"feature_mask of shape \(N, 1, H, W\).*sliding_window_shapes=\(C, h, w\)"):
+        if method.startswith("Lime"):
+            Lime(masked).attribute(x, target=0, baselines=LayerMask(), n_samples=4)
+        else:
+            Occlusion(masked).attribute(x, sliding_window_shapes=(1, 8, 8), strides=(1, 8, 8), target=0, baselines=LayerMask())

@@ -10,7 +10,9 @@ import torchvision
 from captum.attr import FeatureAblation
 
 from captum_layermask import LayerMask, layer_masked
-from captum_layermask.cli import main, read_image, segment
+from captum_layermask.cli import main
+from captum_layermask.cli.explain import segment
+from captum_layermask.cli.io import read_image
 from captum_layermask.demo import model as demo_model
 from captum_layermask.demo import shapes
 
@@ -18,7 +20,7 @@ from captum_layermask.demo import shapes
 def test_explain_the_demo_scene_writes_the_figure_and_the_attributions(tmp_path):
     out = tmp_path / "demo"
     assert main(["explain", "--samples", "16", "--out", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"explanation.png", "attributions.pt", "segments.npy", "attributions_black.npy", "attributions_grey.npy", "attributions_layer.npy"}
+    assert {p.name for p in out.iterdir()} == {"explanation.png", "attributions.pt", "segments.npy", "attributions_black.npy", "attributions_grey.npy", "attributions_layer.npy", "layermask-output.json"}
     saved = torch.load(out / "attributions.pt", weights_only=True)
     assert set(saved["attributions"]) == {"black", "grey", "layer"}
     assert all(a.shape == (1, 3, 128, 128) and a.isfinite().all() for a in saved["attributions"].values())
@@ -74,3 +76,86 @@ def test_bad_input_is_one_line_on_stderr_and_leaves_nothing(files, capsys, args,
 def test_python_dash_m_runs_the_command():
     result = subprocess.run([sys.executable, "-m", "captum_layermask", "explain", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--segments" in result.stdout
+
+
+def test_a_second_run_replaces_the_first_and_never_mixes_them(tmp_path):
+    out = tmp_path / "out"
+    assert main(["explain", "--method", "ablation", "--out", str(out)]) == 0
+    assert main(["explain", "--method", "ablation", "--maskings", "layer", "--out", str(out)]) == 0
+    assert not (out / "attributions_black.npy").exists() and (out / "attributions_layer.npy").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "foreign folder"])
+def test_an_out_that_holds_the_users_files_is_refused_before_any_work(tmp_path, capsys, kind, monkeypatch):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    import captum_layermask.cli.explain as explain_module
+
+    monkeypatch.setattr(explain_module, "attribute", lambda *a, **k: pytest.fail("computed before refusing"))
+    assert main(["explain", "--out", str(out)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert (out.read_text() if kind == "file" else (out / "notes.txt").read_text()) == "mine"
+
+
+def test_16_bit_images_keep_their_range(tmp_path):
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    image = read_image(tmp_path / "ramp16.png", 64)
+    assert abs(float(image.mean()) - 0.5) < 0.01 and float((image >= 0.999).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [(np.full((128, 128), 1.7), "integer segment ids"), (np.full((128, 128), -1, dtype=np.int64), "negative ids")],
+)
+def test_segment_files_that_would_be_mangled_are_refused(tmp_path, capsys, array, message):
+    np.save(tmp_path / "segments.npy", array)
+    assert main(["explain", "--segments-file", str(tmp_path / "segments.npy"), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["explain", "--size", "0"], ["explain", "--size", "-5"], ["explain", "--samples", "0"], ["explain", "--per-eval", "0"], ["evaluate", "--top-k", "0"], ["evaluate", "--top-k", "-3"], ["evaluate", "--fractions", "1"], ["evaluate", "--batch-size", "0"]],
+)
+def test_numbers_that_cannot_mean_anything_are_refused(args, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2 and "must be at least" in capsys.readouterr().err
+
+
+def test_weights_that_cannot_be_downloaded_are_one_line(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    torchvision.utils.save_image(torch.rand(1, 3, 32, 32), tmp_path / "image.png")
+    assert main(["explain", "--model", "resnet18", "--weights", "IMAGENET1K_V1", "--image", str(tmp_path / "image.png"), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "cannot download the IMAGENET1K_V1 weights" in error[0]
+
+
+def test_a_pickled_weights_file_is_one_line_without_warnings(tmp_path, capsys):
+    torch.save(torchvision.models.resnet18(num_classes=7), tmp_path / "pickled.pth")  # a whole module, not a state dict
+    assert main(["explain", "--model", "resnet18", "--weights", str(tmp_path / "pickled.pth"), "--image", str(demo_model.SCENE), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "weights_only=True" in error[0]
+
+
+def test_help_is_plain_text_and_complete():
+    from captum_layermask.cli import build_parser
+
+    parser = build_parser()
+    for command in ("explain", "evaluate"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        text = sub.format_help()
+        assert "``" not in text
+        assert all(action.help for action in sub._actions if action.dest != "help"), command

@@ -5,18 +5,15 @@ import torch
 import torchvision
 from torch import nn
 
-import captum_layermask.convert as convert
-from captum_layermask import layer_masked, neighbor_pad, propagate_mask
-from captum_layermask.demand import padding_rings
-from captum_layermask.masked import Masked
-from captum_layermask.masking import pad_for_convolution
-from captum_layermask.registry import RULES
+from captum_layermask import layer_masked, neighbor_pad, propagate_mask, register_rule
+from captum_layermask.core.masked import Masked
+from captum_layermask.core.masking import pad_for_convolution
 
-from .conftest import layer_masked_full_padding, patch_masks, randomize_batchnorm
+from .conftest import demanded_rings, layer_masked_full_padding, patch_masks, randomize_batchnorm
 
 
 def rings_of(model):
-    return {node.target: rings for node, rings in padding_rings(convert.trace(model), RULES).items()}
+    return {node.target: rings for node, rings in demanded_rings(model).items()}
 
 
 class Block(nn.Module):
@@ -77,9 +74,10 @@ def test_a_custom_convolution_rule_is_left_alone():
     def rule(op, x, *args, **kwargs):
         return Masked(op(neighbor_pad(x.value, x.mask, 2), *args, **kwargs), propagate_mask(x.mask, 3, 1, 1))
 
-    traced = convert.trace(nn.Sequential(Block()))
-    registry = convert._registry_for("neighbor", {nn.Conv2d: rule})
-    assert padding_rings(traced, registry) == {}
+    assert demanded_rings(nn.Sequential(Block()), rules={nn.Conv2d: rule}) == {}
+    with register_rule(nn.Conv2d, rule=rule):
+        assert demanded_rings(nn.Sequential(Block())) == {}
+    assert demanded_rings(nn.Sequential(Block())) != {}
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from captum_layermask import LayerMaskError, MaskShapeError, layer_masked
-from captum_layermask.diagnostics import linearity, magnitude_curve, output_collapse
-from captum_layermask.maskers import BlurFill, ConstantFill, LayerMasking, MeanColourFill, black, get_masker, grey
-from captum_layermask.segmentation import SLIC, Patches, segment_images
+from captum_layermask.evaluation.diagnostics import linearity, magnitude_curve, output_collapse
+from captum_layermask.evaluation.maskers import BlurFill, ConstantFill, LayerMasking, MeanColourFill, black, get_masker, grey
+from captum_layermask.evaluation.segmentation import SLIC, Patches, segment_images
 
 from .conftest import patch_masks
 
@@ -166,7 +166,7 @@ def test_diagnostics_leave_no_hook_on_the_model():
 def test_the_classifier_is_found_in_torchvision_models(name, classifier):
     import torchvision
 
-    from captum_layermask._batching import FeatureReader
+    from captum_layermask.evaluation._batching import FeatureReader
 
     model = torchvision.models.get_model(name, num_classes=10).eval()
     assert FeatureReader(model, None, torch.randn(1, 3, 64, 64)).module is model.get_submodule(classifier)
@@ -181,3 +181,13 @@ def test_a_model_without_linear_layer_asks_for_a_feature_layer():
     with pytest.raises(LayerMaskError, match="pass feature_layer="):
         linearity(model, torch.randn(1, 3, 64, 64), 32, "grey", show_progress=False)
     assert linearity(model, torch.randn(1, 3, 64, 64), 32, "layer", feature_layer="output", show_progress=False) <= 1.0 + 1e-6
+
+
+def test_empty_batches_and_empty_patches_are_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    with pytest.raises(MaskShapeError, match="at least one image"):
+        linearity(model, torch.randn(0, 3, 16, 16), 8, show_progress=False)
+    with pytest.raises(ValueError, match="patch size must be an int of at least 1"):
+        linearity(model, torch.randn(2, 3, 16, 16), 0, show_progress=False)
+    with pytest.raises(MaskShapeError, match="must be integers"):
+        segment_images(torch.randn(1, 3, 4, 4), torch.rand(1, 4, 4))

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from captum_layermask import MaskShapeError, layer_masked
 from captum_layermask.cli import main
@@ -22,10 +23,10 @@ from captum_layermask.evaluation import (
     topk_ablation_accuracy,
     topk_jaccard,
 )
-from captum_layermask.plots import plot_lime_metrics, plot_removal_curves, plot_shape_bias, plot_size_curves
-from captum_layermask.diagnostics import magnitude_curve
-from captum_layermask.report import EvaluationData, evaluate
-from captum_layermask.segmentation import segment_images
+from captum_layermask.evaluation.plots import plot_lime_metrics, plot_removal_curves, plot_shape_bias, plot_size_curves
+from captum_layermask.evaluation.diagnostics import magnitude_curve
+from captum_layermask.evaluation.report import EvaluationData, evaluate
+from captum_layermask.evaluation.segmentation import segment_images
 
 from .test_diagnostics import small_cnn
 
@@ -66,7 +67,7 @@ class Patches8:
     name = "patches8"
 
     def __call__(self, image):
-        from captum_layermask.segmentation import Patches
+        from captum_layermask.evaluation.segmentation import Patches
 
         return Patches(8)(image)
 
@@ -286,3 +287,31 @@ def test_evaluate_bad_input_is_one_line_and_leaves_nothing(image_folder, tmp_pat
         assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         main(["evaluate", "--maskers", "grey,purple"])
+
+
+def test_inputs_that_cannot_mean_what_they_say_are_refused_or_normalised():
+    attributions = torch.rand(2, 8, 8)
+    segments = torch.arange(4).repeat_interleave(16).view(1, 8, 8).expand(2, 8, 8)
+    objects = segments < 2
+    with pytest.raises(MaskShapeError, match=r"\(N, H, W\)"):
+        alignment_score(attributions[0], segments[0], objects[0])  # one (H, W) map is not a batch of rows
+    with pytest.raises(MaskShapeError, match=r"\(N, H, W\)"):
+        topk_jaccard(attributions[0], segments[0], objects[0], k=1)
+    with pytest.raises(MaskShapeError, match="must be integers"):
+        topk_jaccard(attributions, segments.float(), objects, k=1)
+    for k in (0, -3):
+        with pytest.raises(ValueError, match="at least 1"):
+            topk_jaccard(attributions, segments, objects, k=k)
+    # ids with gaps or negative ids name the same segments: the same scores
+    for relabelled in (segments * 10, segments - 7):
+        assert torch.equal(topk_jaccard(attributions, relabelled, objects, k=2), topk_jaccard(attributions, segments, objects, k=2))
+        assert torch.equal(alignment_score(attributions, relabelled, objects), alignment_score(attributions, segments, objects))
+
+
+def test_removal_fractions_must_increase():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="must increase"):
+        removal_curve(model, images, labels, fractions=[1.0, 0.0, 0.5], show_progress=False)
+    with pytest.raises(MaskShapeError, match="at least one image"):
+        removal_curve(model, images[:0], labels[:0], show_progress=False)

@@ -1,5 +1,8 @@
 """ONNX export: stock onnxruntime reproduces the layer-masked model; neighbor padding is one function call per layer."""
 
+import os
+import stat
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -9,21 +12,18 @@ import torchvision
 from torch import nn
 
 from captum_layermask import UnsupportedLayerError, layer_masked
-from captum_layermask.convert import trace
-from captum_layermask.demand import padding_rings
-from captum_layermask.registry import RULES
 from onnx_export import DOMAIN, ExportError, export_masked
 from onnx_export.__main__ import main
 from onnx_export.export import verification_masks
 
-from .conftest import randomize_batchnorm
+from .conftest import demanded_rings, randomize_batchnorm
 from .test_torchvision import FAMILIES, size_for
 
 
 def padded_convolutions(model, masked):
     """Convolutions the masked graph calls and pads (unused ones, like Inception's auxiliary head in eval mode,
     and those whose padded cells are never read, like a residual block's last one, are not)."""
-    unpadded = {node.target for node, rings in padding_rings(trace(model), RULES).items() if rings == 0}
+    unpadded = {node.target for node, rings in demanded_rings(model).items() if rings == 0}
     modules = dict(masked.graph_module.named_modules())
     called = [modules.get(node.target) for node in masked.graph_module.graph.nodes if node.op == "get_attr" and node.target not in unpadded]
     return sum(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in called)
@@ -81,12 +81,51 @@ def test_an_operation_that_cannot_be_masked_fails_before_writing(tmp_path):
 
 
 def test_the_command_exports_and_verifies(tmp_path, capsys):
-    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "r18.pth")
-    out = tmp_path / "r18.onnx"
-    assert main(["--model", "resnet18", "--weights", str(tmp_path / "r18.pth"), "--num-classes", "7", "--size", "64", "--out", str(out)]) == 0
+    out = tmp_path / "demo.onnx"
+    assert main(["--model", "demo", "--out", str(out)]) == 0
     assert out.exists() and "verified against PyTorch" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # an ordinary file, not the private temporary one
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(0).normal(size=(2, 3, 128, 128)).astype(np.float32)
+    one_mask = verification_masks(1, 128, 128)["half removed"].numpy()
+    both = session.run(["logits"], {"image": image, "mask": np.repeat(one_mask, 2, axis=0)})[0]
+    broadcast = session.run(["logits"], {"image": image, "mask": one_mask})[0]  # (1, 1, H, W) for a batch of 2
+    assert np.array_equal(broadcast, both)
+    soft = session.run(["logits"], {"image": image, "mask": np.repeat(one_mask, 2, axis=0) * 0.5})[0]
+    assert np.array_equal(soft, both)  # mask > 0 is visible, as documented
+
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "r18.pth")
     assert main(["--model", "resnet18", "--weights", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "bad.onnx")]) == 2
     assert "does not fit resnet18" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
+
+
+def test_the_command_keeps_what_it_was_not_asked_to_replace(tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    assert main(["--model", "demo", "--out", str(existing)]) == 2
+    assert existing.read_text() == "mine" and "--overwrite" in capsys.readouterr().err
+    assert main(["--model", "demo", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_the_api_refuses_bad_targets_and_shapes_with_export_errors(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    with pytest.raises(ExportError, match="is a folder"):
+        export_masked(model, tmp_path, input_shape=(1, 3, 16, 16))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root may write anyway
+            with pytest.raises(ExportError, match="not writable"):
+                export_masked(model, locked / "m.onnx", input_shape=(1, 3, 16, 16))
+    finally:
+        locked.chmod(0o700)
+    with pytest.raises(ExportError, match=r"does not run on inputs of shape \(1, 4, 16, 16\)") as error:
+        export_masked(model, tmp_path / "m.onnx", input_shape=(1, 4, 16, 16))
+    assert "\x1b" not in str(error.value)
 
 
 def test_a_dynamic_size_export_runs_at_other_resolutions(tmp_path):

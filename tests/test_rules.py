@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.shufflenetv2 import channel_shuffle
 
-from captum_layermask import UnsupportedLayerError, layer_masked, rules
+from captum_layermask import UnsupportedLayerError, layer_masked
+from captum_layermask.core import rules
 
 from .reference import paper_neighbor_pad, visible_any, windows
 

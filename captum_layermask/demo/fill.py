@@ -27,9 +27,10 @@ import torchvision  # noqa: E402
 from skimage import data  # noqa: E402
 
 from .. import layer_masked, neighbor_pad  # noqa: E402
+from ..evaluation.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def photo(size: int = 224) -> torch.Tensor:

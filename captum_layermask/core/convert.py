@@ -7,19 +7,18 @@ new module that shares the model's submodules and parameters. The model itself i
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Set
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
-from .baseline import check_no_baseline, mask_from_baseline
+from .dependence import image_dependence
 from .errors import LayerMaskError, TracingError, UnsupportedLayerError
-from .masked import Masked, align_rank, format_mask, map_masked
-from .registry import RULES, RuleCall, RuleEntry, RuleRegistry, call_method
-from .demand import padding_rings
-from .rules import PADDING_RULES, conv2d_with_rings
+from .masked import Masked, align_rank, map_masked
+from .model import LayerMaskedModel, input_signature
+from .options import check_options, conversion_registry, ring_rules
+from .registry import RuleCall, RuleEntry, RuleRegistry, call_method
 
 
 def masked_input(image: Tensor, mask: Optional[Tensor]) -> Any:
@@ -47,8 +46,11 @@ class _RuleTracer(fx.Tracer):
         return self.registry.find(module) is not None or super().is_leaf_module(module, qualified_name)
 
 
-def trace(model: nn.Module, registry: RuleRegistry = RULES) -> fx.GraphModule:
+def trace(model: nn.Module, registry: Optional[RuleRegistry] = None) -> fx.GraphModule:
     """Traces the model's inference graph (eval mode), restoring every submodule's training flag afterwards.
+
+    Modules that have a rule in ``registry`` (by default the rules of ``layer_masked(model)``) are not traced
+    into: each stays one operation of the graph.
 
     Raises:
         TracingError: if ``torch.fx`` cannot trace the model.
@@ -56,7 +58,7 @@ def trace(model: nn.Module, registry: RuleRegistry = RULES) -> fx.GraphModule:
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        tracer = _RuleTracer(registry)
+        tracer = _RuleTracer(registry or conversion_registry("neighbor", "intersection", None))
         graph = tracer.trace(model)
     except Exception as error:
         raise TracingError(
@@ -88,55 +90,50 @@ def _describe(node: fx.Node, op: Any) -> str:
     return f"{getattr(op, '__module__', '') or ''}.{_op_name(op)}{where}".lstrip(".")
 
 
-def add_mask_stream(traced: fx.GraphModule, registry: RuleRegistry = RULES) -> fx.GraphModule:
+def add_mask_stream(traced: fx.GraphModule, registry: Optional[RuleRegistry] = None, *, prune_padding: bool = True) -> fx.GraphModule:
     """Rewrites a traced model so that every image-dependent node computes a (value, mask) pair.
 
     The new graph takes ``(image, mask, *other_inputs)``. Nodes that do not depend on the image (parameter
     arithmetic, shape queries) are copied unchanged; every other node calls its rule through a
-    :class:`~captum_layermask.registry.RuleCall`.
+    :class:`~captum_layermask.core.registry.RuleCall`.
+
+    Args:
+        traced (fx.GraphModule): the traced model (:func:`trace`).
+        registry: the rules (by default those of ``layer_masked(model)``).
+        prune_padding (bool): let convolutions pad only the rings later layers read (the same outputs).
 
     Raises:
         UnsupportedLayerError: listing every image-dependent operation that has no rule.
     """
-    placeholders = [node for node in traced.graph.nodes if node.op == "placeholder"]
-    if not placeholders:
-        raise TracingError(f"{type(traced).__name__}.forward takes no input to mask.")
+    registry = registry or conversion_registry("neighbor", "intersection", None)
+    walk = image_dependence(traced, registry)
+    unsupported = [_describe(node, op) for node, op, entry in walk.steps if entry is None]
+    if unsupported:
+        raise UnsupportedLayerError(
+            f"{type(traced).__name__} has {len(unsupported)} operation(s) without a masking rule: "
+            f"{', '.join(unsupported)}. Register one with captum_layermask.register_rule(<module class, function "
+            "or method name>) or pass layer_masked(model, rules={...}) (docs/custom-layers.md)."
+        )
+    rings = ring_rules(traced, registry, prune_padding)
     graph = fx.Graph()
-    env: Dict[fx.Node, Any] = {node: graph.node_copy(node) for node in placeholders}
-    image = placeholders[0]
-    with graph.inserting_after(env[image]):
+    env: Dict[fx.Node, Any] = {}
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.node_copy(node)
+    with graph.inserting_after(env[walk.image]):
         mask = graph.placeholder("mask")
-    env[image] = graph.call_function(masked_input, (env[image], mask))
-    dependent: Set[fx.Node] = {image}
-    unsupported: List[str] = []
-    rings = padding_rings(traced, registry)
+    env[walk.image] = graph.call_function(masked_input, (env[walk.image], mask))
+    rule_of = {node: (op, entry) for node, op, entry in walk.steps}
     for node in traced.graph.nodes:
         if node.op == "placeholder":
             continue
         if node.op == "output":
             graph.output(graph.call_function(masked_output, (fx.map_arg(node.args[0], env.__getitem__),)))
-            continue
-        if node.op == "get_attr" or not any(arg in dependent for arg in node.all_input_nodes):
+        elif node not in rule_of:
             env[node] = graph.node_copy(node, env.__getitem__)
-            continue
-        op = traced.get_submodule(node.target) if node.op == "call_module" else node.target
-        entry = registry.find(op if node.op != "call_method" else node.target)
-        if entry is None:
-            unsupported.append(_describe(node, op))
-            dependent.add(node)
-            env[node] = None
-            continue
-        if not entry.metadata:
-            dependent.add(node)
-        if node in rings:
-            entry = RuleEntry(entry.target, conv2d_with_rings(rings[node]))
-        env[node] = _rule_node(graph, node, op, entry, env)
-    if unsupported:
-        raise UnsupportedLayerError(
-            f"{type(traced).__name__} has {len(unsupported)} operation(s) without a masking rule: "
-            f"{', '.join(unsupported)}. Register one with captum_layermask.register_rule(<module class, function "
-            "or method name>) or pass layer_masked(model, rules={...}) (README: 'Custom layers')."
-        )
+        else:
+            op, entry = rule_of[node]
+            env[node] = _rule_node(graph, node, op, rings.get(node, entry), env)
     graph.lint()
     return fx.GraphModule(traced, graph, f"LayerMasked{type(traced).__name__}")
 
@@ -154,67 +151,13 @@ def _rule_node(graph: fx.Graph, node: fx.Node, op: Any, entry: RuleEntry, env: D
     return graph.create_node("call_function", target, args, kwargs, name=node.name)
 
 
-class LayerMaskedModel(nn.Module):
-    """A CNN that runs on the visible pixels of its input only (layer masking, paper section 3).
-
-    Built by :func:`layer_masked`; shares the original model's submodules and parameters. The masked graph is
-    ``self.graph_module`` (``print(masked.graph_module.code)`` shows it).
-    """
-
-    decodes_layer_mask = True  # it recognises LayerMask() baselines (see captum_layermask.baseline)
-
-    def __init__(self, graph_module: fx.GraphModule, padding: str, training: bool, required_inputs: int) -> None:
-        super().__init__()
-        self.graph_module = graph_module
-        self.padding = padding
-        self.required_inputs = required_inputs
-        self.training = training
-        graph_module.training = training
-
-    def forward(self, x: Tensor, *args: Any, mask: Optional[Tensor] = None, **kwargs: Any) -> Any:
-        """Runs the model on the visible pixels of ``x``.
-
-        Args:
-            x (Tensor): images, shape ``(N, C, H, W)``.
-            *args: the model's further inputs, passed on unmasked. One positional argument more than the model
-                requires is the mask: ``masked(x, mask)`` for a model that takes only images.
-            mask (Tensor, optional): 1 (True) for visible pixels, 0 for removed ones; shape ``(H, W)``,
-                ``(N, H, W)``, ``(N, 1, H, W)`` or ``(1, 1, H, W)``. Removed pixels have no influence on the
-                output, whatever their values. If None, pixels set to a :class:`~captum_layermask.LayerMask`
-                baseline by Captum are removed, and without any the output is exactly ``model(x)``.
-            **kwargs: further keyword inputs of the model.
-
-        Returns:
-            The model's output, same structure, shapes and dtypes; outputs that see no visible pixel (e.g. the
-            logits of an image whose mask is all 0) are 0.
-        """
-        if mask is None and len(args) == self.required_inputs:
-            *args, mask = args
-        if mask is None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
-            mask = mask_from_baseline(x)
-            for index, value in enumerate((*args, *kwargs.values())):
-                check_no_baseline(value, f"input {index + 2} of the model")
-        if mask is not None:
-            mask = format_mask(mask, x)
-        return self.graph_module(x, mask, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return f"padding={self.padding!r}"
-
-
-def _registry_for(padding: str, rules: Optional[Mapping[Any, Any]]) -> RuleRegistry:
-    if padding not in PADDING_RULES:
-        raise ValueError(f"padding must be one of {sorted(PADDING_RULES)}, got {padding!r}.")
-    registry = RuleRegistry()
-    for target, rule in (rules or {}).items():
-        registry.add([target], rule, first=False)
-    registry.add([nn.Conv2d, torch.nn.functional.conv2d], PADDING_RULES[padding], first=False)
-    registry.entries.extend(RULES.entries)
-    return registry
-
-
 def layer_masked(
-    model: nn.Module, *, padding: str = "neighbor", rules: Optional[Mapping[Any, Any]] = None
+    model: nn.Module,
+    *,
+    padding: str = "neighbor",
+    residual: str = "intersection",
+    rules: Optional[Mapping[Any, Any]] = None,
+    prune_padding: bool = True,
 ) -> LayerMaskedModel:
     """Turns a CNN into a mask-aware model that runs on the visible pixels only (paper section 3).
 
@@ -224,8 +167,14 @@ def layer_masked(
         padding (str): how convolutions see removed cells next to visible ones: ``"neighbor"`` (the paper's
             neighbor padding, Algorithm 1), ``"zero"`` (zeros; the paper's ablation) or ``"partial"`` (partial
             convolution's rescaling; supplementary section 2).
+        residual (str): how a sum of two masked activations combines their masks: ``"intersection"`` (the
+            paper's ``m1 * m2``; a region that a strided shortcut does not sample is removed) or ``"union"``
+            (every visible cell of either summand is kept, the other summand neighbor-padded there; see
+            docs/masking.md).
         rules (Mapping, optional): masking rules for this conversion only, ``{target: rule}``, consulted before
             the registered ones (see :func:`register_rule`).
+        prune_padding (bool): let convolutions pad only the rings of neighbor padding that later layers read
+            (the demand analysis; the outputs are the same). False pads every convolution's full reach.
 
     Returns:
         A :class:`LayerMaskedModel` called as ``masked(x, mask)``.
@@ -240,11 +189,15 @@ def layer_masked(
         >>> masked = layer_masked(model)
         >>> logits = masked(images, mask)  # mask: 1 = visible, 0 = removed
     """
+    options = dict(padding=padding, residual=residual, rules=dict(rules) if rules else None, prune_padding=prune_padding)
     if isinstance(model, LayerMaskedModel):
-        if padding == model.padding and not rules:
+        if options == model.options:
             return model
         raise LayerMaskError("this model is already layer-masked; pass the original model to layer_masked.")
-    registry = _registry_for(padding, rules)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"layer_masked takes a torch.nn.Module, got {type(model).__name__}.")
+    check_options(padding, residual)
+    registry = conversion_registry(padding, residual, rules)
     traced = trace(model, registry)
-    required = sum(1 for node in traced.graph.nodes if node.op == "placeholder" and not node.args)
-    return LayerMaskedModel(add_mask_stream(traced, registry), padding, model.training, required)
+    graph_module = add_mask_stream(traced, registry, prune_padding=prune_padding)
+    return LayerMaskedModel(graph_module, model, options, input_signature(traced))

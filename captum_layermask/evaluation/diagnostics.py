@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.patches import patch_segments
 from ._batching import FeatureLayer, FeatureReader, batches, box_masks, model_device, progress_bar
+from ._common import check_images
 from .maskers import MaskerSpec, get_masker
-from .segmentation import patch_segments
 
 
 @dataclass
@@ -71,11 +72,6 @@ class _FeatureRun:
         return torch.cat(out)
 
 
-def _check_images(images: Tensor) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        raise ValueError(f"images must be a tensor (N, C, H, W), got {getattr(images, 'shape', type(images).__name__)}.")
-
-
 def linearity(
     model: nn.Module,
     images: Tensor,
@@ -107,7 +103,7 @@ def linearity(
     Returns:
         The mean cosine similarity over the images, in [-1, 1].
     """
-    _check_images(images)
+    check_images(images)
     count, _, height, width = images.shape
     patches = patch_segments(height, width, patch_size)[0]
     masks = patches == torch.arange(int(patches.max()) + 1).view(-1, 1, 1, 1)
@@ -158,7 +154,7 @@ def output_collapse(
     Returns:
         A :class:`SizeCurve` of ``c_n - c``; ``per_image`` holds the per-pair differences.
     """
-    _check_images(images)
+    check_images(images)
     if len(images) < 2:
         raise ValueError("output_collapse compares pairs of images: pass at least 2.")
     count, channels, height, width = images.shape
@@ -196,7 +192,7 @@ def magnitude_curve(
     Returns:
         A :class:`SizeCurve` of mean L2 norms; ``per_image`` holds each image's norm.
     """
-    _check_images(images)
+    check_images(images)
     height, width = images.shape[-2:]
     run = _FeatureRun(model, masker, feature_layer, images, batch_size, show_progress)
     values, norms = [], []

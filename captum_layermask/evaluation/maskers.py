@@ -20,11 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .convert import layer_masked
-from .errors import LayerMaskError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..core.convert import layer_masked
+from ..core.errors import LayerMaskError
+from .normalization import IMAGENET_MEAN, IMAGENET_STD
 
 MaskedForward = Callable[[Tensor, Tensor], Any]
 
@@ -52,19 +50,20 @@ class LayerMasking(Masker):
 
     Args:
         padding (str): ``"neighbor"`` (the paper's), ``"zero"`` or ``"partial"`` (see :func:`layer_masked`).
+        residual (str): ``"intersection"`` (the paper's) or ``"union"`` (see :func:`layer_masked`).
     """
 
     name = "layer"
 
-    def __init__(self, padding: str = "neighbor") -> None:
-        self.padding = padding
+    def __init__(self, padding: str = "neighbor", residual: str = "intersection") -> None:
+        self.padding, self.residual = padding, residual
 
     def bind(self, model: nn.Module) -> MaskedForward:
-        masked = layer_masked(model, padding=self.padding)  # a layer-masked model is used as it is
+        masked = layer_masked(model, padding=self.padding, residual=self.residual)  # a layer-masked model is used as it is
         return lambda x, mask: masked(x, mask=mask)
 
     def __repr__(self) -> str:
-        return f"LayerMasking(padding={self.padding!r})"
+        return f"LayerMasking(padding={self.padding!r}, residual={self.residual!r})"
 
 
 class _Fill(Masker):
@@ -163,14 +162,21 @@ class _CallableMasker(Masker):
 
 MaskerSpec = Union[str, Masker, Callable[[nn.Module, Tensor, Tensor], Any]]
 MASKER_NAMES = ("layer", "grey", "black", "blur", "mean")
+MASKER_TITLES = {"black": "black fill", "grey": "grey fill", "layer": "layer masking", "blur": "blur fill", "mean": "mean-colour fill"}
+"""How figures and tables name each built-in masker."""
 
 
-def get_masker(masker: MaskerSpec) -> Masker:
+def masker_title(name: str) -> str:
+    """The title of a masker in figures and tables: ``"layer masking"`` for ``"layer"``, a custom name as it is."""
+    return MASKER_TITLES.get(name, name)
+
+
+def get_masker(masker: MaskerSpec, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, residual: str = "intersection") -> Masker:
     """A :class:`Masker` from a name, a masker or a callable ``fn(model, x, mask)``.
 
-    Names: ``"layer"`` (:class:`LayerMasking`), ``"grey"`` (:func:`grey`), ``"black"`` (:func:`black` with
-    ImageNet's normalisation; call ``black(mean, std)`` for another), ``"blur"`` (:class:`BlurFill`) and
-    ``"mean"`` (:class:`MeanColourFill`).
+    Names: ``"layer"`` (:class:`LayerMasking`), ``"grey"`` (:func:`grey`), ``"black"`` (:func:`black` with the
+    normalisation ``mean``/``std``, ImageNet's by default), ``"blur"`` (:class:`BlurFill`) and ``"mean"``
+    (:class:`MeanColourFill`). ``residual`` is that of ``"layer"``.
 
     Raises:
         LayerMaskError: for an unknown name or an object that is not callable.
@@ -178,7 +184,7 @@ def get_masker(masker: MaskerSpec) -> Masker:
     if isinstance(masker, Masker):
         return masker
     if isinstance(masker, str):
-        factories = {"layer": LayerMasking, "grey": grey, "black": black, "blur": BlurFill, "mean": MeanColourFill}
+        factories = {"layer": lambda: LayerMasking(residual=residual), "grey": grey, "black": lambda: black(mean, std), "blur": BlurFill, "mean": MeanColourFill}
         if masker not in factories:
             raise LayerMaskError(f"unknown masker {masker!r}; use one of {', '.join(MASKER_NAMES)}, a Masker or a callable fn(model, x, mask).")
         return factories[masker]()

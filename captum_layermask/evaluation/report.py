@@ -11,12 +11,12 @@ from typing import Dict, List, Optional, Sequence
 
 from torch import Tensor, nn
 
+from .attribution_metrics import LimeMetrics, lime_metrics
 from .diagnostics import SizeCurve, linearity, magnitude_curve, output_collapse
-from .evaluation import DEFAULT_FRACTIONS, LimeMetrics, RemovalCurve, ShapeBias, lime_metrics, removal_curve, shape_bias
-from .maskers import IMAGENET_MEAN, IMAGENET_STD, Masker, black, get_masker
-from .segmentation import SLIC, Patches, Quickshift, segment_images
-
-MASKER_TITLES = {"black": "black fill", "grey": "grey fill", "layer": "layer masking", "blur": "blur fill", "mean": "mean-colour fill"}
+from .maskers import Masker, get_masker, masker_title
+from .normalization import IMAGENET_MEAN, IMAGENET_STD
+from .removal import DEFAULT_FRACTIONS, RemovalCurve, ShapeBias, removal_curve, shape_bias
+from .segmentation import get_segmenter, segment_images
 
 
 @dataclass
@@ -90,19 +90,19 @@ class EvaluationReport:
         if self.shape:
             counts = self.shape[0].count
             lines = [f"**Shape bias** ({counts} images classified correctly unmasked): accuracy with the object removed, with the broken mask removed, and the difference (higher: less reliance on the mask's shape).", "", "| masker | object removed | broken mask removed | difference |", "|---|---|---|---|"]
-            lines += [f"| {_title(r.masker)} | {r.object_accuracy:.3f} | {r.broken_accuracy:.3f} | {r.difference:+.3f} |" for r in self.shape]
+            lines += [f"| {masker_title(r.masker)} | {r.object_accuracy:.3f} | {r.broken_accuracy:.3f} | {r.difference:+.3f} |" for r in self.shape]
             parts.append("\n".join(lines))
         if self.lime:
             parts.append(self._lime_table())
         if self.linearity:
             patches = list(next(iter(self.linearity.values())))
             lines = [f"**Linearity in masking** ({self.diagnostic_images} images): cosine similarity of the features and the sum of the features of each patch alone (higher: more linear).", "", "| masker | " + " | ".join(f"{p}px patches" for p in patches) + " |", "|---" * (len(patches) + 1) + "|"]
-            lines += [f"| {_title(m)} | " + " | ".join(f"{scores[p]:.3f}" for p in patches) + " |" for m, scores in self.linearity.items()]
+            lines += [f"| {masker_title(m)} | " + " | ".join(f"{scores[p]:.3f}" for p in patches) + " |" for m, scores in self.linearity.items()]
             parts.append("\n".join(lines))
         if self.collapse:
             sizes = self.collapse[0].sizes
             lines = [f"**Output collapse** ({self.diagnostic_images} images, all pairs): change of the pairwise cosine similarity of features when the images shrink to n x n (closer to 0 is better).", "", "| masker | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
-            lines += [f"| {_title(c.masker)} | " + " | ".join(f"{v:+.3f}" for v in c.values) + " |" for c in self.collapse]
+            lines += [f"| {masker_title(c.masker)} | " + " | ".join(f"{v:+.3f}" for v in c.values) + " |" for c in self.collapse]
             parts.append("\n".join(lines))
         return "\n\n".join(parts) + "\n"
 
@@ -116,7 +116,7 @@ class EvaluationReport:
             for masker in maskers:
                 values = [by_key.get((s, o, masker)) for s, o in columns]
                 cells = [f"{v.auc[metric]:.3f}" if v is not None else "" for v in values]
-                lines.append(f"| {metric}: {_title(masker)} | " + " | ".join(cells) + " |")
+                lines.append(f"| {metric}: {masker_title(masker)} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def _lime_table(self) -> str:
@@ -128,7 +128,7 @@ class EvaluationReport:
         for metric, label in names:
             for masker in maskers:
                 cells = [f"{getattr(self.lime[s][masker], metric):.3f}" if masker in self.lime[s] else "" for s in segmenters]
-                lines.append(f"| {label}: {_title(masker)} | " + " | ".join(cells) + " |")
+                lines.append(f"| {label}: {masker_title(masker)} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def save_figures(self, folder: Path, class_names: Optional[Sequence[str]] = None) -> List[Path]:
@@ -157,16 +157,8 @@ class EvaluationReport:
         return paths
 
 
-def _title(masker: str) -> str:
-    return MASKER_TITLES.get(masker, masker)
-
-
-def _masker_for(name: str, data: EvaluationData) -> Masker:
-    return black(data.mean, data.std) if name == "black" else get_masker(name)
-
-
-def _segmenter_for(name: str, data: EvaluationData):
-    return {"patches": lambda: Patches(), "slic": lambda: SLIC(mean=data.mean, std=data.std), "quickshift": lambda: Quickshift(mean=data.mean, std=data.std)}[name]()
+def _masker_for(name: str, data: EvaluationData, residual: str) -> Masker:
+    return get_masker(name, data.mean, data.std, residual)
 
 
 def default_top_k(segments: Tensor) -> int:
@@ -188,6 +180,7 @@ def evaluate(
     k: Optional[int] = None,
     batch_size: int = 64,
     seed: int = 0,
+    residual: str = "intersection",
     show_progress: bool = True,
 ) -> EvaluationReport:
     """Runs the removal curves (random order, and most/least salient first with the object masks as saliency),
@@ -205,6 +198,8 @@ def evaluate(
         n_samples (int): LIME's samples per image.
         k (int, optional): segments taken by the top-k metrics; by default a tenth of the median number of
             segments per image, the paper's proportion (20 of 196).
+        residual (str): the residual rule of layer masking, ``"intersection"`` (the paper's) or ``"union"``
+            (see :func:`~captum_layermask.layer_masked`).
 
     Returns:
         An :class:`EvaluationReport`.
@@ -214,22 +209,22 @@ def evaluate(
     orders = ("random",) if masks is None else ("random", "most_salient", "least_salient")
     common = dict(batch_size=batch_size, show_progress=show_progress)
     for segmenter_name in segmenters:
-        segments = segment_images(data.images, _segmenter_for(segmenter_name, data))
+        segments = segment_images(data.images, get_segmenter(segmenter_name, data.mean, data.std))
         for order in orders:
             for name in maskers:
-                curve = removal_curve(model, data.images, data.labels, segments, order, _masker_for(name, data), fractions, saliency=None if masks is None else masks.float(), seed=seed, **common)
+                curve = removal_curve(model, data.images, data.labels, segments, order, _masker_for(name, data, residual), fractions, saliency=None if masks is None else masks.float(), seed=seed, **common)
                 curve.segmenter = segmenter_name
                 report.removal.append(curve)
         if masks is not None and lime_images > 0:
             chosen = slice(0, min(lime_images, len(data.images)))
             report.lime_images = chosen.stop
             top = k or default_top_k(segments)
-            results = lime_metrics(model, data.images[chosen], data.labels[chosen], masks[chosen], segments[chosen], [_masker_for(name, data) for name in maskers], k=top, n_samples=n_samples, ablation_masker="grey", seed=seed, **common)
+            results = lime_metrics(model, data.images[chosen], data.labels[chosen], masks[chosen], segments[chosen], [_masker_for(name, data, residual) for name in maskers], k=top, n_samples=n_samples, ablation_masker="grey", seed=seed, **common)
             report.lime[segmenter_name] = results
     if masks is not None:
-        report.shape = [shape_bias(model, data.images, data.labels, masks, _masker_for(name, data), **common) for name in maskers]
+        report.shape = [shape_bias(model, data.images, data.labels, masks, _masker_for(name, data, residual), **common) for name in maskers]
     if diagnostic_images > 0:
-        _diagnose(report, model, data.images[:diagnostic_images], [_masker_for(name, data) for name in maskers], common)
+        _diagnose(report, model, data.images[:diagnostic_images], [_masker_for(name, data, residual) for name in maskers], common)
     return report
 
 

@@ -17,10 +17,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops.stochastic_depth import stochastic_depth
 
 from .errors import UnsupportedLayerError
-from .masked import Masked, align_rank, intersect, masks_of, unwrap
+from .masked import Masked, align_rank, intersect, is_masked, masks_of, unwrap
 from .masking import neighbor_pad, pad_for_convolution, propagate_mask
 from .registry import builtin_rule
 
@@ -120,18 +119,22 @@ def _as_mask(condition: Tensor, like: Tensor) -> Tensor:
 _POINTWISE_MODULES = (
     nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
-    nn.LogSigmoid, nn.Tanhshrink, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.LogSigmoid, nn.Tanhshrink, nn.Threshold, nn.Hardshrink, nn.Softshrink,
 )
 _POINTWISE_FUNCTIONS = (
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.prelu, F.rrelu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
     F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink, F.threshold,
-    F.hardshrink, F.softshrink, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-    F.alpha_dropout, F.feature_alpha_dropout, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log,
+    F.hardshrink, F.softshrink, F.sigmoid, F.tanh, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log,
     torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.clamp, torch.clip, torch.pow, torch.add, torch.sub,
     torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.erf, operator.add, operator.sub,
-    operator.mul, operator.truediv, operator.neg, operator.pos, operator.pow, stochastic_depth,
+    operator.mul, operator.truediv, operator.neg, operator.pos, operator.pow,
 )
+try:  # torchvision is optional for the engine: its stochastic depth (identity in eval mode) is a per-cell op
+    from torchvision.ops.stochastic_depth import stochastic_depth
+
+    _POINTWISE_FUNCTIONS += (stochastic_depth,)
+except ImportError:  # pragma: no cover
+    pass
 # In-place binary methods (add_, mul_, ...) are left out on purpose: they would change a value that other nodes
 # still see with its old mask.
 _POINTWISE_METHODS = (
@@ -141,7 +144,7 @@ _POINTWISE_METHODS = (
 )
 
 
-@builtin_rule(*_POINTWISE_MODULES, *_POINTWISE_FUNCTIONS, *_POINTWISE_METHODS)
+@builtin_rule(*_POINTWISE_MODULES, *_POINTWISE_FUNCTIONS, *_POINTWISE_METHODS, per_cell="intersection")
 def pointwise(op: Any, *args: Any, **kwargs: Any) -> Masked:
     """An operation applied to each cell separately: its result is visible where all its inputs are.
 
@@ -153,7 +156,72 @@ def pointwise(op: Any, *args: Any, **kwargs: Any) -> Masked:
     return Masked(value, intersect(masks_of((args, kwargs)), value.ndim))
 
 
-@builtin_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, F.batch_norm)
+SUM_TARGETS = (operator.add, torch.add, "add")
+"""The operations of residual connections, whose mask rule ``layer_masked(residual=...)`` chooses."""
+
+
+def _is_image_mask(x: Any) -> bool:
+    return isinstance(x, Masked) and x.value.ndim == 4 and x.mask.shape[1] == 1 and tuple(x.mask.shape[-2:]) == tuple(x.value.shape[-2:])
+
+
+def _filled_to_cover(x: Masked, cover: Tensor) -> Tensor:
+    """``x`` neighbor-padded (Algorithm 1) far enough to fill every cell of ``cover``.
+
+    The width is the number of rings the mask must grow to reach all of ``cover`` (at most ``H + W``); cells
+    that no ring reaches (a sample without any visible cell of ``x``) stay 0.
+    """
+    known = (x.mask > 0).expand_as(cover)
+    missing = cover & ~known
+    if torch.compiler.is_exporting():
+        return neighbor_pad(x.value, x.mask, sum(x.value.shape[-2:]))
+    if not bool(missing.any()):
+        return x.value
+    width = 0
+    while bool(missing.any()):
+        grown = F.max_pool2d(known.to(x.value.dtype), 3, 1, 1) > 0
+        if torch.equal(grown, known):
+            break
+        known, width = grown, width + 1
+        missing &= ~known
+    return neighbor_pad(x.value, x.mask, width)
+
+
+def sum_union(op: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A residual sum that keeps every visible cell of both summands (``layer_masked(residual="union")``).
+
+    The paper's rule (:func:`pointwise`) keeps the intersection ``m1 * m2``: a cell visible in one summand only
+    is removed, and a region that a strided 1x1 shortcut does not sample vanishes from the output although the
+    other branch sees it. Here the output mask is the union ``max(m1, m2)``; where a summand is removed, it
+    takes the value that neighbor padding (Algorithm 1, the rule convolutions use) gives it from its own visible
+    cells, so no removed pixel enters. A summand with no visible cell at all in a sample contributes 0 there.
+    With equal masks this is the paper's rule exactly.
+    """
+    if len(args) < 2 or not all(_is_image_mask(a) for a in args[:2]) or any(is_masked(a) for a in (*args[2:], *kwargs.values())):
+        return pointwise(op, *args, **kwargs)
+    first, second = args[0], args[1]
+    if first.mask is second.mask or torch.equal(first.mask, second.mask):
+        return pointwise(op, *args, **kwargs)
+    union = torch.maximum(first.mask, second.mask)
+    cover = union > 0
+    value = op(_filled_to_cover(first, cover), _filled_to_cover(second, cover), *args[2:], **kwargs)
+    return Masked(value, union)
+
+
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+
+
+@builtin_rule(*_DROPOUT_MODULES, *_DROPOUT_FUNCTIONS, per_cell="intersection")
+def dropout(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Dropout: the identity in eval mode. In training mode it would make every explanation random, so it is
+    refused, as batch normalization is."""
+    active = op.training if isinstance(op, nn.Module) else _bind(args, kwargs, ("p", "training"), {"training": True})["training"]
+    if active:
+        raise UnsupportedLayerError("dropout in training mode makes the output random; call .eval() on the model.")
+    return pointwise(op, x, *args, **kwargs)
+
+
+@builtin_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, F.batch_norm, per_cell="intersection")
 def batch_norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     """Batch normalization with running statistics: a per-channel affine map, so pointwise."""
     x = _require_masked(x, "batch normalization")
@@ -321,10 +389,6 @@ def conv2d_partial(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     return Masked(value, propagate_mask(x.mask, **geometry))
 
 
-PADDING_RULES = {"neighbor": conv2d, "zero": conv2d_zero_padding, "partial": conv2d_partial}
-"""The convolution rule behind each ``layer_masked(padding=...)`` choice."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # pooling
 
@@ -409,25 +473,16 @@ def adaptive_max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     return Masked(pooled * visible, visible)
 
 
-_SPATIAL_REDUCTIONS = ("mean", "amax", "amin")
-
-
-@builtin_rule(torch.mean, torch.amax, torch.amin, torch.sum, "mean", "amax", "amin", "sum")
-def reduction(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
-    """Mean, maximum or minimum over dimensions; over spatial ones only the visible cells count (0 if none).
-
-    ``x.mean([2, 3])`` is global average pooling, ``h_m`` of section 3.2. A sum over spatial dimensions has no
-    renormalised counterpart in the paper and is refused.
-    """
+def _reduction(kind: str, op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> Masked:
+    """Mean, maximum or minimum (``kind``) over dimensions; over spatial ones only the visible cells count."""
     x = _require_masked(x, "a reduction")
     bound = _bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
     dims, keepdim = _dims(bound["dim"], x.value.ndim), bound["keepdim"]
     mask_out = x.mask.amax(dims, keepdim=keepdim) if dims else x.mask
     if all(x.mask.shape[d] == 1 for d in dims):
         return Masked(op(x.value, *args, **kwargs), mask_out)
-    kind = op.__name__
-    if kind not in _SPATIAL_REDUCTIONS:
-        raise UnsupportedLayerError(f"'{kind}' over spatial dimensions; use a mean (global average pooling) instead.")
+    if kind == "sum":
+        raise UnsupportedLayerError("'sum' over spatial dimensions; use a mean (global average pooling) instead.")
     if kind == "mean":
         total = (x.value * x.mask).sum(dims, keepdim=keepdim)
         broadcast = math.prod(x.value.shape[d] for d in dims if x.mask.shape[d] == 1)
@@ -438,6 +493,34 @@ def reduction(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
         fill = _lowest(x.value) if kind == "amax" else -_lowest(x.value)
         value = getattr(torch, kind)(_fill_removed(x.value, x.mask, fill), dims, keepdim) * mask_out
     return Masked(value, mask_out)
+
+
+@builtin_rule(torch.mean, "mean")
+def mean(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A mean over dimensions; over spatial ones, of the visible cells only (0 if none).
+
+    ``x.mean([2, 3])`` is global average pooling, :math:`h_m` of section 3.2.
+    """
+    return _reduction("mean", op, x, args, kwargs)
+
+
+@builtin_rule(torch.amax, "amax")
+def amax(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A maximum over dimensions; over spatial ones, of the visible cells only (0 if none)."""
+    return _reduction("amax", op, x, args, kwargs)
+
+
+@builtin_rule(torch.amin, "amin")
+def amin(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A minimum over dimensions; over spatial ones, of the visible cells only (0 if none)."""
+    return _reduction("amin", op, x, args, kwargs)
+
+
+@builtin_rule(torch.sum, "sum")
+def sum_over_features(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A sum over channel dimensions. Over spatial ones it has no renormalised counterpart in the paper (the
+    count of visible cells would change the scale) and is refused."""
+    return _reduction("sum", op, x, args, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -576,15 +659,9 @@ def concatenate(op: Any, tensors: Sequence[Any], *args: Any, **kwargs: Any) -> M
     return Masked(value, torch.cat(parts, dim))
 
 
-_SPLIT_DIM_POSITION = {"chunk": 1, "split": 1, "tensor_split": 1, "unbind": 0}
-
-
-@builtin_rule(torch.chunk, torch.split, torch.tensor_split, torch.unbind, "chunk", "split", "tensor_split", "unbind")
-def split(op: Any, x: Any, *args: Any, **kwargs: Any) -> Tuple[Masked, ...]:
-    """Splitting along a channel dimension keeps the mask; along a spatial one splits it alike."""
+def _split(name: str, op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> Tuple[Masked, ...]:
     x = _require_masked(x, "a split")
-    name = op.__name__
-    names = ("sections", "dim") if _SPLIT_DIM_POSITION[name] == 1 else ("dim",)
+    names = ("dim",) if name == "unbind" else ("sections", "dim")
     dim = _bind(args, kwargs, names, {"dim": 0})["dim"] % x.value.ndim
     values = op(x.value, *args, **kwargs)
     if x.mask.shape[dim] != 1:
@@ -594,6 +671,18 @@ def split(op: Any, x: Any, *args: Any, **kwargs: Any) -> Tuple[Masked, ...]:
     else:
         masks = [x.mask] * len(values)
     return tuple(Masked(value, mask) for value, mask in zip(values, masks))
+
+
+@builtin_rule(torch.chunk, torch.split, torch.tensor_split, "chunk", "split", "tensor_split")
+def split(op: Any, x: Any, *args: Any, **kwargs: Any) -> Tuple[Masked, ...]:
+    """Splitting along a channel dimension keeps the mask; along a spatial one splits it alike."""
+    return _split("split", op, x, args, kwargs)
+
+
+@builtin_rule(torch.unbind, "unbind")
+def unbind(op: Any, x: Any, *args: Any, **kwargs: Any) -> Tuple[Masked, ...]:
+    """Unbinding a channel dimension keeps the mask (without that dimension); a spatial one unbinds it alike."""
+    return _split("unbind", op, x, args, kwargs)
 
 
 _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}

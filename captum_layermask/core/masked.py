@@ -102,6 +102,7 @@ def format_mask(mask: Tensor, image: Tensor) -> Tensor:
             f"layer masking needs an image batch of shape (N, C, H, W), got shape {tuple(image.shape)}."
         )
     batch, _, height, width = image.shape
+    given = tuple(mask.shape)
     if mask.ndim == 2:
         mask = mask[None, None]
     elif mask.ndim == 3:
@@ -113,7 +114,7 @@ def format_mask(mask: Tensor, image: Tensor) -> Tensor:
         or mask.shape[0] not in (1, batch)
     ):
         raise MaskShapeError(
-            f"mask of shape {tuple(mask.shape)} does not fit images of shape {tuple(image.shape)}: use (H, W), "
+            f"mask of shape {given} does not fit images of shape {tuple(image.shape)}: use (H, W), "
             f"(N, H, W) or (N, 1, H, W) with H, W = {height}, {width} and N = {batch} or 1 (layer masking "
             "removes whole pixels, so a mask cannot differ across channels)."
         )

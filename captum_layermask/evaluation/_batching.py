@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .errors import LayerMaskError
+from ..core.errors import LayerMaskError
 
 FeatureLayer = Union[None, str, nn.Module]
 

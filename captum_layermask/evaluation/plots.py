@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Optional, Sequence
 
+from .attribution_metrics import LimeMetrics
 from .diagnostics import SizeCurve
-from .evaluation import LimeMetrics, RemovalCurve, ShapeBias
+from .maskers import masker_title
+from .removal import RemovalCurve, ShapeBias
 
 COLOURS = {"black": "#222222", "grey": "#9a9a9a", "layer": "#2a9d3c", "blur": "#3b6fb6", "mean": "#c77d1a"}
-LABELS = {"black": "black fill", "grey": "grey fill", "layer": "layer masking", "blur": "blur fill", "mean": "mean-colour fill"}
 METRIC_TITLES = {"accuracy": "accuracy", "entropy": "class entropy (nats)", "unchanged": "unchanged predictions"}
 
 
@@ -23,7 +24,7 @@ def _pyplot():
 
 
 def _style(masker: str, index: int) -> Dict[str, str]:
-    return {"color": COLOURS.get(masker, f"C{index}"), "label": LABELS.get(masker, masker)}
+    return {"color": COLOURS.get(masker, f"C{index}"), "label": masker_title(masker)}
 
 
 def plot_removal_curves(curves: Sequence[RemovalCurve], metrics: Sequence[str] = ("accuracy", "entropy", "unchanged"), title: Optional[str] = None):

@@ -14,16 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import MaskShapeError
-from .maskers import IMAGENET_MEAN, IMAGENET_STD
+from ..core.errors import MaskShapeError
+from ..core.patches import patch_segments
+from .normalization import IMAGENET_MEAN, IMAGENET_STD
 
 SEGMENTER_NAMES = ("patches", "slic", "quickshift")
-
-
-def patch_segments(height: int, width: int, patch: int = 16) -> Tensor:
-    """Ids of square patches in row-major order, shape ``(1, 1, height, width)`` (border patches may be smaller)."""
-    rows, columns = torch.arange(height) // patch, torch.arange(width) // patch
-    return (rows[:, None] * (-(-width // patch)) + columns[None, :])[None, None]
 
 
 class Patches:
@@ -93,16 +88,27 @@ Segmenter = Callable[[Tensor], Tensor]
 SegmenterSpec = Union[str, Segmenter, Tensor]
 
 
-def get_segmenter(segmenter: Union[str, Segmenter]) -> Segmenter:
-    """A segmenter from a name (``"patches"``, ``"slic"``, ``"quickshift"``) or a callable ``fn(image) -> ids``."""
+def get_segmenter(segmenter: Union[str, Segmenter], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Segmenter:
+    """A segmenter from a name (``"patches"``, ``"slic"``, ``"quickshift"``) or a callable ``fn(image) -> ids``.
+
+    ``mean`` and ``std`` are the normalisation of the images that SLIC and quickshift undo (ImageNet's by
+    default; ``(0, 0, 0)`` and ``(1, 1, 1)`` for images in [0, 1]).
+    """
     if isinstance(segmenter, str):
-        factories = {"patches": Patches, "slic": SLIC, "quickshift": Quickshift}
-        if segmenter not in factories:
+        if segmenter not in SEGMENTER_NAMES:
             raise ValueError(f"unknown segmenter {segmenter!r}; use one of {', '.join(SEGMENTER_NAMES)} or a callable fn(image) -> (H, W) ids.")
-        return factories[segmenter]()
+        return Patches() if segmenter == "patches" else {"slic": SLIC, "quickshift": Quickshift}[segmenter](mean=mean, std=std)
     if not callable(segmenter):
         raise TypeError(f"segmenter must be a name, a callable or a tensor of ids, got {type(segmenter).__name__}.")
     return segmenter
+
+
+def check_segment_ids(segments: Tensor, shape: Sequence[int]) -> None:
+    """Raises :class:`MaskShapeError` unless ``segments`` is an integer tensor of ``shape``, i.e. ``(N, H, W)``."""
+    if not isinstance(segments, Tensor) or tuple(segments.shape) != tuple(shape):
+        raise MaskShapeError(f"segments must have shape {tuple(shape)} (one id per pixel of each image), got {tuple(getattr(segments, 'shape', ())) or type(segments).__name__}.")
+    if segments.is_floating_point() or segments.is_complex() or segments.dtype == torch.bool:
+        raise MaskShapeError(f"segment ids must be integers, got {segments.dtype}; convert them with .long() (after rounding).")
 
 
 def consecutive_ids(segments: Tensor) -> Tensor:
@@ -119,17 +125,22 @@ def segment_images(images: Tensor, segmenter: SegmenterSpec) -> Tensor:
             (or ``(N, 1, H, W)``).
 
     Returns:
-        LongTensor ``(N, H, W)``.
+        LongTensor ``(N, H, W)``; any integer ids (negative, with gaps) become 0, 1, ... in their order.
 
     Raises:
-        MaskShapeError: if the ids do not have the images' batch size and spatial size.
+        MaskShapeError: if the ids do not have the images' batch size and spatial size, or are not integers.
     """
     if isinstance(segmenter, Tensor):
         segments = segmenter[:, 0] if segmenter.ndim == 4 and segmenter.shape[1] == 1 else segmenter
     else:
         function = get_segmenter(segmenter)
         segments = torch.stack([torch.as_tensor(function(image)).to(images.device) for image in images])
-    expected = (images.shape[0], *images.shape[-2:])
-    if tuple(segments.shape) != expected:
-        raise MaskShapeError(f"segments must have shape {expected} (one id per pixel of each image), got {tuple(segments.shape)}.")
+    check_segment_ids(segments, (images.shape[0], *images.shape[-2:]))
     return torch.stack([consecutive_ids(ids.long()) for ids in segments])
+
+
+def segmenter_name(segmenter: SegmenterSpec) -> str:
+    """How results name a segmenter: its ``name``, a function's ``__name__``, or ``"given"`` for ids."""
+    if isinstance(segmenter, Tensor):
+        return "given"
+    return getattr(get_segmenter(segmenter), "name", getattr(segmenter, "__name__", "custom"))

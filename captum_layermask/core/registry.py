@@ -31,11 +31,15 @@ class RuleEntry:
         rule: the masking rule.
         metadata: True when the operation reads only the shape/dtype of its input (``x.size()``), so that its
             result does not depend on pixel values.
+        per_cell: for a rule that acts on each cell separately, how its output mask combines its inputs'
+            (``"intersection"`` or ``"union"``); None for a rule that mixes cells. The demand analysis
+            (:mod:`captum_layermask.core.demand`) follows masks through such rules.
     """
 
     target: Target
     rule: Rule
     metadata: bool = False
+    per_cell: Optional[str] = None
 
     def matches(self, op: Any) -> bool:
         if isinstance(self.target, type):
@@ -73,11 +77,11 @@ class RuleRegistry:
     def __init__(self) -> None:
         self.entries: List[RuleEntry] = []
 
-    def add(self, targets: List[Target], rule: Rule, *, metadata: bool = False, first: bool = True) -> RuleHandle:
+    def add(self, targets: List[Target], rule: Rule, *, metadata: bool = False, first: bool = True, per_cell: Optional[str] = None) -> RuleHandle:
         for target in targets:
             if not isinstance(target, (type, str)) and not callable(target):
                 raise TypeError(f"a rule target must be a module class, a function or a method name, got {target!r}.")
-        new = [RuleEntry(target, rule, metadata) for target in targets]
+        new = [RuleEntry(target, rule, metadata, per_cell) for target in targets]
         if first:
             self.entries[0:0] = new
         else:
@@ -92,6 +96,10 @@ class RuleRegistry:
 
 
 RULES = RuleRegistry()
+"""The rules users register with :func:`register_rule`; consulted before the built-in ones."""
+
+BUILTIN_RULES = RuleRegistry()
+"""The built-in rules (:mod:`captum_layermask.core.rules`)."""
 
 
 def register_rule(*targets: Target, rule: Optional[Rule] = None, metadata: bool = False) -> Any:
@@ -130,11 +138,11 @@ def register_rule(*targets: Target, rule: Optional[Rule] = None, metadata: bool 
     return decorate
 
 
-def builtin_rule(*targets: Target, metadata: bool = False) -> Callable[[Rule], Rule]:
+def builtin_rule(*targets: Target, metadata: bool = False, per_cell: Optional[str] = None) -> Callable[[Rule], Rule]:
     """Registers a built-in rule after the ones registered so far (user rules always come first)."""
 
     def decorate(function: Rule) -> Rule:
-        RULES.add(list(targets), function, metadata=metadata, first=False)
+        BUILTIN_RULES.add(list(targets), function, metadata=metadata, first=False, per_cell=per_cell)
         return function
 
     return decorate
@@ -161,9 +169,7 @@ class RuleCall:
         self.rule = rule
         self.op = op
         self.path = path
-        self.__name__ = f"{rule.__name__}_{op_name}"
-        self.__qualname__ = self.__name__
-        self.__module__ = "captum_layermask.rules"
+        self.__name__ = f"{getattr(rule, '__name__', 'rule')}_{op_name}"  # how the generated code names the node
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         op = self.op
@@ -177,4 +183,4 @@ class RuleCall:
             raise UnsupportedLayerError(f"cannot layer-mask '{self.path}': {error}") from None
 
     def __repr__(self) -> str:
-        return f"RuleCall({self.rule.__name__} at '{self.path}')"
+        return f"RuleCall({getattr(self.rule, '__name__', self.rule)!r} at '{self.path}')"

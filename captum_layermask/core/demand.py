@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Set
 import torch.fx as fx
 from torch import nn
 
-from . import rules
+from .dependence import image_dependence
 from .masking import centred_radius, receptive_reach
 from .registry import RuleRegistry
 
@@ -42,31 +42,23 @@ def _dilating_radius(module: nn.Module) -> Optional[int]:
 class _Graph:
     """The image-dependent nodes of a traced model and the kind of each one's rule."""
 
-    def __init__(self, traced: fx.GraphModule, registry: RuleRegistry) -> None:
+    def __init__(self, traced: fx.GraphModule, registry: RuleRegistry, convolutions: Dict[fx.Node, nn.Conv2d]) -> None:
+        walk = image_dependence(traced, registry)
         self.nodes: List[fx.Node] = []
         self.radius: Dict[fx.Node, int] = {}
-        self.per_cell: Set[fx.Node] = set()
-        image = next(node for node in traced.graph.nodes if node.op == "placeholder")
-        dependent = {image}
-        for node in traced.graph.nodes:
-            if node.op in ("placeholder", "output", "get_attr") or not any(a in dependent for a in node.all_input_nodes):
-                continue
-            op = traced.get_submodule(node.target) if node.op == "call_module" else node.target
-            entry = registry.find(op)
+        self.per_cell: Dict[fx.Node, str] = {}
+        for node, op, entry in walk.steps:
             if entry is None or entry.metadata:
                 continue
-            dependent.add(node)
             self.nodes.append(node)
-            radius = _dilating_radius(op) if entry.rule is rules.conv2d and node.op == "call_module" else None
+            radius = _dilating_radius(convolutions[node]) if node in convolutions else None
             if radius is not None:
                 self.radius[node] = radius
-            elif entry.rule in (rules.pointwise, rules.batch_norm):
-                self.per_cell.add(node)
-        self.image = image
-        self.dependent = dependent
-
-    def inputs(self, node: fx.Node) -> List[fx.Node]:
-        return [arg for arg in node.all_input_nodes if arg in self.dependent]
+            elif entry.per_cell is not None:
+                self.per_cell[node] = entry.per_cell
+        self.image = walk.image
+        self.dependent = walk.dependent
+        self.inputs = walk.inputs
 
 
 def _growths(graph: _Graph) -> Dict[fx.Node, _Growth]:
@@ -76,7 +68,8 @@ def _growths(graph: _Graph) -> Dict[fx.Node, _Growth]:
         if node in graph.radius and len(inputs) == 1 and node.args[0] in graph.dependent:
             growth[node] = _Growth(inputs[0].root, inputs[0].steps + graph.radius[node])
         elif node in graph.per_cell and len({g.root for g in inputs}) == 1:
-            growth[node] = _Growth(inputs[0].root, min(g.steps for g in inputs))
+            combine = max if graph.per_cell[node] == "union" else min  # the union of nested masks is the largest
+            growth[node] = _Growth(inputs[0].root, combine(g.steps for g in inputs))
         else:
             growth[node] = _Growth(node, 0)
     return growth
@@ -105,24 +98,25 @@ def _demands(graph: _Graph, growth: Dict[fx.Node, _Growth]) -> Dict[fx.Node, int
     return demand
 
 
-def padding_rings(traced: fx.GraphModule, registry: RuleRegistry) -> Dict[fx.Node, int]:
+def padding_rings(traced: fx.GraphModule, registry: RuleRegistry, convolutions: Dict[fx.Node, nn.Conv2d]) -> Dict[fx.Node, int]:
     """The convolutions that need fewer rings of neighbor padding than their reach, with the number they need.
 
     Args:
-        traced (fx.GraphModule): the traced model (as :func:`~captum_layermask.convert.trace` returns it).
-        registry: the rules the conversion uses; only convolutions under the built-in neighbor-padding rule
-            are considered.
+        traced (fx.GraphModule): the traced model (as :func:`~captum_layermask.core.convert.trace` returns it).
+        registry: the rules the conversion uses.
+        convolutions: the convolution nodes whose rule is the built-in neighbor padding (see
+            :func:`~captum_layermask.core.options.neighbor_convolutions`); only these are considered.
 
     Returns:
         ``{conv node: rings}`` with ``rings`` smaller than the kernel's reach; every other convolution pads its
         full reach.
     """
-    graph = _Graph(traced, registry)
+    graph = _Graph(traced, registry, convolutions)
     growth = _growths(graph)
     demand = _demands(graph, growth)
     needed: Dict[fx.Node, int] = {}
     for node, radius in graph.radius.items():
-        reach = receptive_reach(traced.get_submodule(node.target).kernel_size)
+        reach = receptive_reach(convolutions[node].kernel_size)
         read = min(demand.get(node, 0), growth[node].steps)
         rings = max(0, min(reach, read + radius - growth[node.args[0]].steps))
         if rings < reach:

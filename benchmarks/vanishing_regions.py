@@ -1,0 +1,57 @@
+"""Single visible patches whose logits vanish, per torchvision family, under both residual rules (issue: robustness).
+
+For every position of one visible 16x16 patch (all other pixels removed), counts the positions where the
+layer-masked model's logits are exactly 0, i.e. where nothing of the visible patch reaches the output:
+``residual="intersection"`` (the paper's rule, the default) against ``residual="union"``. Random weights; the
+count depends only on the architecture's geometry.
+
+    .venv/bin/python benchmarks/vanishing_regions.py [--size 224] [--models resnet18,resnet50,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torchvision
+
+from captum_layermask import layer_masked, patch_segments
+
+DEFAULT_MODELS = "resnet18,resnet50,resnext50_32x4d,regnet_y_400mf,mobilenet_v2,efficientnet_b0,densenet121,convnext_tiny,vgg11_bn"
+
+
+def vanishing_positions(model: torch.nn.Module, size: int, patch: int, residual: str, batch: int = 14) -> int:
+    masked = layer_masked(model, residual=residual)
+    segments = patch_segments(size, size, patch)[0, 0]
+    count = int(segments.max()) + 1
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    vanished = 0
+    with torch.no_grad():
+        for start in range(0, count, batch):
+            ids = torch.arange(start, min(start + batch, count))
+            masks = (segments[None] == ids[:, None, None])[:, None]
+            logits = masked(x.expand(len(ids), -1, -1, -1), masks)
+            vanished += int((logits == 0).all(1).sum())
+    return vanished
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--models", default=DEFAULT_MODELS)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    positions = (-(-args.size // args.patch)) ** 2
+    print(f"| model | vanishing positions, intersection (paper) | union | of |")
+    print("|---|---|---|---|")
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name).eval()
+        counts = [vanishing_positions(model, args.size, args.patch, residual) for residual in ("intersection", "union")]
+        print(f"| {name} | {counts[0]} | {counts[1]} | {positions} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

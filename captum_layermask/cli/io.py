@@ -1,0 +1,143 @@
+"""Files the command reads and writes: images, object masks, segment ids, and output folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+
+
+class CommandError(Exception):
+    """A user mistake on the command line: reported as one line on stderr, exit status 2."""
+
+
+MANIFEST = "layermask-output.json"
+"""The file that marks a folder as a ``layermask`` output and lists what the run wrote."""
+
+
+def _pixels(path: Path) -> np.ndarray:
+    """An image file as ``(H, W, 3)`` float64 in [0, 1], at its own bit depth (8 or 16 bits per channel)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as file:
+            if file.mode.startswith("I"):  # 16-bit grey (PNG, TIFF): PIL's RGB conversion would clip it at 255
+                grey = np.asarray(file, dtype=np.float64) / 65535.0
+                return np.repeat(grey[..., None], 3, axis=2).clip(0, 1)
+            return np.asarray(file.convert("RGB"), dtype=np.float64) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise CommandError(f"cannot read image {path}: {error}") from None
+
+
+def _square(image: Tensor, size: int, mode: str) -> Tensor:
+    """Center crop ``(N, C, H, W)`` to a square, then resize to ``size``."""
+    side = min(image.shape[-2:])
+    image = torchvision.transforms.functional.center_crop(image, [side, side])
+    if mode == "nearest":
+        return F.interpolate(image, size=(size, size), mode="nearest")
+    return F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def read_image(path: Path, size: int) -> Tensor:
+    """An RGB image file as ``(1, 3, size, size)`` in [0, 1] (center crop to a square, then resize)."""
+    image = torch.from_numpy(_pixels(path)).permute(2, 0, 1)[None].float()
+    return _square(image, size, "bilinear")
+
+
+def read_object_mask(path: Path, size: int) -> Tensor:
+    """An object mask image (non-zero on the object) as ``(size, size)`` bool, cropped like :func:`read_image`."""
+    if not path.exists():
+        raise CommandError(f"no object mask {path}: --object-masks needs <masks>/<class>/<image name>.png for every image.")
+    pixels = torch.from_numpy(_pixels(path).max(2) > 0)
+    return _square(pixels[None, None].float(), size, "nearest")[0, 0] > 0
+
+
+def read_segments(path: Path, height: int, width: int) -> Tensor:
+    """Segment ids ``(H, W)`` from a ``.npy`` file of non-negative integers.
+
+    Raises:
+        CommandError: if the file cannot be read, is not an integer array of the image's size, or holds negative
+            ids.
+    """
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot read segments {path}: {error}") from None
+    if array.dtype.kind not in "iu":
+        raise CommandError(f"segments in {path} are {array.dtype}; give integer segment ids (e.g. np.int64), one per pixel.")
+    if array.shape != (height, width):
+        raise CommandError(f"segments in {path} have shape {array.shape}, but the image is {height}x{width}.")
+    if array.size and array.min() < 0:
+        raise CommandError(f"segments in {path} hold negative ids; segment ids must be 0 or more.")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def image_folder(folder: Path) -> List[Tuple[Path, int]]:
+    """``(path, class index)`` of an ImageNet-style folder: one subfolder per class, in sorted order."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if not folder.is_dir():
+        raise CommandError(f"--images {folder} is not a folder; give a folder with one subfolder of images per class.")
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+    files = [(path, index) for index, name in enumerate(classes) for path in sorted((folder / name).iterdir()) if path.suffix.lower() in IMG_EXTENSIONS]
+    if not files:
+        raise CommandError(f"--images {folder} holds no images in class subfolders (<folder>/<class>/<image>).")
+    return files
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuses, before any work, an ``--out`` that is a file or a folder holding files of anything but an earlier
+    run of this command (which the new run replaces whole)."""
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file; give a folder (it is created, or replaced if it holds an earlier layermask output).")
+    if out.is_dir():
+        present = {entry.name for entry in out.iterdir()}
+        if not present:
+            return
+        try:
+            listed = set(json.loads((out / MANIFEST).read_text())["files"]) | {MANIFEST}
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CommandError(f"--out {out} is a folder that holds other files; give a new or empty folder.") from None
+        if not present <= listed:
+            raise CommandError(f"--out {out} holds files that an earlier layermask run did not write ({', '.join(sorted(present - listed))}); give a new or empty folder.")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise CommandError(f"cannot write to {parent}: permission denied.")
+
+
+@contextmanager
+def staged_output(out: Path, command: str) -> Iterator[Path]:
+    """A staging folder beside ``out`` that becomes ``out`` only if the block succeeds.
+
+    An earlier output in ``out`` (see :func:`check_output_folder`) is replaced as a whole, so a folder never mixes
+    two runs; on failure nothing changes.
+    """
+    check_output_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".layermask-", dir=out.parent))
+    try:
+        yield staging
+        files = sorted(entry.name for entry in staging.iterdir())
+        (staging / MANIFEST).write_text(json.dumps({"command": command, "files": files}, indent=1) + "\n")
+        os.chmod(staging, 0o777 & ~_umask())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,32 @@
+"""The layer-masking engine: model -> traced graph -> graph with a mask stream -> masked module.
+
+It imports torch only, and nothing else of the project: the Captum integration, the evaluation and the command
+line build on it.
+"""
+
+from .convert import add_mask_stream, layer_masked, trace
+from .errors import LayerMaskError, MaskShapeError, TracingError, UnsupportedLayerError
+from .masked import Masked
+from .masking import neighbor_pad, propagate_mask
+from .model import LayerMaskedModel, register_mask_decoder
+from .patches import patch_segments, random_patch_masks
+from .registry import RuleHandle, register_rule
+
+__all__ = [
+    "LayerMaskError",
+    "LayerMaskedModel",
+    "Masked",
+    "MaskShapeError",
+    "RuleHandle",
+    "TracingError",
+    "UnsupportedLayerError",
+    "add_mask_stream",
+    "layer_masked",
+    "neighbor_pad",
+    "patch_segments",
+    "propagate_mask",
+    "random_patch_masks",
+    "register_mask_decoder",
+    "register_rule",
+    "trace",
+]

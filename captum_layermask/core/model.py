@@ -1,0 +1,205 @@
+"""``LayerMaskedModel``: the module that :func:`~captum_layermask.layer_masked` returns.
+
+It checks the call (image, the model's further inputs, the mask), asks the installed mask decoders for a mask
+when none is given (the Captum integration installs one that recognises ``LayerMask()`` baselines), and runs
+the masked graph. These steps always run eagerly, under ``torch.compile`` too, so that a compiled model decodes
+and validates exactly as an eager one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import LayerMaskError, MaskShapeError
+from .masked import format_mask
+
+MaskDecoder = Callable[[Tensor, Sequence[Any]], Optional[Tensor]]
+"""``decoder(x, other_inputs) -> mask or None``: the mask that the values of the inputs encode, if any."""
+
+_MASK_DECODERS: "OrderedDict[int, MaskDecoder]" = OrderedDict()
+_GRAPH_PREFIX = "graph_module."
+
+
+def register_mask_decoder(decoder: MaskDecoder) -> RemovableHandle:
+    """Installs a function that recovers a mask from the inputs of a layer-masked model called without one.
+
+    Perturbation libraries never pass masks to the model: they hand it perturbed inputs. A decoder recognises
+    the perturbation (``LayerMask()`` pixels, for Captum) and returns the mask ``(N, 1, H, W)`` it encodes, or
+    None. The first decoder that returns a mask wins.
+
+    Args:
+        decoder: ``decoder(x, other_inputs)``; ``x`` is the image batch, ``other_inputs`` the model's further
+            positional and keyword inputs. It may raise :class:`~captum_layermask.MaskShapeError` for inputs
+            that encode a mask it cannot honour.
+
+    Returns:
+        A handle whose ``remove()`` uninstalls the decoder.
+    """
+    handle = RemovableHandle(_MASK_DECODERS)
+    _MASK_DECODERS[handle.id] = decoder
+    return handle
+
+
+def _decode_mask(x: Tensor, others: Sequence[Any]) -> Optional[Tensor]:
+    for decoder in list(_MASK_DECODERS.values()):
+        mask = decoder(x, others)
+        if mask is not None:
+            return mask
+    return None
+
+
+def input_signature(traced: fx.GraphModule) -> inspect.Signature:
+    """The model's own inputs (image first) as a signature, from the traced graph's placeholders."""
+    parameters = []
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            default = node.args[0] if node.args else inspect.Parameter.empty
+            parameters.append(inspect.Parameter(node.target, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+    return inspect.Signature(parameters)
+
+
+@torch.compiler.disable
+def _prepare_call(model: "LayerMaskedModel", x: Any, args: Tuple[Any, ...], mask: Optional[Tensor], kwargs: Dict[str, Any]) -> Tuple[Optional[Tensor], Tuple[Any, ...]]:
+    """The mask to run with (validated, or decoded) and the model's further inputs; eager under ``torch.compile``."""
+    if not isinstance(x, Tensor):
+        raise MaskShapeError(f"the first input of a layer-masked model is the image batch (N, C, H, W), got {type(x).__name__}.")
+    further_required = model.required_inputs - 1
+    if mask is None and len(args) == further_required + 1:
+        *rest, mask = args
+        args = tuple(rest)
+        if not isinstance(mask, Tensor):
+            raise MaskShapeError(
+                f"mask must be a torch.Tensor (the positional argument after the model's {model.required_inputs} "
+                f"required input(s) is the mask), got {type(mask).__name__}; pass the model's optional inputs by keyword."
+            )
+    elif mask is not None and len(args) == further_required + 1 and model.positional_inputs == model.required_inputs:
+        raise LayerMaskError("the mask is given twice, as the last positional argument and as mask=; pass it once.")
+    try:
+        model.signature.bind(x, *args, **kwargs)
+    except TypeError as error:
+        names = ", ".join(model.signature.parameters)
+        raise LayerMaskError(f"the call does not fit the model's inputs ({names}) plus mask=: {error}.") from None
+    if mask is None:
+        mask = _decode_mask(x, (*args, *kwargs.values()))
+    if mask is not None:
+        mask = format_mask(mask, x)
+    return mask, args
+
+
+class LayerMaskedModel(nn.Module):
+    """A CNN that runs on the visible pixels of its input only (layer masking, paper section 3).
+
+    Built by :func:`layer_masked`; shares the original model's submodules and parameters, and its
+    ``state_dict`` has the original model's keys (one loads into the other). The masked graph is
+    ``self.graph_module`` (``print(masked.graph_module.code)`` shows it). It pickles (``torch.save``) by
+    storing the original model and the conversion's options: loading converts again, so a custom rule given
+    with ``register_rule`` must be registered before loading.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, source: nn.Module, options: Mapping[str, Any], signature: inspect.Signature) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.__dict__["_source"] = source  # not a submodule: its modules are registered through graph_module
+        self.options = dict(options)
+        self.padding = self.options.get("padding", "neighbor")
+        self.signature = signature
+        self.required_inputs = sum(p.default is inspect.Parameter.empty for p in signature.parameters.values())
+        self.positional_inputs = len(signature.parameters)
+        self.training = source.training
+        graph_module.training = source.training
+        self.register_state_dict_post_hook(_strip_graph_prefix)
+        self.register_load_state_dict_pre_hook(_add_graph_prefix)
+
+    def forward(self, x: Tensor, *args: Any, mask: Optional[Tensor] = None, **kwargs: Any) -> Any:
+        """Runs the model on the visible pixels of ``x``.
+
+        Args:
+            x (Tensor): images, shape ``(N, C, H, W)``.
+            *args: the model's further inputs, passed on unmasked. One positional argument more than the model
+                requires is the mask: ``masked(x, mask)`` for a model that takes only images.
+            mask (Tensor, optional): 1 (True) for visible pixels, 0 for removed ones; shape ``(H, W)``,
+                ``(N, H, W)``, ``(N, 1, H, W)`` or ``(1, 1, H, W)``. Removed pixels have no influence on the
+                output, whatever their values. If None, the installed mask decoders are asked (pixels set to a
+                :class:`~captum_layermask.LayerMask` baseline by Captum are removed); without any mask the
+                output is exactly ``model(x)``.
+            **kwargs: further keyword inputs of the model.
+
+        Returns:
+            The model's output, same structure, shapes and dtypes; outputs that receive nothing from any
+            visible pixel (e.g. the logits of an image whose mask is all 0) are 0.
+
+        Raises:
+            MaskShapeError: for a mask that does not fit ``x`` or is not binary.
+            LayerMaskError: for a call that does not fit the model's inputs, or under ``torch.jit``.
+            UnsupportedLayerError: in training mode, for a model with batch normalization or dropout.
+        """
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            raise LayerMaskError(_JIT_MESSAGE)
+        if torch.compiler.is_exporting():  # no data-dependent checks in an exported graph: the mask is given
+            if mask is not None:
+                mask = (format_mask(mask, x) > 0).to(x.dtype)  # exported graphs take mask > 0 as visible
+            return self.graph_module(x, mask, *args, **kwargs)
+        mask, args = _prepare_call(self, x, args, mask, kwargs)
+        return self.graph_module(x, mask, *args, **kwargs)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise LayerMaskError(_JIT_MESSAGE)
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild, (self._source, self.options, self.state_dict(), self.training))
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding!r}"
+
+
+_JIT_MESSAGE = (
+    "torch.jit cannot trace or script a layer-masked model (its mask stream is Python); use torch.export.export"
+    "(masked, (x,), {'mask': mask}) or onnx_export.export_masked for a deployable graph."
+)
+
+
+def _rebuild(source: nn.Module, options: Mapping[str, Any], state: Mapping[str, Any], training: bool) -> LayerMaskedModel:
+    from .convert import layer_masked
+
+    masked = layer_masked(source, **options)
+    masked.load_state_dict(state)
+    return masked.train(training)
+
+
+def _strip_graph_prefix(module: nn.Module, state: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook: ``graph_module.conv1.weight`` becomes ``conv1.weight``, the model's own key."""
+    inner = prefix + _GRAPH_PREFIX
+    _rename_keys(state, lambda key: prefix + key[len(inner):] if key.startswith(inner) else key)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        metadata.pop(inner[:-1], None)
+        _rename_keys(metadata, lambda key: prefix + key[len(inner):] if key.startswith(inner) else key)
+
+
+def _add_graph_prefix(module: nn.Module, state: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: the model's own keys are read into the shared modules under ``graph_module``."""
+    inner = prefix + _GRAPH_PREFIX
+
+    def rename(key: str) -> str:
+        outside = not key.startswith(prefix) or key.startswith(inner) or key == prefix
+        return key if outside else inner + key[len(prefix):]
+
+    _rename_keys(state, rename)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        _rename_keys(metadata, rename)
+
+
+def _rename_keys(table: Dict[str, Any], rename: Callable[[str], str]) -> None:
+    """Renames the keys of a dict in place, keeping their order."""
+    items = list(table.items())
+    table.clear()
+    for key, value in items:
+        table[rename(key)] = value

@@ -1,0 +1,107 @@
+"""Classifiers from local weights files: torchvision models and the bundled demo model.
+
+Used by the ``layermask`` command and by ``python -m onnx_export``. Weights are read with
+``torch.load(..., weights_only=True)`` only; nothing is downloaded unless a torchvision weights name is given.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+from .core.errors import LayerMaskError
+from .evaluation.normalization import IMAGENET_MEAN, IMAGENET_STD
+
+
+class WeightsError(LayerMaskError):
+    """A model name, weights file or weights name that cannot be loaded."""
+
+
+@dataclass
+class Classifier:
+    """A classifier in eval mode with what its inputs need.
+
+    Attributes:
+        model: the module.
+        classes: the class names, or None (classes shown by index).
+        mean, std: the per-channel normalisation its inputs expect.
+        size: its default input resolution.
+    """
+
+    model: nn.Module
+    classes: Optional[Sequence[str]]
+    mean: Sequence[float]
+    std: Sequence[float]
+    size: int
+
+
+def load_state(model: nn.Module, path: Path, name: str) -> None:
+    """Loads a state-dict file into ``model`` with ``weights_only=True``.
+
+    Raises:
+        WeightsError: if the file is not a state dict that ``weights_only`` loading reads, or does not fit.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise WeightsError(f"cannot load {path}: it is not a state dict that torch.load(weights_only=True) reads.") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error)]
+        raise WeightsError(f"weights file {path} does not fit {name}: {details[0]} (see --num-classes)") from None
+
+
+def demo_classifier(weights: Optional[Path] = None) -> Classifier:
+    """The bundled demo model (procedural shapes, 128x128), with its bundled weights or a weights file."""
+    from .demo import model as demo_model
+    from .demo import shapes
+
+    model = demo_model.ShapesResNet()
+    load_state(model, Path(weights) if weights else demo_model.WEIGHTS, "the demo model")
+    return Classifier(model.eval(), shapes.CLASSES, shapes.MEAN, shapes.STD, shapes.SIZE)
+
+
+def torchvision_classifier(name: str, weights: Optional[str], num_classes: Optional[int] = None) -> Classifier:
+    """A torchvision classifier with weights from a state-dict file or a torchvision weights name.
+
+    Raises:
+        WeightsError: for an unknown model, missing weights, a file that does not fit, or a weights name that
+            cannot be downloaded.
+    """
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise WeightsError(f"unknown model '{name}'; use 'demo' or a torchvision classifier such as resnet50.")
+    if weights is None:
+        raise WeightsError(f"--weights is needed for {name}: a state-dict file or a weights name such as IMAGENET1K_V1.")
+    path = Path(weights)
+    if path.exists():
+        model = torchvision.models.get_model(name, **({"num_classes": num_classes} if num_classes else {}))
+        load_state(model, path, name)
+        return Classifier(model.eval(), None, IMAGENET_MEAN, IMAGENET_STD, 224)
+    try:
+        enum = torchvision.models.get_model_weights(name)[weights]
+    except KeyError:
+        raise WeightsError(f"--weights {weights} is neither a file nor a weights name of {name}.") from None
+    try:
+        model = torchvision.models.get_model(name, weights=enum)
+    except OSError as error:  # URLError and other download failures
+        reason = getattr(error, "reason", error)
+        raise WeightsError(f"cannot download the {weights} weights of {name} ({reason}); download them elsewhere and pass the file.") from None
+    return Classifier(model.eval(), enum.meta["categories"], IMAGENET_MEAN, IMAGENET_STD, 224)
+
+
+def load_classifier(name: str, weights: Optional[str] = None, num_classes: Optional[int] = None) -> Classifier:
+    """``"demo"`` (the bundled model; ``weights`` optional) or a torchvision classifier name."""
+    if name == "demo":
+        return demo_classifier(Path(weights) if weights else None)
+    return torchvision_classifier(name, weights, num_classes)
