@@ -6,7 +6,7 @@ DEMO_OUT ?= demo-output
 EVALUATE_OUT ?= evaluate-output
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-slow demo evaluate benchmark train-demo-model clean
+.PHONY: setup lint format test test-slow demo evaluate tutorials benchmark train-demo-model clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,15 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check captum_layermask onnx_export tests benchmarks
+	$(VENV)/bin/ruff format --check captum_layermask onnx_export tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff check --fix captum_layermask onnx_export tests benchmarks
+	$(VENV)/bin/ruff format captum_layermask onnx_export tests benchmarks
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: setup
@@ -32,10 +40,16 @@ demo: setup
 evaluate: setup
 	$(VENV)/bin/layermask evaluate --segments patches,slic,quickshift --out $(EVALUATE_OUT)
 
+# Re-executes every tutorial in place, so that the committed notebooks carry their outputs.
+tutorials: setup
+	cd tutorials && for notebook in *.ipynb; do ../$(VENV)/bin/jupyter-execute --inplace --timeout=600 $$notebook || exit 1; done
+
 benchmark: setup
 	$(PY) benchmarks/engine_speed.py
 	$(PY) benchmarks/captum_lime.py
 	$(PY) benchmarks/onnx_speed.py
+	$(PY) benchmarks/guard_overhead.py
+	$(PY) benchmarks/vanishing_regions.py
 
 train-demo-model: setup
 	$(PY) -m captum_layermask.demo.train

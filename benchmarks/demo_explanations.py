@@ -16,8 +16,7 @@ import argparse
 import torch
 from captum.attr import Lime
 
-from captum_layermask import LayerMask, layer_masked
-from captum_layermask import patch_segments
+from captum_layermask import LayerMask, layer_masked, patch_segments
 from captum_layermask.demo import shapes
 from captum_layermask.demo.model import load_demo_model
 
@@ -34,7 +33,11 @@ def main() -> None:
     masked = layer_masked(model)
     scenes = shapes.render(args.scenes, torch.Generator().manual_seed(args.seed), objects=2)
     segments = patch_segments(shapes.SIZE, shapes.SIZE)
-    fills = {"black": (model, shapes.normalize(torch.zeros(1, 3, 1, 1))), "grey": (model, 0.0), "layer masking": (masked, LayerMask())}
+    fills = {
+        "black": (model, shapes.normalize(torch.zeros(1, 3, 1, 1))),
+        "grey": (model, 0.0),
+        "layer masking": (masked, LayerMask()),
+    }
     hits = {name: 0 for name in fills}
     chance = ceiling = total = 0
     for index in range(args.scenes):
@@ -47,11 +50,20 @@ def main() -> None:
             ceiling += min(int(on_object.sum()), args.top)
             for name, (forward, baseline) in fills.items():
                 torch.manual_seed(index)
-                attribution = Lime(forward).attribute(x, target=target, feature_mask=segments, baselines=baseline, n_samples=args.samples, perturbations_per_eval=16)
+                attribution = Lime(forward).attribute(
+                    x,
+                    target=target,
+                    feature_mask=segments,
+                    baselines=baseline,
+                    n_samples=args.samples,
+                    perturbations_per_eval=16,
+                )
                 scores = torch.bincount(segments.flatten(), weights=attribution[0].sum(0).flatten().double())
                 hits[name] += int(on_object[scores.topk(args.top).indices].sum())
             total += args.top
-    print(f"Lime top-{args.top} precision on {args.scenes} two-object scenes ({2 * args.scenes} explanations, {args.samples} samples, 16x16 patches)")
+    print(
+        f"Lime top-{args.top} precision on {args.scenes} two-object scenes ({2 * args.scenes} explanations, {args.samples} samples, 16x16 patches)"
+    )
     for name, count in hits.items():
         print(f"  {name:15} {count / total:.3f}")
     print(f"  {'chance':15} {chance / total:.3f}")

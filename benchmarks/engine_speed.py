@@ -15,11 +15,10 @@ import statistics
 
 import torch
 import torchvision
+from _timing import paired_times, parse_arguments, ratio_of_pairs
 from torch.profiler import ProfilerActivity, profile
 
 from captum_layermask import layer_masked
-
-from _timing import paired_times, parse_arguments, ratio_of_pairs
 
 BATCH, SIZE, PATCH = 8, 224, 16
 
@@ -60,8 +59,10 @@ def main() -> None:
         layer_mem = peak_tensor_memory_mib(lambda: masked(x, mask))
     plain, layer = statistics.median(times["plain"]), statistics.median(times["masked"])
     time_ratio = ratio_of_pairs(times["masked"], times["plain"])
-    print(f"ResNet-50, batch {BATCH}, {SIZE}x{SIZE}, half of the {PATCH}x{PATCH} patches removed, "
-          f"{args.threads} threads, torch {torch.__version__}")
+    print(
+        f"ResNet-50, batch {BATCH}, {SIZE}x{SIZE}, half of the {PATCH}x{PATCH} patches removed, "
+        f"{args.threads} threads, torch {torch.__version__}"
+    )
     print(f"{'':29}{'plain':>10}{'layer-masked':>14}{'ratio':>8}")
     print(f"{'forward time (s)':29}{plain:>10.3f}{layer:>14.3f}{time_ratio:>8.2f}")
     print(f"{'peak tensor memory (MiB)':29}{plain_mem:>10.0f}{layer_mem:>14.0f}{layer_mem / plain_mem:>8.2f}")

@@ -10,11 +10,27 @@ from __future__ import annotations
 
 import torch
 import torchvision
+from _timing import paired_times, parse_arguments, print_medians, ratio_of_pairs
 from torch import nn
 
 from captum_layermask import LayerMask
 
-from _timing import paired_times, parse_arguments, print_medians, ratio_of_pairs
+
+def runs_for(model: nn.Module, x: torch.Tensor) -> tuple:
+    """The model's forward with no ``LayerMask`` alive, and with one alive (created once, kept until the next
+    run without)."""
+    holder = []
+
+    def without():
+        holder.clear()  # the LayerMask dies here, and with it the guard's hooks
+        return model(x)
+
+    def with_guard():
+        if not holder:
+            holder.append(LayerMask())
+        return model(x)
+
+    return without, with_guard
 
 
 def main() -> None:
@@ -25,17 +41,7 @@ def main() -> None:
         "ResNet-18, 64x64": (torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)),
     }
     for name, (model, x) in models.items():
-        holder = []
-
-        def without():
-            holder.clear()  # the LayerMask dies here, and with it the guard's hooks
-            return model(x)
-
-        def with_guard():
-            if not holder:
-                holder.append(LayerMask())
-            return model(x)
-
+        without, with_guard = runs_for(model, x)
         times = paired_times({"no LayerMask alive": without, "a LayerMask alive": with_guard}, args.repeats, warmup=3)
         plain, guarded = times.values()
         print(name)

@@ -14,12 +14,11 @@ from pathlib import Path
 import onnxruntime
 import torch
 import torchvision
+from _timing import paired_times, parse_arguments, print_medians, ratio_of_pairs
 
 from captum_layermask import layer_masked
 from onnx_export import export_masked
 from onnx_export.export import verification_masks
-
-from _timing import paired_times, parse_arguments, print_medians, ratio_of_pairs
 
 BATCH, SIZE = 8, 224
 
@@ -41,7 +40,9 @@ def main() -> None:
     runs = {"PyTorch eager": lambda: masked(image, mask), "onnxruntime": lambda: session.run(["logits"], feeds)}
     times = paired_times(runs, args.repeats)
     eager, ort = times.values()
-    print(f"Layer-masked ResNet-50, batch {BATCH}, {SIZE}x{SIZE}, half of the 16x16 patches removed, {args.threads} threads")
+    print(
+        f"Layer-masked ResNet-50, batch {BATCH}, {SIZE}x{SIZE}, half of the 16x16 patches removed, {args.threads} threads"
+    )
     print_medians(times)
     print(f"  onnxruntime / eager (median of pairs): {ratio_of_pairs(ort, eager):.2f}")
 

@@ -17,7 +17,9 @@ import torchvision
 
 from captum_layermask import layer_masked, patch_segments
 
-DEFAULT_MODELS = "resnet18,resnet50,resnext50_32x4d,regnet_y_400mf,mobilenet_v2,efficientnet_b0,densenet121,convnext_tiny,vgg11_bn"
+DEFAULT_MODELS = (
+    "resnet18,resnet50,resnext50_32x4d,regnet_y_400mf,mobilenet_v2,efficientnet_b0,densenet121,convnext_tiny,vgg11_bn"
+)
 
 
 def vanishing_positions(model: torch.nn.Module, size: int, patch: int, residual: str, batch: int = 14) -> int:
@@ -44,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     positions = (-(-args.size // args.patch)) ** 2
-    print(f"| model | vanishing positions, intersection (paper) | union | of |")
+    print("| model | vanishing positions, intersection (paper) | union | of |")
     print("|---|---|---|---|")
     for name in args.models.split(","):
         torch.manual_seed(0)

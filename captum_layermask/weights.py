@@ -52,7 +52,9 @@ def load_state(model: nn.Module, path: Path, name: str) -> None:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        raise WeightsError(f"cannot load {path}: it is not a state dict that torch.load(weights_only=True) reads.") from None
+        raise WeightsError(
+            f"cannot load {path}: it is not a state dict that torch.load(weights_only=True) reads."
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     try:
@@ -82,7 +84,9 @@ def torchvision_classifier(name: str, weights: Optional[str], num_classes: Optio
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise WeightsError(f"unknown model '{name}'; use 'demo' or a torchvision classifier such as resnet50.")
     if weights is None:
-        raise WeightsError(f"--weights is needed for {name}: a state-dict file or a weights name such as IMAGENET1K_V1.")
+        raise WeightsError(
+            f"--weights is needed for {name}: a state-dict file or a weights name such as IMAGENET1K_V1."
+        )
     path = Path(weights)
     if path.exists():
         model = torchvision.models.get_model(name, **({"num_classes": num_classes} if num_classes else {}))
@@ -96,7 +100,9 @@ def torchvision_classifier(name: str, weights: Optional[str], num_classes: Optio
         model = torchvision.models.get_model(name, weights=enum)
     except OSError as error:  # URLError and other download failures
         reason = getattr(error, "reason", error)
-        raise WeightsError(f"cannot download the {weights} weights of {name} ({reason}); download them elsewhere and pass the file.") from None
+        raise WeightsError(
+            f"cannot download the {weights} weights of {name} ({reason}); download them elsewhere and pass the file."
+        ) from None
     return Classifier(model.eval(), enum.meta["categories"], IMAGENET_MEAN, IMAGENET_STD, 224)
 
 

@@ -29,7 +29,9 @@ class ExportError(Exception):
 def verification_masks(batch: int, height: int, width: int, seed: int = 0) -> dict:
     """Masks ``(batch, 1, H, W)`` in float32 that the export is checked with: full, half and 90% removed."""
     generator = torch.Generator().manual_seed(seed)
-    half, tenth = (random_patch_masks(batch, height, width, 16, keep, generator=generator).float() for keep in (0.5, 0.1))
+    half, tenth = (
+        random_patch_masks(batch, height, width, 16, keep, generator=generator).float() for keep in (0.5, 0.1)
+    )
     return {"full": torch.ones(batch, 1, height, width), "half removed": half, "90% removed": tenth}
 
 
@@ -98,7 +100,9 @@ def export_masked(
         >>> export_masked(torchvision.models.resnet50(weights=...), "resnet50-masked.onnx", input_shape=(1, 3, 224, 224))
     """
     if opset is not None and opset not in SUPPORTED_OPSETS:
-        raise ExportError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}.")
+        raise ExportError(
+            f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}."
+        )
     if len(input_shape) != 4 or any(not isinstance(d, int) or d < 1 for d in input_shape):
         raise ExportError(f"input_shape must be (N, C, H, W) with positive sizes, got {tuple(input_shape)}.")
     path = Path(path)
@@ -157,7 +161,9 @@ def _check_input_shape(masked: nn.Module, input_shape: Sequence[int]) -> None:
         raise ExportError(f"the model does not run on inputs of shape {tuple(input_shape)}: {cause}") from None
 
 
-def _to_onnx(masked: nn.Module, input_shape: Sequence[int], opset: Optional[int], dynamic_batch: bool, dynamic_size: bool):
+def _to_onnx(
+    masked: nn.Module, input_shape: Sequence[int], opset: Optional[int], dynamic_batch: bool, dynamic_size: bool
+):
     batch = max(input_shape[0], 2) if dynamic_batch else input_shape[0]  # torch.export fixes dimensions of size 1
     image = torch.randn(batch, *input_shape[1:], generator=torch.Generator().manual_seed(0))
     mask = verification_masks(batch, *input_shape[2:])["half removed"]
@@ -170,8 +176,13 @@ def _to_onnx(masked: nn.Module, input_shape: Sequence[int], opset: Optional[int]
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                masked, (image,), kwargs={"mask": mask}, dynamo=True, opset_version=opset,
-                input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                masked,
+                (image,),
+                kwargs={"mask": mask},
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME],
                 dynamic_shapes={"x": dims, "mask": dims} if dims else None,
                 custom_translation_table={torch.ops.captum_layermask.neighbor_pad.default: neighbor_pad_translation},
                 verbose=False,

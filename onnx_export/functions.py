@@ -21,7 +21,9 @@ layermask = Opset(DOMAIN, 1)
 if not has("NeighborPad", DOMAIN):  # lets onnxscript emit calls of the function by name
     register_schema(
         OpSchema(
-            "NeighborPad", DOMAIN, 1,
+            "NeighborPad",
+            DOMAIN,
+            1,
             inputs=[OpSchema.FormalParameter("x", "T"), OpSchema.FormalParameter("mask", "T")],
             outputs=[OpSchema.FormalParameter("padded", "T")],
             type_constraints=[("T", ["tensor(float)"], "activations and mask (1 = visible)")],
@@ -41,12 +43,16 @@ def NeighborPad(x: FLOAT, mask: FLOAT, width: int) -> FLOAT:
         rows = (
             op.Slice(both, op.Constant(value_ints=[0]), op.Constant(value_ints=[-2]), op.Constant(value_ints=[2]))
             + op.Slice(both, op.Constant(value_ints=[1]), op.Constant(value_ints=[-1]), op.Constant(value_ints=[2]))
-            + op.Slice(both, op.Constant(value_ints=[2]), op.Constant(value_ints=[2147483647]), op.Constant(value_ints=[2]))
+            + op.Slice(
+                both, op.Constant(value_ints=[2]), op.Constant(value_ints=[2147483647]), op.Constant(value_ints=[2])
+            )
         )
         sums = (
             op.Slice(rows, op.Constant(value_ints=[0]), op.Constant(value_ints=[-2]), op.Constant(value_ints=[3]))
             + op.Slice(rows, op.Constant(value_ints=[1]), op.Constant(value_ints=[-1]), op.Constant(value_ints=[3]))
-            + op.Slice(rows, op.Constant(value_ints=[2]), op.Constant(value_ints=[2147483647]), op.Constant(value_ints=[3]))
+            + op.Slice(
+                rows, op.Constant(value_ints=[2]), op.Constant(value_ints=[2147483647]), op.Constant(value_ints=[3])
+            )
         )
         neighbours = op.Slice(sums, op.Constant(value_ints=[0]), channels, op.Constant(value_ints=[1]))
         count = op.Slice(sums, channels, op.Constant(value_ints=[2147483647]), op.Constant(value_ints=[1]))

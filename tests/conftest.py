@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from captum_layermask import layer_masked, trace
+from captum_layermask import layer_masked, random_patch_masks, trace
 from captum_layermask.core.demand import padding_rings
 from captum_layermask.core.options import conversion_registry, neighbor_convolutions
 
@@ -12,12 +12,11 @@ def _seed():
 
 
 def patch_masks(batch, height, width, patch, keep=0.5, seed=0):
-    """Per-sample random masks of square patches, each kept with probability `keep`: shape (batch, 1, H, W)."""
-    generator = torch.Generator().manual_seed(seed)
-    grid = torch.rand(batch, 1, -(-height // patch), -(-width // patch), generator=generator) < keep
-    grid[:, :, 0, 0] = True  # every sample keeps at least one patch
-    full = grid.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
-    return full[:, :, :height, :width]
+    """Per-sample random masks of square patches, each kept with probability `keep`, and the first patch always:
+    shape (batch, 1, H, W)."""
+    masks = random_patch_masks(batch, height, width, patch, keep, seed=seed)
+    masks[..., :patch, :patch] = True  # every sample keeps at least one patch
+    return masks
 
 
 def randomize_batchnorm(model, seed=0):

@@ -18,8 +18,15 @@ def small_cnn():
     torch.manual_seed(0)
     return randomize_batchnorm(
         nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 4),
         ).eval()
     )
 
@@ -35,7 +42,9 @@ def patches(size=16, patch=4):
 def test_feature_ablation_is_the_drop_of_the_layer_masked_model(per_eval, dtype):
     masked = layer_masked(small_cnn().to(dtype))
     x, segments = torch.randn(1, 3, 16, 16, dtype=dtype), patches()
-    attr = FeatureAblation(masked).attribute(x, target=2, feature_mask=segments, baselines=LayerMask(), perturbations_per_eval=per_eval)
+    attr = FeatureAblation(masked).attribute(
+        x, target=2, feature_mask=segments, baselines=LayerMask(), perturbations_per_eval=per_eval
+    )
     with torch.no_grad():
         for feature in range(16):
             keep = segments != feature
@@ -47,7 +56,9 @@ def test_feature_ablation_is_the_drop_of_the_layer_masked_model(per_eval, dtype)
 def test_occlusion_is_the_drop_of_the_layer_masked_model():
     masked = layer_masked(small_cnn())
     x = torch.randn(2, 3, 16, 16)
-    attr = Occlusion(masked).attribute(x, sliding_window_shapes=(3, 8, 8), strides=(3, 8, 8), target=1, baselines=LayerMask(), perturbations_per_eval=3)
+    attr = Occlusion(masked).attribute(
+        x, sliding_window_shapes=(3, 8, 8), strides=(3, 8, 8), target=1, baselines=LayerMask(), perturbations_per_eval=3
+    )
     with torch.no_grad():
         for top in (0, 8):
             for left in (0, 8):
@@ -84,13 +95,17 @@ class Recorder(nn.Module):
 def test_lime_and_kernel_shap_use_exactly_the_layer_masked_outputs(method):
     masked, x, segments = layer_masked(small_cnn()), torch.randn(1, 3, 16, 16), patches()
     recorder = Recorder(masked, x, segments)
-    attr = method(recorder).attribute(x, target=0, feature_mask=segments, baselines=LayerMask(), n_samples=40, perturbations_per_eval=8)
+    attr = method(recorder).attribute(
+        x, target=0, feature_mask=segments, baselines=LayerMask(), n_samples=40, perturbations_per_eval=8
+    )
     assert recorder.samples >= 40 and attr.shape == x.shape and attr.isfinite().all()
 
 
 def test_shapley_value_sampling_attributions_add_up_to_the_output():
     masked, x, segments = layer_masked(small_cnn()), torch.randn(1, 3, 16, 16), patches()
-    attr = ShapleyValueSampling(masked).attribute(x, target=3, feature_mask=segments, baselines=LayerMask(), n_samples=2, perturbations_per_eval=4)
+    attr = ShapleyValueSampling(masked).attribute(
+        x, target=3, feature_mask=segments, baselines=LayerMask(), n_samples=2, perturbations_per_eval=4
+    )
     per_feature = torch.stack([attr[0, 0][segments[0, 0] == f][0] for f in range(16)])
     with torch.no_grad():  # efficiency: against the all-removed input, whose output is 0
         assert torch.allclose(per_feature.sum(), masked(x)[0, 3], atol=1e-5)
@@ -118,13 +133,17 @@ def test_the_mask_is_recovered_exactly_in_every_dtype(dtype, per_eval):
 
 def test_a_plain_model_is_refused_with_a_pointer_to_layer_masked():
     with pytest.raises(LayerMaskError, match=r"pass layer_masked\(model\)"):
-        FeatureAblation(small_cnn()).attribute(torch.randn(1, 3, 16, 16), target=0, feature_mask=patches(), baselines=LayerMask())
+        FeatureAblation(small_cnn()).attribute(
+            torch.randn(1, 3, 16, 16), target=0, feature_mask=patches(), baselines=LayerMask()
+        )
 
 
 def test_the_guard_is_gone_once_the_baseline_is():
     hooks = torch.nn.modules.module._global_forward_pre_hooks
     before = len(hooks)
-    FeatureAblation(layer_masked(small_cnn())).attribute(torch.randn(1, 3, 16, 16), target=0, feature_mask=patches(), baselines=LayerMask())
+    FeatureAblation(layer_masked(small_cnn())).attribute(
+        torch.randn(1, 3, 16, 16), target=0, feature_mask=patches(), baselines=LayerMask()
+    )
     gc.collect()
     assert len(hooks) == before == 0
 
@@ -132,7 +151,9 @@ def test_the_guard_is_gone_once_the_baseline_is():
 def test_a_feature_mask_that_splits_a_pixels_channels_is_refused():
     segments = torch.arange(3).view(1, 3, 1, 1).expand(1, 3, 16, 16)  # one feature per channel
     with pytest.raises(MaskShapeError, match="some channels of a pixel but not others"):
-        FeatureAblation(layer_masked(small_cnn())).attribute(torch.randn(1, 3, 16, 16), target=0, feature_mask=segments, baselines=LayerMask())
+        FeatureAblation(layer_masked(small_cnn())).attribute(
+            torch.randn(1, 3, 16, 16), target=0, feature_mask=segments, baselines=LayerMask()
+        )
 
 
 def test_a_visible_channel_equal_to_the_sentinel_by_chance_stays_visible():
@@ -157,18 +178,30 @@ class ImageAndScale(nn.Module):
 def test_several_inputs_layer_mask_the_image_and_refuse_other_inputs():
     masked = layer_masked(ImageAndScale().eval())
     x, scale = torch.randn(1, 3, 16, 16), torch.ones(1, 4)
-    attr, _ = FeatureAblation(masked).attribute((x, scale), target=0, feature_mask=(patches(), torch.zeros(1, 4, dtype=torch.long) + 16), baselines=(LayerMask(), 0.0))
+    attr, _ = FeatureAblation(masked).attribute(
+        (x, scale),
+        target=0,
+        feature_mask=(patches(), torch.zeros(1, 4, dtype=torch.long) + 16),
+        baselines=(LayerMask(), 0.0),
+    )
     with torch.no_grad():
         keep = patches() != 5
         assert torch.allclose(attr[0, 0, 4, 4], masked(x, scale)[0, 0] - masked(x, scale, keep)[0, 0], atol=1e-6)
     with pytest.raises(MaskShapeError, match="input 2 of the model"):
-        FeatureAblation(masked).attribute((x, scale), target=0, baselines=(LayerMask(), LayerMask()), feature_mask=(patches(), torch.zeros(1, 4, dtype=torch.long) + 16))
+        FeatureAblation(masked).attribute(
+            (x, scale),
+            target=0,
+            baselines=(LayerMask(), LayerMask()),
+            feature_mask=(patches(), torch.zeros(1, 4, dtype=torch.long) + 16),
+        )
 
 
 def test_resnet18_with_lime_at_small_resolution():
     model = randomize_batchnorm(torchvision.models.resnet18(num_classes=5).eval())
     x = torch.randn(1, 3, 32, 32)
-    attr = Lime(layer_masked(model)).attribute(x, target=1, feature_mask=patches(32, 8), baselines=LayerMask(), n_samples=20, perturbations_per_eval=10)
+    attr = Lime(layer_masked(model)).attribute(
+        x, target=1, feature_mask=patches(32, 8), baselines=LayerMask(), n_samples=20, perturbations_per_eval=10
+    )
     assert attr.shape == x.shape and attr.isfinite().all()
 
 
@@ -216,7 +249,9 @@ class Normalizing(nn.Module):
 def test_a_wrapper_that_changes_the_pixels_before_the_masked_model_is_refused():
     wrapper = nn.Sequential(Normalizing(), layer_masked(small_cnn()))
     with pytest.raises(LayerMaskError, match="changed those pixels"):
-        FeatureAblation(wrapper).attribute(torch.randn(1, 3, 16, 16), target=0, feature_mask=patches(), baselines=LayerMask())
+        FeatureAblation(wrapper).attribute(
+            torch.randn(1, 3, 16, 16), target=0, feature_mask=patches(), baselines=LayerMask()
+        )
 
 
 @pytest.mark.parametrize("method", ["IntegratedGradients", "DeepLift", "IntegratedGradients+NoiseTunnel"])
@@ -230,7 +265,9 @@ def test_gradient_methods_refuse_layer_mask(method):
         elif method == "DeepLift":
             attr.DeepLift(masked).attribute(x, target=0, baselines=LayerMask())
         else:
-            attr.NoiseTunnel(attr.IntegratedGradients(masked)).attribute(x, target=0, baselines=LayerMask(), nt_samples=2)
+            attr.NoiseTunnel(attr.IntegratedGradients(masked)).attribute(
+                x, target=0, baselines=LayerMask(), nt_samples=2
+            )
 
 
 def test_the_guard_skips_the_modules_inside_a_call_and_non_image_inputs():
@@ -255,8 +292,12 @@ def test_the_guard_skips_the_modules_inside_a_call_and_non_image_inputs():
 @pytest.mark.parametrize("method", ["Lime without feature_mask", "Occlusion (1, 8, 8)"])
 def test_captum_defaults_that_split_channels_are_told_what_to_pass(method):
     masked, x = layer_masked(small_cnn()), torch.randn(1, 3, 16, 16)
-    with pytest.raises(MaskShapeError, match=r"feature_mask of shape \(N, 1, H, W\).*sliding_window_shapes=\(C, h, w\)"):
+    with pytest.raises(
+        MaskShapeError, match=r"feature_mask of shape \(N, 1, H, W\).*sliding_window_shapes=\(C, h, w\)"
+    ):
         if method.startswith("Lime"):
             Lime(masked).attribute(x, target=0, baselines=LayerMask(), n_samples=4)
         else:
-            Occlusion(masked).attribute(x, sliding_window_shapes=(1, 8, 8), strides=(1, 8, 8), target=0, baselines=LayerMask())
+            Occlusion(masked).attribute(
+                x, sliding_window_shapes=(1, 8, 8), strides=(1, 8, 8), target=0, baselines=LayerMask()
+            )

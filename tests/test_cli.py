@@ -20,7 +20,15 @@ from captum_layermask.demo import shapes
 def test_explain_the_demo_scene_writes_the_figure_and_the_attributions(tmp_path):
     out = tmp_path / "demo"
     assert main(["explain", "--samples", "16", "--out", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"explanation.png", "attributions.pt", "segments.npy", "attributions_black.npy", "attributions_grey.npy", "attributions_layer.npy", "layermask-output.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "explanation.png",
+        "attributions.pt",
+        "segments.npy",
+        "attributions_black.npy",
+        "attributions_grey.npy",
+        "attributions_layer.npy",
+        "layermask-output.json",
+    }
     saved = torch.load(out / "attributions.pt", weights_only=True)
     assert set(saved["attributions"]) == {"black", "grey", "layer"}
     assert all(a.shape == (1, 3, 128, 128) and a.isfinite().all() for a in saved["attributions"].values())
@@ -28,20 +36,53 @@ def test_explain_the_demo_scene_writes_the_figure_and_the_attributions(tmp_path)
 
 
 def test_explain_computes_what_captum_computes_with_layer_masking(tmp_path):
-    assert main(["explain", "--method", "ablation", "--maskings", "layer", "--target", "1", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["explain", "--method", "ablation", "--maskings", "layer", "--target", "1", "--out", str(tmp_path)]) == 0
+    )
     model = demo_model.load_demo_model()
     image = read_image(demo_model.SCENE, 128)
     segments = segment(image, "patches", None)
-    expected = FeatureAblation(layer_masked(model)).attribute(shapes.normalize(image), target=1, feature_mask=segments, baselines=LayerMask(), perturbations_per_eval=16)
+    expected = FeatureAblation(layer_masked(model)).attribute(
+        shapes.normalize(image), target=1, feature_mask=segments, baselines=LayerMask(), perturbations_per_eval=16
+    )
     assert torch.allclose(torch.from_numpy(np.load(tmp_path / "attributions_layer.npy")), expected[0], atol=1e-5)
 
 
 def test_explain_a_torchvision_model_from_a_weights_file(tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "r18.pth")
     torchvision.utils.save_image(torch.rand(1, 3, 70, 90), tmp_path / "image.png")
-    args = ["explain", "--model", "resnet18", "--weights", str(tmp_path / "r18.pth"), "--num-classes", "7", "--image", str(tmp_path / "image.png")]
-    assert main(args + ["--size", "64", "--segments", "slic", "--samples", "8", "--maskings", "grey,layer", "--out", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "attributions_layer.npy").exists() and not (tmp_path / "out" / "attributions_black.npy").exists()
+    args = [
+        "explain",
+        "--model",
+        "resnet18",
+        "--weights",
+        str(tmp_path / "r18.pth"),
+        "--num-classes",
+        "7",
+        "--image",
+        str(tmp_path / "image.png"),
+    ]
+    assert (
+        main(
+            args
+            + [
+                "--size",
+                "64",
+                "--segments",
+                "slic",
+                "--samples",
+                "8",
+                "--maskings",
+                "grey,layer",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "out" / "attributions_layer.npy").exists() and not (
+        tmp_path / "out" / "attributions_black.npy"
+    ).exists()
 
 
 @pytest.fixture
@@ -59,7 +100,10 @@ def files(tmp_path):
         (["--image", "{dir}/broken.png"], "cannot read image"),
         (["--image", "{dir}/missing.png"], "cannot read image"),
         (["--weights", "{dir}/junk.pth"], "is not a state dict that torch.load(weights_only=True) reads"),
-        (["--model", "resnet18", "--weights", "{dir}/r18.pth", "--image", "{dir}/missing.png"], "does not fit resnet18: size mismatch for fc.weight"),
+        (
+            ["--model", "resnet18", "--weights", "{dir}/r18.pth", "--image", "{dir}/missing.png"],
+            "does not fit resnet18: size mismatch for fc.weight",
+        ),
         (["--model", "resnet1234", "--weights", "{dir}/r18.pth"], "unknown model 'resnet1234'"),
         (["--target", "6"], "target 6 is out of range: the model has 6 classes"),
         (["--segments-file", "{dir}/segments.npy"], "segments in"),
@@ -74,7 +118,9 @@ def test_bad_input_is_one_line_on_stderr_and_leaves_nothing(files, capsys, args,
 
 
 def test_python_dash_m_runs_the_command():
-    result = subprocess.run([sys.executable, "-m", "captum_layermask", "explain", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "captum_layermask", "explain", "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "--segments" in result.stdout
 
 
@@ -122,7 +168,16 @@ def test_segment_files_that_would_be_mangled_are_refused(tmp_path, capsys, array
 
 @pytest.mark.parametrize(
     "args",
-    [["explain", "--size", "0"], ["explain", "--size", "-5"], ["explain", "--samples", "0"], ["explain", "--per-eval", "0"], ["evaluate", "--top-k", "0"], ["evaluate", "--top-k", "-3"], ["evaluate", "--fractions", "1"], ["evaluate", "--batch-size", "0"]],
+    [
+        ["explain", "--size", "0"],
+        ["explain", "--size", "-5"],
+        ["explain", "--samples", "0"],
+        ["explain", "--per-eval", "0"],
+        ["evaluate", "--top-k", "0"],
+        ["evaluate", "--top-k", "-3"],
+        ["evaluate", "--fractions", "1"],
+        ["evaluate", "--batch-size", "0"],
+    ],
 )
 def test_numbers_that_cannot_mean_anything_are_refused(args, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -138,14 +193,44 @@ def test_weights_that_cannot_be_downloaded_are_one_line(tmp_path, capsys, monkey
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     torchvision.utils.save_image(torch.rand(1, 3, 32, 32), tmp_path / "image.png")
-    assert main(["explain", "--model", "resnet18", "--weights", "IMAGENET1K_V1", "--image", str(tmp_path / "image.png"), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                "resnet18",
+                "--weights",
+                "IMAGENET1K_V1",
+                "--image",
+                str(tmp_path / "image.png"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "cannot download the IMAGENET1K_V1 weights" in error[0]
 
 
 def test_a_pickled_weights_file_is_one_line_without_warnings(tmp_path, capsys):
     torch.save(torchvision.models.resnet18(num_classes=7), tmp_path / "pickled.pth")  # a whole module, not a state dict
-    assert main(["explain", "--model", "resnet18", "--weights", str(tmp_path / "pickled.pth"), "--image", str(demo_model.SCENE), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                "resnet18",
+                "--weights",
+                str(tmp_path / "pickled.pth"),
+                "--image",
+                str(demo_model.SCENE),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "weights_only=True" in error[0]
 

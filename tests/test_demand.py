@@ -31,7 +31,9 @@ class Block(nn.Module):
 def test_a_residual_blocks_last_convolution_needs_no_padding():
     # the sum keeps the block input's mask, so b's outputs are read only where its input is visible
     assert rings_of(nn.Sequential(Block(), Block())) == {"0.b": 0, "1.b": 0}
-    assert rings_of(torchvision.models.resnet18()) == {f"{l}.conv2": 0 for l in ("layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1")}
+    assert rings_of(torchvision.models.resnet18()) == {
+        f"{block}.conv2": 0 for block in ("layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1")
+    }
 
 
 def test_bottlenecks_and_inverted_residuals_need_one_ring_of_two():
@@ -51,7 +53,9 @@ def test_convolutions_whose_outputs_are_all_read_pad_in_full():
 
 
 MODELS = {
-    "blocks": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Block(), Block(skip_conv=True), nn.AdaptiveAvgPool2d(1)),
+    "blocks": lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), Block(), Block(skip_conv=True), nn.AdaptiveAvgPool2d(1)
+    ),
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
     "resnet50": lambda: torchvision.models.resnet50(num_classes=10),
     "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),

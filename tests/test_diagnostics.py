@@ -8,7 +8,15 @@ from torch import nn
 
 from captum_layermask import LayerMaskError, MaskShapeError, layer_masked
 from captum_layermask.evaluation.diagnostics import linearity, magnitude_curve, output_collapse
-from captum_layermask.evaluation.maskers import BlurFill, ConstantFill, LayerMasking, MeanColourFill, black, get_masker, grey
+from captum_layermask.evaluation.maskers import (
+    BlurFill,
+    ConstantFill,
+    LayerMasking,
+    MeanColourFill,
+    black,
+    get_masker,
+    grey,
+)
 from captum_layermask.evaluation.segmentation import SLIC, Patches, segment_images
 
 from .conftest import patch_masks
@@ -17,14 +25,29 @@ from .conftest import patch_masks
 def pixelwise_model(channels=3, classes=4):
     """Acts on each pixel separately, then global average pooling: linear in masking under layer masking."""
     return nn.Sequential(
-        nn.Conv2d(channels, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes)
+        nn.Conv2d(channels, 8, 1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
     ).eval()
 
 
 def small_cnn(classes=5):
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, classes),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 12),
+        nn.ReLU(),
+        nn.Linear(12, classes),
     ).eval()
 
 
@@ -82,7 +105,9 @@ def test_patch_segments_and_precomputed_ids():
     assert torch.equal(relabelled, segments)
     with pytest.raises(MaskShapeError, match="segments must have shape"):
         segment_images(images, segments[:, :10])
-    assert torch.equal(segment_images(images, Patches(8))[0], segment_images(images, lambda image: Patches(8)(image))[0])
+    assert torch.equal(
+        segment_images(images, Patches(8))[0], segment_images(images, lambda image: Patches(8)(image))[0]
+    )
 
 
 def test_slic_undoes_the_model_normalisation():
@@ -112,7 +137,9 @@ def test_linearity_is_the_cosine_of_features_and_their_patch_sum():
     patches = Patches(8)(images[0])
     summed = sum(features(images, (patches == i)[None, None]) for i in range(4))
     expected = torch.nn.functional.cosine_similarity(whole, summed, dim=1).mean()
-    assert linearity(model, images, 8, "grey", batch_size=3, show_progress=False) == pytest.approx(float(expected), abs=1e-5)
+    assert linearity(model, images, 8, "grey", batch_size=3, show_progress=False) == pytest.approx(
+        float(expected), abs=1e-5
+    )
 
 
 def test_magnitude_is_constant_under_layer_masking_for_a_constant_image():
@@ -146,7 +173,13 @@ def test_feature_layer_can_be_named_or_the_output_and_bad_ones_are_refused():
     output = magnitude_curve(model, images, [16], "grey", feature_layer="output", show_progress=False).values[0]
     assert output == pytest.approx(float(model(images).norm(dim=1).mean()), rel=1e-5)
     with pytest.raises(LayerMaskError, match="no nn.Linear runs"):
-        magnitude_curve(nn.Sequential(nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval(), images, [16], "grey", show_progress=False)
+        magnitude_curve(
+            nn.Sequential(nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval(),
+            images,
+            [16],
+            "grey",
+            show_progress=False,
+        )
     with pytest.raises(LayerMaskError, match="features must be"):
         magnitude_curve(model, images, [16], "grey", feature_layer="4", show_progress=False)
     with pytest.raises(LayerMaskError, match="no submodule 'head'"):
@@ -161,7 +194,13 @@ def test_diagnostics_leave_no_hook_on_the_model():
 
 @pytest.mark.parametrize(
     "name, classifier",
-    [("resnet18", "fc"), ("vgg11_bn", "classifier.6"), ("mobilenet_v3_small", "classifier.3"), ("densenet121", "classifier"), ("efficientnet_b0", "classifier.1")],
+    [
+        ("resnet18", "fc"),
+        ("vgg11_bn", "classifier.6"),
+        ("mobilenet_v3_small", "classifier.3"),
+        ("densenet121", "classifier"),
+        ("efficientnet_b0", "classifier.1"),
+    ],
 )
 def test_the_classifier_is_found_in_torchvision_models(name, classifier):
     import torchvision
@@ -180,7 +219,10 @@ def test_a_model_without_linear_layer_asks_for_a_feature_layer():
     model = torchvision.models.squeezenet1_1(num_classes=10).eval()
     with pytest.raises(LayerMaskError, match="pass feature_layer="):
         linearity(model, torch.randn(1, 3, 64, 64), 32, "grey", show_progress=False)
-    assert linearity(model, torch.randn(1, 3, 64, 64), 32, "layer", feature_layer="output", show_progress=False) <= 1.0 + 1e-6
+    assert (
+        linearity(model, torch.randn(1, 3, 64, 64), 32, "layer", feature_layer="output", show_progress=False)
+        <= 1.0 + 1e-6
+    )
 
 
 def test_empty_batches_and_empty_patches_are_refused():

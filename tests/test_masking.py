@@ -72,7 +72,12 @@ def test_invalid_width_is_refused():
 
 @pytest.mark.parametrize(
     "kernel, stride, padding, dilation",
-    [((3, 3), (1, 1), (1, 1), (1, 1)), ((7, 7), (2, 2), (3, 3), (1, 1)), ((3, 3), (2, 2), (0, 0), (2, 2)), ((1, 7), (1, 1), (0, 3), (1, 1))],
+    [
+        ((3, 3), (1, 1), (1, 1), (1, 1)),
+        ((7, 7), (2, 2), (3, 3), (1, 1)),
+        ((3, 3), (2, 2), (0, 0), (2, 2)),
+        ((1, 7), (1, 1), (0, 3), (1, 1)),
+    ],
 )
 def test_propagate_mask_marks_outputs_that_read_a_visible_cell(kernel, stride, padding, dilation):
     mask = (torch.rand(2, 1, 15, 12) < 0.15).float()

@@ -10,7 +10,15 @@ import torchvision
 from captum.attr import FeatureAblation
 from torch import nn
 
-from captum_layermask import LayerMask, LayerMaskError, MaskShapeError, UnsupportedLayerError, layer_masked, patch_segments, random_patch_masks
+from captum_layermask import (
+    LayerMask,
+    LayerMaskError,
+    MaskShapeError,
+    UnsupportedLayerError,
+    layer_masked,
+    patch_segments,
+    random_patch_masks,
+)
 
 from .conftest import randomize_batchnorm
 
@@ -140,7 +148,9 @@ def test_torch_jit_is_refused_with_the_way_out(resnet, jit):
 
 def test_torch_compile_decodes_and_validates_like_eager():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()
     masked = layer_masked(model)
     compiled = torch.compile(masked, backend="eager")
     x, mask = inputs(1, 16)

@@ -25,7 +25,11 @@ def padded_convolutions(model, masked):
     and those whose padded cells are never read, like a residual block's last one, are not)."""
     unpadded = {node.target for node, rings in demanded_rings(model).items() if rings == 0}
     modules = dict(masked.graph_module.named_modules())
-    called = [modules.get(node.target) for node in masked.graph_module.graph.nodes if node.op == "get_attr" and node.target not in unpadded]
+    called = [
+        modules.get(node.target)
+        for node in masked.graph_module.graph.nodes
+        if node.op == "get_attr" and node.target not in unpadded
+    ]
     return sum(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in called)
 
 
@@ -40,9 +44,15 @@ def check_export(name, tmp_path, batch=5, shared_pads=False):
     masked = layer_masked(model)
     calls = [node for node in proto.graph.node if node.op_type == "NeighborPad"]
     # the exporter merges layers that pad the same input by the same width (Inception's 1x3 / 3x1 pairs)
-    assert (0 < len(calls) <= padded_convolutions(model, masked)) if shared_pads else len(calls) == padded_convolutions(model, masked)
+    assert (
+        (0 < len(calls) <= padded_convolutions(model, masked))
+        if shared_pads
+        else len(calls) == padded_convolutions(model, masked)
+    )
     assert all(node.domain == DOMAIN for node in calls)
-    assert [i.name for i in proto.graph.input] == ["image", "mask"] and [o.name for o in proto.graph.output] == ["logits"]
+    assert [i.name for i in proto.graph.input] == ["image", "mask"] and [o.name for o in proto.graph.output] == [
+        "logits"
+    ]
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     image = torch.randn(batch, 3, size, size)
     for mask in verification_masks(batch, size, size, seed=7).values():
@@ -67,14 +77,19 @@ def test_the_function_is_algorithm_1():
     from captum_layermask import neighbor_pad
     from onnx_export import NeighborPad
 
-    x, mask = np.random.default_rng(0).normal(size=(2, 4, 9, 7)).astype(np.float32), (np.random.default_rng(1).random((2, 1, 9, 7)) < 0.3).astype(np.float32)
+    x, mask = (
+        np.random.default_rng(0).normal(size=(2, 4, 9, 7)).astype(np.float32),
+        (np.random.default_rng(1).random((2, 1, 9, 7)) < 0.3).astype(np.float32),
+    )
     expected = neighbor_pad(torch.from_numpy(x), torch.from_numpy(mask), 3).numpy()
     assert np.allclose(NeighborPad(x, mask, width=3), expected, atol=1e-6)
 
 
 def test_an_operation_that_cannot_be_masked_fails_before_writing(tmp_path):
     with pytest.raises(UnsupportedLayerError, match="PixelShuffle"):
-        export_masked(nn.Sequential(nn.Conv2d(3, 12, 3), nn.PixelShuffle(2)), tmp_path / "x.onnx", input_shape=(1, 3, 16, 16))
+        export_masked(
+            nn.Sequential(nn.Conv2d(3, 12, 3), nn.PixelShuffle(2)), tmp_path / "x.onnx", input_shape=(1, 3, 16, 16)
+        )
     with pytest.raises(ExportError, match="opset 12 is not supported"):
         export_masked(nn.Sequential(nn.Conv2d(3, 4, 3)), tmp_path / "x.onnx", input_shape=(1, 3, 16, 16), opset=12)
     assert list(tmp_path.iterdir()) == []
@@ -97,7 +112,9 @@ def test_the_command_exports_and_verifies(tmp_path, capsys):
     assert np.array_equal(soft, both)  # mask > 0 is visible, as documented
 
     torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "r18.pth")
-    assert main(["--model", "resnet18", "--weights", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "bad.onnx")]) == 2
+    assert (
+        main(["--model", "resnet18", "--weights", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "bad.onnx")]) == 2
+    )
     assert "does not fit resnet18" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
 
 

@@ -86,7 +86,13 @@ def build_union(name):
     return model, layer_masked(model, residual="union"), x, patch_masks(2, size, size, patch=8)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+RESIDUAL_FAMILIES = ["resnet18", "mobilenet_v2", "regnet_y_400mf", "efficientnet_b0", "convnext_tiny"]
+"""Fast: a family per kind of residual sum (basic block, inverted residual, SE block, MBConv, ConvNeXt block)."""
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=[] if name in RESIDUAL_FAMILIES else [pytest.mark.slow]) for name in FAMILIES]
+)
 def test_union_keeps_every_single_visible_patch_and_the_invariants(name):
     model, masked, x, mask = build_union(name)
     size = x.shape[-1]

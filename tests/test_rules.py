@@ -121,7 +121,9 @@ def test_adaptive_avg_pool_is_the_mean_of_visible_cells(size):
                 rows = slice(i * 7 // size, -(-(i + 1) * 7 // size))
                 cols = slice(j * 7 // size, -(-(j + 1) * 7 // size))
                 visible = mask[b, 0, rows, cols] > 0
-                expected = x[b, :, rows, cols][:, visible].mean(1) if visible.any() else torch.zeros(4, dtype=torch.float64)
+                expected = (
+                    x[b, :, rows, cols][:, visible].mean(1) if visible.any() else torch.zeros(4, dtype=torch.float64)
+                )
                 assert torch.allclose(out[b, :, i, j], expected)
 
 
@@ -205,7 +207,13 @@ def test_spatial_slicing_slices_the_mask():
 
 
 def test_channels_last_layer_norm_and_linear_are_pointwise():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), torchvision_permute([0, 2, 3, 1]), nn.LayerNorm(4), nn.Linear(4, 4), torchvision_permute([0, 3, 1, 2])).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        torchvision_permute([0, 2, 3, 1]),
+        nn.LayerNorm(4),
+        nn.Linear(4, 4),
+        torchvision_permute([0, 3, 1, 2]),
+    ).double()
     x, mask = torch.randn(2, 3, 6, 6, dtype=torch.float64), random_mask(2, 6, 6)
     masked = layer_masked(model)(x, mask)
     reference = model[4](model[3](model[2](model[1](model[0](paper_neighbor_pad(x, mask, 3))))))
@@ -232,7 +240,13 @@ class SpatialSum(nn.Module):
         return x.sum([2, 3])
 
 
-@pytest.mark.parametrize("model, message", [(SpatialLinear(), "a linear layer mixes values along dimension 3"), (SpatialSum(), "'sum' over spatial dimensions")])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (SpatialLinear(), "a linear layer mixes values along dimension 3"),
+        (SpatialSum(), "'sum' over spatial dimensions"),
+    ],
+)
 def test_operations_that_mix_pixels_without_a_rule_fail_loudly(model, message):
     with pytest.raises(UnsupportedLayerError, match=message):
         layer_masked(model)(torch.randn(1, 2, 6, 6), torch.ones(6, 6))

@@ -15,10 +15,26 @@ from captum_layermask import UnsupportedLayerError, layer_masked
 from .conftest import layer_masked_full_padding, patch_masks, randomize_batchnorm
 
 FAMILIES = [
-    "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "alexnet", "vgg11_bn", "squeezenet1_1",
-    "densenet121", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-    "efficientnet_v2_s", "regnet_y_400mf", "regnet_x_400mf", "mnasnet0_5", "shufflenet_v2_x0_5", "googlenet",
-    "inception_v3", "convnext_tiny",
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "alexnet",
+    "vgg11_bn",
+    "squeezenet1_1",
+    "densenet121",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "regnet_y_400mf",
+    "regnet_x_400mf",
+    "mnasnet0_5",
+    "shufflenet_v2_x0_5",
+    "googlenet",
+    "inception_v3",
+    "convnext_tiny",
 ]
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -20,7 +20,7 @@ from ..evaluation.segmentation import SEGMENTER_NAMES
 from ..weights import load_classifier
 from .evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
 from .evaluate import evaluate_command, load_evaluation_data
-from .explain import MASKINGS, METHODS, explain
+from .explain import MASKINGS, METHODS, explain_image
 from .io import CommandError
 
 EXPLAIN_DESCRIPTION = (
@@ -55,52 +55,131 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="demo", help="'demo' (bundled, offline) or a torchvision classifier name, e.g. resnet50")
-    parser.add_argument("--weights", help="state-dict file (loaded with weights_only=True) or a torchvision weights name, e.g. IMAGENET1K_V2")
-    parser.add_argument("--num-classes", type=_at_least(1), help="classes of a torchvision model whose weights file has another head")
+    parser.add_argument(
+        "--model", default="demo", help="'demo' (bundled, offline) or a torchvision classifier name, e.g. resnet50"
+    )
+    parser.add_argument(
+        "--weights",
+        help="state-dict file (loaded with weights_only=True) or a torchvision weights name, e.g. IMAGENET1K_V2",
+    )
+    parser.add_argument(
+        "--num-classes", type=_at_least(1), help="classes of a torchvision model whose weights file has another head"
+    )
 
 
 def _add_masking_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--residual", choices=("intersection", "union"), default="intersection", help="how layer masking combines the masks of a residual sum: the paper's intersection (default) or the union (docs/masking.md)")
+    parser.add_argument(
+        "--residual",
+        choices=("intersection", "union"),
+        default="intersection",
+        help="how layer masking combines the masks of a residual sum: the paper's intersection (default) or the union (docs/masking.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layermask", description="Perturbation-based explanations of CNNs with layer masking.")
+    parser = argparse.ArgumentParser(
+        prog="layermask", description="Perturbation-based explanations of CNNs with layer masking."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    ex = commands.add_parser("explain", help="explain one image under black, grey and layer masking", description=EXPLAIN_DESCRIPTION)
+    ex = commands.add_parser(
+        "explain", help="explain one image under black, grey and layer masking", description=EXPLAIN_DESCRIPTION
+    )
     _add_model_arguments(ex)
     ex.add_argument("--image", type=Path, help="image file (default: the bundled demo scene)")
     ex.add_argument("--target", type=_at_least(0), help="class index to explain (default: the top prediction)")
     ex.add_argument("--method", choices=METHODS, default="lime", help="the Captum method (default: lime)")
-    ex.add_argument("--segments", choices=SEGMENTER_NAMES, default="patches", help="16x16 patches, SLIC (196) or quickshift, as in the paper")
-    ex.add_argument("--segments-file", type=Path, help=".npy array of shape (H, W) with an integer segment id per pixel")
-    ex.add_argument("--maskings", type=_subset(MASKINGS, "maskings"), default=list(MASKINGS), help="comma-separated subset of black,grey,layer")
-    ex.add_argument("--samples", type=_at_least(1), default=500, help="perturbed samples for Lime and KernelShap (paper: 500)")
+    ex.add_argument(
+        "--segments",
+        choices=SEGMENTER_NAMES,
+        default="patches",
+        help="16x16 patches, SLIC (196) or quickshift, as in the paper",
+    )
+    ex.add_argument(
+        "--segments-file", type=Path, help=".npy array of shape (H, W) with an integer segment id per pixel"
+    )
+    ex.add_argument(
+        "--maskings",
+        type=_subset(MASKINGS, "maskings"),
+        default=list(MASKINGS),
+        help="comma-separated subset of black,grey,layer",
+    )
+    ex.add_argument(
+        "--samples", type=_at_least(1), default=500, help="perturbed samples for Lime and KernelShap (paper: 500)"
+    )
     ex.add_argument("--per-eval", type=_at_least(1), default=16, help="perturbations per forward pass")
-    ex.add_argument("--size", type=_at_least(1), help="input resolution (default: 128 for the demo model, 224 otherwise)")
+    ex.add_argument(
+        "--size", type=_at_least(1), help="input resolution (default: 128 for the demo model, 224 otherwise)"
+    )
     ex.add_argument("--top", type=_at_least(1), default=5, help="segments highlighted each way")
     ex.add_argument("--seed", type=int, default=0, help="seed of the perturbation samples")
-    ex.add_argument("--out", type=Path, default=Path("explain-output"), help="output folder (replaced if it holds an earlier output)")
+    ex.add_argument(
+        "--out",
+        type=Path,
+        default=Path("explain-output"),
+        help="output folder (replaced if it holds an earlier output)",
+    )
     _add_masking_arguments(ex)
     ex.set_defaults(run=_explain)
 
-    ev = commands.add_parser("evaluate", help="measure missingness bias: removal curves, shape bias, LIME metrics", description=EVALUATE_DESCRIPTION)
+    ev = commands.add_parser(
+        "evaluate",
+        help="measure missingness bias: removal curves, shape bias, LIME metrics",
+        description=EVALUATE_DESCRIPTION,
+    )
     _add_model_arguments(ev)
-    ev.add_argument("--images", type=Path, help="ImageNet-style folder <images>/<class>/<image> (default: held-out demo scenes)")
-    ev.add_argument("--object-masks", type=Path, help="folder <masks>/<class>/<image name>.png, non-zero on the object (enables shape bias and LIME alignment)")
-    ev.add_argument("--limit", type=_at_least(1), help="evaluate on this many images (a seeded random subset of --images; demo: 64 scenes)")
+    ev.add_argument(
+        "--images", type=Path, help="ImageNet-style folder <images>/<class>/<image> (default: held-out demo scenes)"
+    )
+    ev.add_argument(
+        "--object-masks",
+        type=Path,
+        help="folder <masks>/<class>/<image name>.png, non-zero on the object (enables shape bias and LIME alignment)",
+    )
+    ev.add_argument(
+        "--limit",
+        type=_at_least(1),
+        help="evaluate on this many images (a seeded random subset of --images; demo: 64 scenes)",
+    )
     ev.add_argument("--size", type=_at_least(1), help="input resolution of --images (default 224)")
-    ev.add_argument("--maskers", type=_subset(MASKER_NAMES, "maskers"), default=["black", "grey", "layer"], help="comma-separated subset of " + ",".join(MASKER_NAMES))
-    ev.add_argument("--segments", type=_subset(SEGMENTER_NAMES, "segmenters"), default=["patches"], help="comma-separated subset of patches,slic,quickshift")
-    ev.add_argument("--fractions", type=_at_least(2), default=11, help="points of the removal curves, evenly spaced from 0 to 1")
-    ev.add_argument("--lime-images", type=_at_least(0), default=32, help="images explained with LIME for its metrics (0: none)")
-    ev.add_argument("--diagnostic-images", type=_at_least(0), default=16, help="images for linearity, output collapse and feature magnitude (0: none)")
+    ev.add_argument(
+        "--maskers",
+        type=_subset(MASKER_NAMES, "maskers"),
+        default=["black", "grey", "layer"],
+        help="comma-separated subset of " + ",".join(MASKER_NAMES),
+    )
+    ev.add_argument(
+        "--segments",
+        type=_subset(SEGMENTER_NAMES, "segmenters"),
+        default=["patches"],
+        help="comma-separated subset of patches,slic,quickshift",
+    )
+    ev.add_argument(
+        "--fractions", type=_at_least(2), default=11, help="points of the removal curves, evenly spaced from 0 to 1"
+    )
+    ev.add_argument(
+        "--lime-images", type=_at_least(0), default=32, help="images explained with LIME for its metrics (0: none)"
+    )
+    ev.add_argument(
+        "--diagnostic-images",
+        type=_at_least(0),
+        default=16,
+        help="images for linearity, output collapse and feature magnitude (0: none)",
+    )
     ev.add_argument("--samples", type=_at_least(1), default=500, help="LIME samples per image (paper: 500)")
-    ev.add_argument("--top-k", type=_at_least(1), help="segments taken by the top-k LIME metrics (default: a tenth of the segments, as the paper's 20 of 196)")
+    ev.add_argument(
+        "--top-k",
+        type=_at_least(1),
+        help="segments taken by the top-k LIME metrics (default: a tenth of the segments, as the paper's 20 of 196)",
+    )
     ev.add_argument("--batch-size", type=_at_least(1), default=64, help="images per forward pass")
     ev.add_argument("--seed", type=int, default=0, help="seed of the random removal order and of LIME's samples")
     ev.add_argument("--data-seed", type=int, default=1000, help="seed of the demo scenes and of the --limit subset")
-    ev.add_argument("--out", type=Path, default=Path("evaluate-output"), help="output folder (replaced if it holds an earlier output)")
+    ev.add_argument(
+        "--out",
+        type=Path,
+        default=Path("evaluate-output"),
+        help="output folder (replaced if it holds an earlier output)",
+    )
     _add_masking_arguments(ev)
     ev.set_defaults(run=_evaluate)
     return parser
@@ -114,11 +193,28 @@ def _explain(args: argparse.Namespace) -> Path:
     image = args.image
     if image is None:
         if args.model != "demo":
-            raise CommandError(f"--image is needed with --model {args.model} (the bundled scene is for the demo model).")
+            raise CommandError(
+                f"--image is needed with --model {args.model} (the bundled scene is for the demo model)."
+            )
         from ..demo.model import SCENE
 
         image = SCENE
-    return explain(classifier, image, args.out, size=args.size, target=args.target, method=args.method, segments=args.segments, segments_file=args.segments_file, maskings=args.maskings, samples=args.samples, per_eval=args.per_eval, top=args.top, seed=args.seed, residual=args.residual)
+    return explain_image(
+        classifier,
+        image,
+        args.out,
+        size=args.size,
+        target=args.target,
+        method=args.method,
+        segments=args.segments,
+        segments_file=args.segments_file,
+        maskings=args.maskings,
+        samples=args.samples,
+        per_eval=args.per_eval,
+        top=args.top,
+        seed=args.seed,
+        residual=args.residual,
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> Path:
@@ -126,8 +222,30 @@ def _evaluate(args: argparse.Namespace) -> Path:
 
     check_output_folder(args.out)
     classifier = load_classifier(args.model, args.weights, args.num_classes)
-    data = load_evaluation_data(classifier, args.images, args.object_masks, demo=args.model == "demo", limit=args.limit, size=args.size, data_seed=args.data_seed)
-    return evaluate_command(classifier, data, args.out, maskers=args.maskers, segmenters=args.segments, fractions=args.fractions, lime_images=args.lime_images, diagnostic_images=args.diagnostic_images, samples=args.samples, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed, residual=args.residual)
+    data = load_evaluation_data(
+        classifier,
+        args.images,
+        args.object_masks,
+        demo=args.model == "demo",
+        limit=args.limit,
+        size=args.size,
+        data_seed=args.data_seed,
+    )
+    return evaluate_command(
+        classifier,
+        data,
+        args.out,
+        maskers=args.maskers,
+        segmenters=args.segments,
+        fractions=args.fractions,
+        lime_images=args.lime_images,
+        diagnostic_images=args.diagnostic_images,
+        samples=args.samples,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        residual=args.residual,
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

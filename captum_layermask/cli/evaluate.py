@@ -20,16 +20,29 @@ DESCRIPTION = (
 )
 
 
-def load_evaluation_data(classifier: Classifier, images: Optional[Path], object_masks: Optional[Path], *, demo: bool, limit: Optional[int], size: Optional[int], data_seed: int) -> EvaluationData:
+def load_evaluation_data(
+    classifier: Classifier,
+    images: Optional[Path],
+    object_masks: Optional[Path],
+    *,
+    demo: bool,
+    limit: Optional[int],
+    size: Optional[int],
+    data_seed: int,
+) -> EvaluationData:
     """The images of ``images`` (or held-out demo scenes), their labels and optional object masks."""
     mean, std, classes = classifier.mean, classifier.std, classifier.classes
     if images is None:
         if not demo:
-            raise CommandError("--images is needed with a torchvision model (the bundled scenes are for the demo model).")
+            raise CommandError(
+                "--images is needed with a torchvision model (the bundled scenes are for the demo model)."
+            )
         from ..demo import shapes
 
         scenes = shapes.render(limit or 64, torch.Generator().manual_seed(data_seed), objects=1)
-        return EvaluationData(shapes.normalize(scenes.images), scenes.labels[:, 0], scenes.object_masks[:, 0], mean, std, classes)
+        return EvaluationData(
+            shapes.normalize(scenes.images), scenes.labels[:, 0], scenes.object_masks[:, 0], mean, std, classes
+        )
     files = image_folder(images)
     if limit and limit < len(files):
         chosen = torch.randperm(len(files), generator=torch.Generator().manual_seed(data_seed))[:limit]
@@ -39,19 +52,51 @@ def load_evaluation_data(classifier: Classifier, images: Optional[Path], object_
     labels = torch.tensor([label for _, label in files])
     masks = None
     if object_masks is not None:
-        masks = torch.stack([read_object_mask(object_masks / path.parent.name / f"{path.stem}.png", side) for path, _ in files])
+        masks = torch.stack(
+            [read_object_mask(object_masks / path.parent.name / f"{path.stem}.png", side) for path, _ in files]
+        )
     return EvaluationData(normalizer(mean, std)(pixels), labels, masks, mean, std, classes)
 
 
-def evaluate_command(classifier: Classifier, data: EvaluationData, out: Path, *, maskers: Sequence[str], segmenters: Sequence[str], fractions: int, lime_images: int, diagnostic_images: int, samples: int, top_k: Optional[int], batch_size: int, seed: int, residual: str = "intersection") -> Path:
+def evaluate_command(
+    classifier: Classifier,
+    data: EvaluationData,
+    out: Path,
+    *,
+    maskers: Sequence[str],
+    segmenters: Sequence[str],
+    fractions: int,
+    lime_images: int,
+    diagnostic_images: int,
+    samples: int,
+    top_k: Optional[int],
+    batch_size: int,
+    seed: int,
+    residual: str = "intersection",
+) -> Path:
     """Runs :func:`~captum_layermask.evaluation.evaluate` and writes ``results.md``, ``results.csv`` and figures."""
     check_output_folder(out)
     with torch.no_grad():
         width = classifier.model(data.images[:1]).shape[1]
     if int(data.labels.max()) >= width:
-        raise CommandError(f"labels go up to {int(data.labels.max())}, but the model has {width} classes: check the class folders or --num-classes.")
+        raise CommandError(
+            f"labels go up to {int(data.labels.max())}, but the model has {width} classes: check the class folders or --num-classes."
+        )
     points = [i / (fractions - 1) for i in range(fractions)]
-    report = evaluate(classifier.model, data, maskers=maskers, segmenters=segmenters, fractions=points, lime_images=lime_images, diagnostic_images=diagnostic_images, n_samples=samples, k=top_k, batch_size=batch_size, seed=seed, residual=residual)
+    report = evaluate(
+        classifier.model,
+        data,
+        maskers=maskers,
+        segmenters=segmenters,
+        fractions=points,
+        lime_images=lime_images,
+        diagnostic_images=diagnostic_images,
+        n_samples=samples,
+        k=top_k,
+        batch_size=batch_size,
+        seed=seed,
+        residual=residual,
+    )
     with staged_output(out, "evaluate") as staging:
         (staging / "results.md").write_text(report.to_markdown())
         report.to_csv(staging / "results.csv")

@@ -30,7 +30,20 @@ def segment(image: Tensor, how: str, file: Optional[Path]) -> Tensor:
     return segment_images(image, read_segments(file, *image.shape[-2:])[None])[:, None]
 
 
-def attribute(model: nn.Module, x: Tensor, segments: Tensor, target: int, *, method: str, maskings: Sequence[str], black: Tensor, samples: int, per_eval: int, seed: int, residual: str = "intersection") -> Dict[str, Tensor]:
+def attribute(
+    model: nn.Module,
+    x: Tensor,
+    segments: Tensor,
+    target: int,
+    *,
+    method: str,
+    maskings: Sequence[str],
+    black: Tensor,
+    samples: int,
+    per_eval: int,
+    seed: int,
+    residual: str = "intersection",
+) -> Dict[str, Tensor]:
     """Attributions of the target class under each masking, with the same random samples.
 
     Args:
@@ -56,12 +69,16 @@ def attribute(model: nn.Module, x: Tensor, segments: Tensor, target: int, *, met
         elif method == "ablation":
             result = FeatureAblation(forward).attribute(x, feature_mask=segments, **common)
         else:
-            result = Occlusion(forward).attribute(x, sliding_window_shapes=(x.shape[1], 16, 16), strides=(x.shape[1], 8, 8), **common)
+            result = Occlusion(forward).attribute(
+                x, sliding_window_shapes=(x.shape[1], 16, 16), strides=(x.shape[1], 8, 8), **common
+            )
         results[masking] = result.detach()
     return results
 
 
-def plot_explanation(image: Tensor, segments: Tensor, results: Dict[str, Tensor], title: str, top: int, path: Path) -> None:
+def plot_explanation(
+    image: Tensor, segments: Tensor, results: Dict[str, Tensor], title: str, top: int, path: Path
+) -> None:
     """Paper Figure 8 style: per masking, the top segments for the class in green and against it in red."""
     import matplotlib.pyplot as plt
 
@@ -90,7 +107,23 @@ def plot_explanation(image: Tensor, segments: Tensor, results: Dict[str, Tensor]
     plt.close(fig)
 
 
-def explain(classifier: Classifier, image_path: Path, out: Path, *, size: Optional[int], target: Optional[int], method: str, segments: str, segments_file: Optional[Path], maskings: Sequence[str], samples: int, per_eval: int, top: int, seed: int, residual: str = "intersection") -> Path:
+def explain_image(
+    classifier: Classifier,
+    image_path: Path,
+    out: Path,
+    *,
+    size: Optional[int],
+    target: Optional[int],
+    method: str,
+    segments: str,
+    segments_file: Optional[Path],
+    maskings: Sequence[str],
+    samples: int,
+    per_eval: int,
+    top: int,
+    seed: int,
+    residual: str = "intersection",
+) -> Path:
     """Explains one image and writes ``explanation.png``, ``attributions.pt`` and ``.npy`` files into ``out``."""
     from .io import check_output_folder
 
@@ -106,15 +139,31 @@ def explain(classifier: Classifier, image_path: Path, out: Path, *, size: Option
     if not 0 <= target < classes:
         raise CommandError(f"target {target} is out of range: the model has {classes} classes (0 to {classes - 1}).")
     black = normalize(torch.zeros(1, x.shape[1], 1, 1))
-    results = attribute(classifier.model, x, ids, target, method=method, maskings=maskings, black=black, samples=samples, per_eval=per_eval, seed=seed, residual=residual)
+    results = attribute(
+        classifier.model,
+        x,
+        ids,
+        target,
+        method=method,
+        maskings=maskings,
+        black=black,
+        samples=samples,
+        per_eval=per_eval,
+        seed=seed,
+        residual=residual,
+    )
     name = _class_name(classifier, target)
     with staged_output(out, "explain") as staging:
         plot_explanation(image, ids, results, name, top, staging / "explanation.png")
-        torch.save({"attributions": results, "segments": ids, "target": target, "image": image}, staging / "attributions.pt")
+        torch.save(
+            {"attributions": results, "segments": ids, "target": target, "image": image}, staging / "attributions.pt"
+        )
         for masking, attribution in results.items():
             np.save(staging / f"attributions_{masking}.npy", attribution[0].numpy())
         np.save(staging / "segments.npy", ids[0, 0].numpy())
-    print(f"predicted '{_class_name(classifier, int(logits.argmax(1)))}'; explained '{name}'; wrote {out}/explanation.png")
+    print(
+        f"predicted '{_class_name(classifier, int(logits.argmax(1)))}'; explained '{name}'; wrote {out}/explanation.png"
+    )
     return out
 
 

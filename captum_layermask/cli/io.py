@@ -57,7 +57,9 @@ def read_image(path: Path, size: int) -> Tensor:
 def read_object_mask(path: Path, size: int) -> Tensor:
     """An object mask image (non-zero on the object) as ``(size, size)`` bool, cropped like :func:`read_image`."""
     if not path.exists():
-        raise CommandError(f"no object mask {path}: --object-masks needs <masks>/<class>/<image name>.png for every image.")
+        raise CommandError(
+            f"no object mask {path}: --object-masks needs <masks>/<class>/<image name>.png for every image."
+        )
     pixels = torch.from_numpy(_pixels(path).max(2) > 0)
     return _square(pixels[None, None].float(), size, "nearest")[0, 0] > 0
 
@@ -74,7 +76,9 @@ def read_segments(path: Path, height: int, width: int) -> Tensor:
     except (OSError, ValueError) as error:
         raise CommandError(f"cannot read segments {path}: {error}") from None
     if array.dtype.kind not in "iu":
-        raise CommandError(f"segments in {path} are {array.dtype}; give integer segment ids (e.g. np.int64), one per pixel.")
+        raise CommandError(
+            f"segments in {path} are {array.dtype}; give integer segment ids (e.g. np.int64), one per pixel."
+        )
     if array.shape != (height, width):
         raise CommandError(f"segments in {path} have shape {array.shape}, but the image is {height}x{width}.")
     if array.size and array.min() < 0:
@@ -89,7 +93,12 @@ def image_folder(folder: Path) -> List[Tuple[Path, int]]:
     if not folder.is_dir():
         raise CommandError(f"--images {folder} is not a folder; give a folder with one subfolder of images per class.")
     classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
-    files = [(path, index) for index, name in enumerate(classes) for path in sorted((folder / name).iterdir()) if path.suffix.lower() in IMG_EXTENSIONS]
+    files = [
+        (path, index)
+        for index, name in enumerate(classes)
+        for path in sorted((folder / name).iterdir())
+        if path.suffix.lower() in IMG_EXTENSIONS
+    ]
     if not files:
         raise CommandError(f"--images {folder} holds no images in class subfolders (<folder>/<class>/<image>).")
     return files
@@ -99,7 +108,9 @@ def check_output_folder(out: Path) -> None:
     """Refuses, before any work, an ``--out`` that is a file or a folder holding files of anything but an earlier
     run of this command (which the new run replaces whole)."""
     if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out} is a file; give a folder (it is created, or replaced if it holds an earlier layermask output).")
+        raise CommandError(
+            f"--out {out} is a file; give a folder (it is created, or replaced if it holds an earlier layermask output)."
+        )
     if out.is_dir():
         present = {entry.name for entry in out.iterdir()}
         if not present:
@@ -109,7 +120,9 @@ def check_output_folder(out: Path) -> None:
         except (OSError, ValueError, KeyError, TypeError):
             raise CommandError(f"--out {out} is a folder that holds other files; give a new or empty folder.") from None
         if not present <= listed:
-            raise CommandError(f"--out {out} holds files that an earlier layermask run did not write ({', '.join(sorted(present - listed))}); give a new or empty folder.")
+            raise CommandError(
+                f"--out {out} holds files that an earlier layermask run did not write ({', '.join(sorted(present - listed))}); give a new or empty folder."
+            )
     parent = out.parent if out.parent != Path("") else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK):
         raise CommandError(f"cannot write to {parent}: permission denied.")

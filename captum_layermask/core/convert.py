@@ -90,7 +90,9 @@ def _describe(node: fx.Node, op: Any) -> str:
     return f"{getattr(op, '__module__', '') or ''}.{_op_name(op)}{where}".lstrip(".")
 
 
-def add_mask_stream(traced: fx.GraphModule, registry: Optional[RuleRegistry] = None, *, prune_padding: bool = True) -> fx.GraphModule:
+def add_mask_stream(
+    traced: fx.GraphModule, registry: Optional[RuleRegistry] = None, *, prune_padding: bool = True
+) -> fx.GraphModule:
     """Rewrites a traced model so that every image-dependent node computes a (value, mask) pair.
 
     The new graph takes ``(image, mask, *other_inputs)``. Nodes that do not depend on the image (parameter
@@ -189,7 +191,9 @@ def layer_masked(
         >>> masked = layer_masked(model)
         >>> logits = masked(images, mask)  # mask: 1 = visible, 0 = removed
     """
-    options = dict(padding=padding, residual=residual, rules=dict(rules) if rules else None, prune_padding=prune_padding)
+    options = dict(
+        padding=padding, residual=residual, rules=dict(rules) if rules else None, prune_padding=prune_padding
+    )
     if isinstance(model, LayerMaskedModel):
         if options == model.options:
             return model

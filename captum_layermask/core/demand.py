@@ -16,7 +16,7 @@ largest dilation of its root whose cells its consumers read. Whatever this canno
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional
 
 import torch.fx as fx
 from torch import nn
@@ -47,7 +47,7 @@ class _Graph:
         self.nodes: List[fx.Node] = []
         self.radius: Dict[fx.Node, int] = {}
         self.per_cell: Dict[fx.Node, str] = {}
-        for node, op, entry in walk.steps:
+        for node, _, entry in walk.steps:
             if entry is None or entry.metadata:
                 continue
             self.nodes.append(node)
@@ -98,7 +98,9 @@ def _demands(graph: _Graph, growth: Dict[fx.Node, _Growth]) -> Dict[fx.Node, int
     return demand
 
 
-def padding_rings(traced: fx.GraphModule, registry: RuleRegistry, convolutions: Dict[fx.Node, nn.Conv2d]) -> Dict[fx.Node, int]:
+def padding_rings(
+    traced: fx.GraphModule, registry: RuleRegistry, convolutions: Dict[fx.Node, nn.Conv2d]
+) -> Dict[fx.Node, int]:
     """The convolutions that need fewer rings of neighbor padding than their reach, with the number they need.
 
     Args:
@@ -122,4 +124,3 @@ def padding_rings(traced: fx.GraphModule, registry: RuleRegistry, convolutions: 
         if rings < reach:
             needed[node] = rings
     return needed
-

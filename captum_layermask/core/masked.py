@@ -77,8 +77,9 @@ def intersect(masks: List[Tensor], ndim: int) -> Tensor:
     return functools.reduce(torch.mul, [align_rank(mask, ndim) for mask in masks])
 
 
-def _is_tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+def _is_exporting() -> bool:
+    """Under ``torch.export`` values are symbolic, so the binary check cannot run (``torch.compile`` runs it)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def format_mask(mask: Tensor, image: Tensor) -> Tensor:
@@ -120,7 +121,7 @@ def format_mask(mask: Tensor, image: Tensor) -> Tensor:
         )
     if not mask.dtype.is_floating_point and mask.dtype != torch.bool:
         mask = mask.to(image.dtype)
-    if mask.dtype != torch.bool and not _is_tracing():
+    if mask.dtype != torch.bool and not _is_exporting():
         if bool(((mask != 0) & (mask != 1)).any()):
             raise MaskShapeError(
                 "mask must be binary (1 = visible, 0 = removed); threshold a soft mask first, e.g. mask > 0.5."

@@ -165,7 +165,9 @@ def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tuple[Tensor, List[Ten
     return padded, grown
 
 
-def centred_radius(kernel_size: IntPair, padding: Union[str, IntPair], dilation: IntPair = 1, padding_mode: str = "zeros") -> Optional[int]:
+def centred_radius(
+    kernel_size: IntPair, padding: Union[str, IntPair], dilation: IntPair = 1, padding_mode: str = "zeros"
+) -> Optional[int]:
     """``(k - 1) / 2`` for an odd, square, undilated kernel zero-padded by that much on each side, else None.
 
     Such a convolution's output mask is its input mask dilated that many times (3x3 window), then subsampled by

@@ -2,8 +2,8 @@
 
 It checks the call (image, the model's further inputs, the mask), asks the installed mask decoders for a mask
 when none is given (the Captum integration installs one that recognises ``LayerMask()`` baselines), and runs
-the masked graph. These steps always run eagerly, under ``torch.compile`` too, so that a compiled model decodes
-and validates exactly as an eager one.
+the masked graph. Under ``torch.compile`` these steps run as written (their data-dependent checks break the
+graph), so that a compiled model decodes and validates exactly as an eager one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .masked import format_mask
 MaskDecoder = Callable[[Tensor, Sequence[Any]], Optional[Tensor]]
 """``decoder(x, other_inputs) -> mask or None``: the mask that the values of the inputs encode, if any."""
 
-_MASK_DECODERS: "OrderedDict[int, MaskDecoder]" = OrderedDict()
+_MASK_DECODERS: OrderedDict[int, MaskDecoder] = OrderedDict()
 _GRAPH_PREFIX = "graph_module."
 
 
@@ -59,17 +59,31 @@ def input_signature(traced: fx.GraphModule) -> inspect.Signature:
     """The model's own inputs (image first) as a signature, from the traced graph's placeholders."""
     parameters = []
     for node in traced.graph.nodes:
-        if node.op == "placeholder":
+        if node.op != "placeholder":
+            continue
+        name = str(node.target)
+        if name.startswith("**"):
+            parameters.append(inspect.Parameter(name[2:], inspect.Parameter.VAR_KEYWORD))
+        elif name.startswith("*"):
+            parameters.append(inspect.Parameter(name[1:], inspect.Parameter.VAR_POSITIONAL))
+        else:
             default = node.args[0] if node.args else inspect.Parameter.empty
-            parameters.append(inspect.Parameter(node.target, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+            parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
     return inspect.Signature(parameters)
 
 
-@torch.compiler.disable
-def _prepare_call(model: "LayerMaskedModel", x: Any, args: Tuple[Any, ...], mask: Optional[Tensor], kwargs: Dict[str, Any]) -> Tuple[Optional[Tensor], Tuple[Any, ...]]:
-    """The mask to run with (validated, or decoded) and the model's further inputs; eager under ``torch.compile``."""
+def _prepare_call(
+    model: LayerMaskedModel, x: Any, args: Tuple[Any, ...], mask: Optional[Tensor], kwargs: Dict[str, Any]
+) -> Tuple[Optional[Tensor], Tuple[Any, ...]]:
+    """The mask to run with (validated, or decoded) and the model's further inputs.
+
+    Under ``torch.compile`` this runs as written too: its data-dependent checks break the graph, so a compiled
+    model validates and decodes exactly as an eager one.
+    """
     if not isinstance(x, Tensor):
-        raise MaskShapeError(f"the first input of a layer-masked model is the image batch (N, C, H, W), got {type(x).__name__}.")
+        raise MaskShapeError(
+            f"the first input of a layer-masked model is the image batch (N, C, H, W), got {type(x).__name__}."
+        )
     further_required = model.required_inputs - 1
     if mask is None and len(args) == further_required + 1:
         *rest, mask = args
@@ -103,14 +117,19 @@ class LayerMaskedModel(nn.Module):
     with ``register_rule`` must be registered before loading.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, source: nn.Module, options: Mapping[str, Any], signature: inspect.Signature) -> None:
+    def __init__(
+        self, graph_module: fx.GraphModule, source: nn.Module, options: Mapping[str, Any], signature: inspect.Signature
+    ) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.__dict__["_source"] = source  # not a submodule: its modules are registered through graph_module
         self.options = dict(options)
         self.padding = self.options.get("padding", "neighbor")
         self.signature = signature
-        self.required_inputs = sum(p.default is inspect.Parameter.empty for p in signature.parameters.values())
+        self.required_inputs = sum(
+            p.default is inspect.Parameter.empty and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+            for p in signature.parameters.values()
+        )
         self.positional_inputs = len(signature.parameters)
         self.training = source.training
         graph_module.training = source.training
@@ -165,7 +184,9 @@ _JIT_MESSAGE = (
 )
 
 
-def _rebuild(source: nn.Module, options: Mapping[str, Any], state: Mapping[str, Any], training: bool) -> LayerMaskedModel:
+def _rebuild(
+    source: nn.Module, options: Mapping[str, Any], state: Mapping[str, Any], training: bool
+) -> LayerMaskedModel:
     from .convert import layer_masked
 
     masked = layer_masked(source, **options)
@@ -176,11 +197,11 @@ def _rebuild(source: nn.Module, options: Mapping[str, Any], state: Mapping[str, 
 def _strip_graph_prefix(module: nn.Module, state: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """State-dict post-hook: ``graph_module.conv1.weight`` becomes ``conv1.weight``, the model's own key."""
     inner = prefix + _GRAPH_PREFIX
-    _rename_keys(state, lambda key: prefix + key[len(inner):] if key.startswith(inner) else key)
+    _rename_keys(state, lambda key: prefix + key[len(inner) :] if key.startswith(inner) else key)
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
         metadata.pop(inner[:-1], None)
-        _rename_keys(metadata, lambda key: prefix + key[len(inner):] if key.startswith(inner) else key)
+        _rename_keys(metadata, lambda key: prefix + key[len(inner) :] if key.startswith(inner) else key)
 
 
 def _add_graph_prefix(module: nn.Module, state: Dict[str, Any], prefix: str, *args: Any) -> None:
@@ -189,7 +210,7 @@ def _add_graph_prefix(module: nn.Module, state: Dict[str, Any], prefix: str, *ar
 
     def rename(key: str) -> str:
         outside = not key.startswith(prefix) or key.startswith(inner) or key == prefix
-        return key if outside else inner + key[len(prefix):]
+        return key if outside else inner + key[len(prefix) :]
 
     _rename_keys(state, rename)
     metadata = getattr(state, "_metadata", None)

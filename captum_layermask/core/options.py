@@ -37,7 +37,9 @@ def check_options(padding: str, residual: str) -> None:
         raise ValueError(f"residual must be one of {', '.join(RESIDUAL_RULES)}, got {residual!r}.")
 
 
-def conversion_registry(padding: str, residual: str, rules_for_this_conversion: Optional[Mapping[Any, Any]]) -> RuleRegistry:
+def conversion_registry(
+    padding: str, residual: str, rules_for_this_conversion: Optional[Mapping[Any, Any]]
+) -> RuleRegistry:
     """The rules one conversion uses, in lookup order: its own ``rules=``, the registered user rules and the
     built-in ones, with the convolution and addition rules that ``padding`` and ``residual`` select."""
     check_options(padding, residual)

@@ -28,7 +28,14 @@ def patch_segments(height: int, width: int, patch: int = 16) -> Tensor:
 
 
 def random_patch_masks(
-    batch: int, height: int, width: int, patch: int = 16, keep: float = 0.5, *, seed: int = 0, generator: Optional[torch.Generator] = None
+    batch: int,
+    height: int,
+    width: int,
+    patch: int = 16,
+    keep: float = 0.5,
+    *,
+    seed: int = 0,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Masks that keep each square patch with probability ``keep``, independently per sample.
 

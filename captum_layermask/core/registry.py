@@ -45,8 +45,7 @@ class RuleEntry:
         if isinstance(self.target, type):
             # A subclass that overrides forward computes something else: it is traced through instead.
             return isinstance(op, torch.nn.Module) and (
-                type(op) is self.target
-                or (isinstance(op, self.target) and type(op).forward is self.target.forward)
+                type(op) is self.target or (isinstance(op, self.target) and type(op).forward is self.target.forward)
             )
         return op is self.target or (isinstance(op, str) and op == self.target)
 
@@ -54,7 +53,7 @@ class RuleEntry:
 class RuleHandle:
     """Returned by :func:`register_rule`; ``remove()`` (or leaving its ``with`` block) unregisters the rules."""
 
-    def __init__(self, registry: "RuleRegistry", entries: List[RuleEntry]) -> None:
+    def __init__(self, registry: RuleRegistry, entries: List[RuleEntry]) -> None:
         self._registry = registry
         self._entries = entries
 
@@ -64,7 +63,7 @@ class RuleHandle:
                 self._registry.entries.remove(entry)
         self._entries = []
 
-    def __enter__(self) -> "RuleHandle":
+    def __enter__(self) -> RuleHandle:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -77,7 +76,15 @@ class RuleRegistry:
     def __init__(self) -> None:
         self.entries: List[RuleEntry] = []
 
-    def add(self, targets: List[Target], rule: Rule, *, metadata: bool = False, first: bool = True, per_cell: Optional[str] = None) -> RuleHandle:
+    def add(
+        self,
+        targets: List[Target],
+        rule: Rule,
+        *,
+        metadata: bool = False,
+        first: bool = True,
+        per_cell: Optional[str] = None,
+    ) -> RuleHandle:
         for target in targets:
             if not isinstance(target, (type, str)) and not callable(target):
                 raise TypeError(f"a rule target must be a module class, a function or a method name, got {target!r}.")

@@ -27,7 +27,9 @@ from .registry import builtin_rule
 # helpers
 
 
-def _bind(args: Sequence[Any], kwargs: Dict[str, Any], names: Sequence[str], defaults: Dict[str, Any]) -> Dict[str, Any]:
+def _bind(
+    args: Sequence[Any], kwargs: Dict[str, Any], names: Sequence[str], defaults: Dict[str, Any]
+) -> Dict[str, Any]:
     """The arguments that follow an operation's input, by parameter name."""
     bound = dict(defaults)
     bound.update(zip(names, args))
@@ -35,7 +37,9 @@ def _bind(args: Sequence[Any], kwargs: Dict[str, Any], names: Sequence[str], def
     return bound
 
 
-def _params(op: Any, args: Sequence[Any], kwargs: Dict[str, Any], names: Sequence[str], defaults: Dict[str, Any]) -> Dict[str, Any]:
+def _params(
+    op: Any, args: Sequence[Any], kwargs: Dict[str, Any], names: Sequence[str], defaults: Dict[str, Any]
+) -> Dict[str, Any]:
     """Hyper-parameters of a layer, read from the module or from the functional call's arguments."""
     if isinstance(op, nn.Module):
         return {name: getattr(op, name) for name in names}
@@ -117,17 +121,83 @@ def _as_mask(condition: Tensor, like: Tensor) -> Tensor:
 # operations that act on each cell separately: g(x) on the visible cells, masks unchanged (section 3.2, k = 1)
 
 _POINTWISE_MODULES = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
-    nn.LogSigmoid, nn.Tanhshrink, nn.Threshold, nn.Hardshrink, nn.Softshrink,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Tanhshrink,
+    nn.Threshold,
+    nn.Hardshrink,
+    nn.Softshrink,
 )
 _POINTWISE_FUNCTIONS = (
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.prelu, F.rrelu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
-    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink, F.threshold,
-    F.hardshrink, F.softshrink, F.sigmoid, F.tanh, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log,
-    torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.clamp, torch.clip, torch.pow, torch.add, torch.sub,
-    torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.erf, operator.add, operator.sub,
-    operator.mul, operator.truediv, operator.neg, operator.pos, operator.pow,
+    F.relu,
+    F.relu_,
+    F.relu6,
+    F.leaky_relu,
+    F.prelu,
+    F.rrelu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.softplus,
+    F.softsign,
+    F.logsigmoid,
+    F.tanhshrink,
+    F.threshold,
+    F.hardshrink,
+    F.softshrink,
+    F.sigmoid,
+    F.tanh,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.exp,
+    torch.log,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.abs,
+    torch.neg,
+    torch.clamp,
+    torch.clip,
+    torch.pow,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+    torch.where,
+    torch.erf,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.neg,
+    operator.pos,
+    operator.pow,
 )
 try:  # torchvision is optional for the engine: its stochastic depth (identity in eval mode) is a per-cell op
     from torchvision.ops.stochastic_depth import stochastic_depth
@@ -138,9 +208,40 @@ except ImportError:  # pragma: no cover
 # In-place binary methods (add_, mul_, ...) are left out on purpose: they would change a value that other nodes
 # still see with its old mask.
 _POINTWISE_METHODS = (
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "abs", "neg",
-    "clamp", "clamp_", "clip", "clip_", "pow", "add", "sub", "mul", "div", "maximum", "minimum", "erf",
-    "contiguous", "clone", "detach", "to", "float", "double", "half", "bfloat16", "type", "type_as",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "abs",
+    "neg",
+    "clamp",
+    "clamp_",
+    "clip",
+    "clip_",
+    "pow",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "maximum",
+    "minimum",
+    "erf",
+    "contiguous",
+    "clone",
+    "detach",
+    "to",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "type",
+    "type_as",
 )
 
 
@@ -161,7 +262,12 @@ SUM_TARGETS = (operator.add, torch.add, "add")
 
 
 def _is_image_mask(x: Any) -> bool:
-    return isinstance(x, Masked) and x.value.ndim == 4 and x.mask.shape[1] == 1 and tuple(x.mask.shape[-2:]) == tuple(x.value.shape[-2:])
+    return (
+        isinstance(x, Masked)
+        and x.value.ndim == 4
+        and x.mask.shape[1] == 1
+        and tuple(x.mask.shape[-2:]) == tuple(x.value.shape[-2:])
+    )
 
 
 def _filled_to_cover(x: Masked, cover: Tensor) -> Tensor:
@@ -176,6 +282,7 @@ def _filled_to_cover(x: Masked, cover: Tensor) -> Tensor:
         return neighbor_pad(x.value, x.mask, sum(x.value.shape[-2:]))
     if not bool(missing.any()):
         return x.value
+    missing &= known.flatten(1).any(1).view(-1, 1, 1, 1)  # a sample without visible cells can fill nothing
     width = 0
     while bool(missing.any()):
         grown = F.max_pool2d(known.to(x.value.dtype), 3, 1, 1) > 0
@@ -196,7 +303,11 @@ def sum_union(op: Any, *args: Any, **kwargs: Any) -> Masked:
     cells, so no removed pixel enters. A summand with no visible cell at all in a sample contributes 0 there.
     With equal masks this is the paper's rule exactly.
     """
-    if len(args) < 2 or not all(_is_image_mask(a) for a in args[:2]) or any(is_masked(a) for a in (*args[2:], *kwargs.values())):
+    if (
+        len(args) < 2
+        or not all(_is_image_mask(a) for a in args[:2])
+        or any(is_masked(a) for a in (*args[2:], *kwargs.values()))
+    ):
         return pointwise(op, *args, **kwargs)
     first, second = args[0], args[1]
     if first.mask is second.mask or torch.equal(first.mask, second.mask):
@@ -215,7 +326,11 @@ _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_
 def dropout(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     """Dropout: the identity in eval mode. In training mode it would make every explanation random, so it is
     refused, as batch normalization is."""
-    active = op.training if isinstance(op, nn.Module) else _bind(args, kwargs, ("p", "training"), {"training": True})["training"]
+    active = (
+        op.training
+        if isinstance(op, nn.Module)
+        else _bind(args, kwargs, ("p", "training"), {"training": True})["training"]
+    )
     if active:
         raise UnsupportedLayerError("dropout in training mode makes the output random; call .eval() on the model.")
     return pointwise(op, x, *args, **kwargs)
@@ -228,7 +343,9 @@ def batch_norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     if isinstance(op, nn.Module):
         batch_statistics = op.training or op.running_mean is None
     else:
-        batch_statistics = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "training"), {"training": False})["training"]
+        batch_statistics = _bind(
+            args, kwargs, ("running_mean", "running_var", "weight", "bias", "training"), {"training": False}
+        )["training"]
     if batch_statistics:
         raise UnsupportedLayerError(
             "batch normalization in training mode averages over removed pixels; call .eval() on the model."
@@ -255,7 +372,9 @@ def layer_norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     return pointwise(op, x, *args, **kwargs)
 
 
-@builtin_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+@builtin_rule(
+    nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"
+)
 def softmax(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     """Softmax over a channel dimension."""
     x = _require_masked(x, "softmax")
@@ -299,9 +418,16 @@ def group_norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
             return pointwise(op, x)
         return _masked_group_norm(x, x.value.shape[1], op.weight, op.bias, op.eps)
     if op is F.group_norm:
-        bound = _bind(args, kwargs, ("num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+        bound = _bind(
+            args, kwargs, ("num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5}
+        )
         return _masked_group_norm(x, bound["num_groups"], bound["weight"], bound["bias"], bound["eps"])
-    bound = _bind(args, kwargs, ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"), {"running_mean": None, "running_var": None, "weight": None, "bias": None, "use_input_stats": True, "eps": 1e-5})
+    bound = _bind(
+        args,
+        kwargs,
+        ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+        {"running_mean": None, "running_var": None, "weight": None, "bias": None, "use_input_stats": True, "eps": 1e-5},
+    )
     if not bound["use_input_stats"]:
         return pointwise(op, x, *args, **kwargs)
     return _masked_group_norm(x, x.value.shape[1], bound["weight"], bound["bias"], bound["eps"])
@@ -320,9 +446,21 @@ def _conv_geometry(op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str, Any])
         raise UnsupportedLayerError("a convolution whose weights depend on the image.")
     _require_feature_dims(x, [1], "a convolution")
     if isinstance(op, nn.Module):
-        return dict(kernel_size=op.kernel_size, stride=op.stride, padding=op.padding, dilation=op.dilation, padding_mode=op.padding_mode)
+        return dict(
+            kernel_size=op.kernel_size,
+            stride=op.stride,
+            padding=op.padding,
+            dilation=op.dilation,
+            padding_mode=op.padding_mode,
+        )
     bound = _bind(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS)
-    return dict(kernel_size=tuple(bound["weight"].shape[-2:]), stride=bound["stride"], padding=bound["padding"], dilation=bound["dilation"], padding_mode="zeros")
+    return dict(
+        kernel_size=tuple(bound["weight"].shape[-2:]),
+        stride=bound["stride"],
+        padding=bound["padding"],
+        dilation=bound["dilation"],
+        padding_mode="zeros",
+    )
 
 
 @builtin_rule(nn.Conv2d, F.conv2d)
@@ -376,7 +514,15 @@ def conv2d_partial(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     else:
         bound = _bind(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS)
         weight, bias = bound["weight"], bound["bias"]
-        response = F.conv2d(neighbor_pad(x.value, x.mask, 0), weight, None, bound["stride"], bound["padding"], bound["dilation"], bound["groups"])
+        response = F.conv2d(
+            neighbor_pad(x.value, x.mask, 0),
+            weight,
+            None,
+            bound["stride"],
+            bound["padding"],
+            bound["dilation"],
+            bound["groups"],
+        )
     ones = torch.ones((1, 1, *weight.shape[-2:]), dtype=x.mask.dtype, device=x.mask.device)
 
     def window_count(mask: Tensor) -> Tensor:
@@ -395,7 +541,13 @@ def conv2d_partial(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 _MAX_POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
 _AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-_AVG_POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
+_AVG_POOL_DEFAULTS = {
+    "stride": None,
+    "padding": 0,
+    "ceil_mode": False,
+    "count_include_pad": True,
+    "divisor_override": None,
+}
 
 
 def _no_indices(params: Dict[str, Any]) -> None:
@@ -418,7 +570,9 @@ def max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     params.pop("return_indices")
     visible = F.max_pool2d(mask, **params)
     lowest = _lowest(x.value)
-    pooled = _in_batch_slices(lambda value, part: op(_filled_for_pooling(value, part, lowest), *args, **kwargs), x.value, mask)
+    pooled = _in_batch_slices(
+        lambda value, part: op(_filled_for_pooling(value, part, lowest), *args, **kwargs), x.value, mask
+    )
     if x.value.is_contiguous():
         pooled = pooled.contiguous()
     return Masked(pooled * visible, visible)
@@ -468,7 +622,9 @@ def adaptive_max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     _no_indices(params)
     mask = _spatial_mask(x)
     lowest = _lowest(x.value)
-    pooled = _in_batch_slices(lambda value, part: op(_fill_removed(value, part, lowest), *args, **kwargs), x.value, mask)
+    pooled = _in_batch_slices(
+        lambda value, part: op(_fill_removed(value, part, lowest), *args, **kwargs), x.value, mask
+    )
     visible = F.adaptive_max_pool2d(mask, params["output_size"])
     return Masked(pooled * visible, visible)
 
@@ -559,8 +715,19 @@ def _dim_groups(source: Sequence[int], target: Sequence[int]) -> List[Tuple[List
 
 
 @builtin_rule(
-    nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
-    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
+    nn.Flatten,
+    nn.Unflatten,
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.unflatten,
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
 )
 def reshape(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     """Reshapes that keep, split or merge dimensions; the mask follows the value.
@@ -589,7 +756,9 @@ def reshape(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     return Masked(value, mask.reshape(mask_shape))
 
 
-@builtin_rule(torch.permute, torch.transpose, torch.swapaxes, torch.movedim, "permute", "transpose", "swapaxes", "movedim")
+@builtin_rule(
+    torch.permute, torch.transpose, torch.swapaxes, torch.movedim, "permute", "transpose", "swapaxes", "movedim"
+)
 def reorder(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     """Dimension permutations apply to the mask as they do to the value."""
     x = _require_masked(x, "a permutation")
@@ -644,7 +813,11 @@ def concatenate(op: Any, tensors: Sequence[Any], *args: Any, **kwargs: Any) -> M
     a spatial dimension each input brings its own cells."""
     value = op([unwrap(t) for t in tensors], *args, **kwargs)
     dim = _bind(args, kwargs, ("dim",), {"dim": 0})["dim"] % value.ndim
-    masks = [align_rank(t.mask, value.ndim) if op is not torch.stack else t.mask.unsqueeze(dim) for t in tensors if isinstance(t, Masked)]
+    masks = [
+        align_rank(t.mask, value.ndim) if op is not torch.stack else t.mask.unsqueeze(dim)
+        for t in tensors
+        if isinstance(t, Masked)
+    ]
     if op is torch.stack or all(mask.shape[dim] == 1 for mask in masks):
         return Masked(value, intersect(masks, value.ndim))
     common = list(torch.broadcast_shapes(*[mask.shape[:dim] + (1,) + mask.shape[dim + 1 :] for mask in masks]))

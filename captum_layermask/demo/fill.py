@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     plot_fill_sensitivity(rows, args.out / "fill_sensitivity.png")
     print(f"{'fill':22}{'plain':>12}{'layer-masked':>14}   (max |logit change| vs grey fill)")
     for row in rows:
-        print(f"{row['fill']:22}{row['plain: max |logit change|']:>12.4f}{row['layer-masked: max |logit change|']:>14.4f}")
+        print(
+            f"{row['fill']:22}{row['plain: max |logit change|']:>12.4f}{row['layer-masked: max |logit change|']:>14.4f}"
+        )
     print(f"figures and table written to {args.out}/")
 
 

@@ -20,11 +20,19 @@ class ShapesResNet(nn.Module):
 
     def __init__(self, num_classes: int = len(shapes.CLASSES), widths: tuple = (16, 32, 64, 128)) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
         stages, channels = [], widths[0]
         for index, width in enumerate(widths):
             stride = 1 if index == 0 else 2
-            downsample = None if stride == 1 and channels == width else nn.Sequential(conv1x1(channels, width, stride), nn.BatchNorm2d(width))
+            downsample = (
+                None
+                if stride == 1 and channels == width
+                else nn.Sequential(conv1x1(channels, width, stride), nn.BatchNorm2d(width))
+            )
             stages.append(BasicBlock(channels, width, stride, downsample))
             channels = width
         self.stages = nn.Sequential(*stages)

@@ -57,17 +57,24 @@ def _smooth_field(n: int, channels: int, generator: torch.Generator, grid: int =
     return F.interpolate(coarse, size=(SIZE, SIZE), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-def _objects(n: int, generator: torch.Generator, labels: Tensor, centers: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+def _objects(
+    n: int, generator: torch.Generator, labels: Tensor, centers: Tensor, scales: Tensor
+) -> tuple[Tensor, Tensor]:
     """Object masks and textured colours for given classes, centres (pixels) and scales (pixels)."""
     coordinates = torch.arange(SIZE, dtype=torch.float32)
     y, x = torch.meshgrid(coordinates, coordinates, indexing="ij")
     angle = torch.rand(n, 1, 1, generator=generator) * 2 * math.pi
-    dx, dy = (x - centers[:, 0, None, None]) / scales[:, None, None], (y - centers[:, 1, None, None]) / scales[:, None, None]
+    dx, dy = (
+        (x - centers[:, 0, None, None]) / scales[:, None, None],
+        (y - centers[:, 1, None, None]) / scales[:, None, None],
+    )
     u, v = dx * torch.cos(angle) + dy * torch.sin(angle), -dx * torch.sin(angle) + dy * torch.cos(angle)
     masks = _shape_masks(u, v)[labels, torch.arange(n)]
     colour = torch.rand(n, 3, 1, 1, generator=generator)
     frequency = 0.2 + 0.6 * torch.rand(n, 1, 1, 1, generator=generator)
-    stripes = torch.sin(frequency * (u * torch.cos(angle) + v * torch.sin(angle))[:, None] * scales[:, None, None, None])
+    stripes = torch.sin(
+        frequency * (u * torch.cos(angle) + v * torch.sin(angle))[:, None] * scales[:, None, None, None]
+    )
     texture = (colour + 0.15 * torch.rand(n, 1, 1, 1, generator=generator) * stripes).clamp(0, 1)
     return masks, texture
 
@@ -87,7 +94,11 @@ def render(n: int, generator: torch.Generator, objects: int = 1, labels: Optiona
     images = images + 0.03 * torch.randn(n, 3, SIZE, SIZE, generator=generator)
     all_masks = []
     for k in range(objects):
-        scale = (14 + 14 * torch.rand(n, generator=generator)) if objects == 1 else (12 + 8 * torch.rand(n, generator=generator))
+        scale = (
+            (14 + 14 * torch.rand(n, generator=generator))
+            if objects == 1
+            else (12 + 8 * torch.rand(n, generator=generator))
+        )
         if objects == 1:
             center = scale[:, None] + (SIZE - 2 * scale[:, None]) * torch.rand(n, 2, generator=generator)
         else:  # left and right halves

@@ -72,9 +72,15 @@ class FeatureReader:
             try:
                 return model.get_submodule(feature_layer)
             except AttributeError:
-                raise LayerMaskError(f"the model has no submodule {feature_layer!r}; pass a name from model.named_modules() or 'output'.") from None
+                raise LayerMaskError(
+                    f"the model has no submodule {feature_layer!r}; pass a name from model.named_modules() or 'output'."
+                ) from None
         ran = []
-        handles = [module.register_forward_pre_hook(lambda module, args: ran.append(module)) for module in model.modules() if isinstance(module, nn.Linear)]
+        handles = [
+            module.register_forward_pre_hook(lambda module, args: ran.append(module))
+            for module in model.modules()
+            if isinstance(module, nn.Linear)
+        ]
         try:
             with torch.no_grad():
                 model(probe)
@@ -82,10 +88,12 @@ class FeatureReader:
             for handle in handles:
                 handle.remove()
         if not ran:
-            raise LayerMaskError("no nn.Linear runs in the model, so its classifier is not found; pass feature_layer= (a submodule name, or 'output').")
+            raise LayerMaskError(
+                "no nn.Linear runs in the model, so its classifier is not found; pass feature_layer= (a submodule name, or 'output')."
+            )
         return ran[-1]
 
-    def __enter__(self) -> "FeatureReader":
+    def __enter__(self) -> FeatureReader:
         if self.module is not None:
             self._handle = self.module.register_forward_pre_hook(self._capture)
         return self
@@ -104,7 +112,11 @@ class FeatureReader:
         output = forward(x, mask)
         features = output if self.read_output else self.captured
         if not isinstance(features, Tensor):
-            raise LayerMaskError("the masker's forward pass did not run the feature layer; pass feature_layer= a layer it runs, or 'output'.")
+            raise LayerMaskError(
+                "the masker's forward pass did not run the feature layer; pass feature_layer= a layer it runs, or 'output'."
+            )
         if features.ndim != 2:
-            raise LayerMaskError(f"features must be (N, F) vectors, but the feature layer's input has shape {tuple(features.shape)}; pass feature_layer= a layer that takes feature vectors.")
+            raise LayerMaskError(
+                f"features must be (N, F) vectors, but the feature layer's input has shape {tuple(features.shape)}; pass feature_layer= a layer that takes feature vectors."
+            )
         return features.detach().float()

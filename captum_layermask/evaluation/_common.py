@@ -14,23 +14,31 @@ from ._batching import batches
 def check_images(images: Any) -> None:
     """Raises :class:`MaskShapeError` unless ``images`` is a non-empty batch of model inputs ``(N, C, H, W)``."""
     if not isinstance(images, Tensor) or images.ndim != 4:
-        raise MaskShapeError(f"images must be a tensor (N, C, H, W), got {getattr(images, 'shape', type(images).__name__)}.")
+        raise MaskShapeError(
+            f"images must be a tensor (N, C, H, W), got {getattr(images, 'shape', type(images).__name__)}."
+        )
     if len(images) == 0 or images.shape[-1] == 0 or images.shape[-2] == 0:
-        raise MaskShapeError(f"images must hold at least one image of at least one pixel, got shape {tuple(images.shape)}.")
+        raise MaskShapeError(
+            f"images must hold at least one image of at least one pixel, got shape {tuple(images.shape)}."
+        )
 
 
 def check_object_masks(object_masks: Any, expected: tuple) -> None:
     """Raises :class:`MaskShapeError` unless ``object_masks`` has shape ``expected``, i.e. ``(N, H, W)``."""
     shape = tuple(getattr(object_masks, "shape", ()))
     if not isinstance(object_masks, Tensor) or shape != expected:
-        raise MaskShapeError(f"object masks must have shape {expected} (True on the object), got {shape or type(object_masks).__name__}.")
+        raise MaskShapeError(
+            f"object masks must have shape {expected} (True on the object), got {shape or type(object_masks).__name__}."
+        )
 
 
 def check_inputs(images: Tensor, labels: Tensor, object_masks: Optional[Tensor] = None) -> None:
     """:func:`check_images`, then labels ``(N,)`` and object masks ``(N, H, W)`` that fit the images."""
     check_images(images)
     if tuple(torch.as_tensor(labels).shape) != (len(images),):
-        raise MaskShapeError(f"labels must have shape ({len(images)},), one class index per image, got {tuple(torch.as_tensor(labels).shape)}.")
+        raise MaskShapeError(
+            f"labels must have shape ({len(images)},), one class index per image, got {tuple(torch.as_tensor(labels).shape)}."
+        )
     if object_masks is not None:
         check_object_masks(object_masks, (len(images), *images.shape[-2:]))
 
@@ -46,11 +54,20 @@ def logits_of(output: Any) -> Tensor:
     if isinstance(output, (tuple, list)):
         output = output[0]
     if not isinstance(output, Tensor) or output.ndim != 2:
-        raise ValueError(f"the model must return class scores (N, classes), got {getattr(output, 'shape', type(output).__name__)}.")
+        raise ValueError(
+            f"the model must return class scores (N, classes), got {getattr(output, 'shape', type(output).__name__)}."
+        )
     return output
 
 
-def predict(forward: Callable[[Tensor, Tensor], Any], device: torch.device, images: Tensor, masks: Callable[[slice], Tensor], batch_size: int, bar: Any) -> Tuple[Tensor, int]:
+def predict(
+    forward: Callable[[Tensor, Tensor], Any],
+    device: torch.device,
+    images: Tensor,
+    masks: Callable[[slice], Tensor],
+    batch_size: int,
+    bar: Any,
+) -> Tuple[Tensor, int]:
     """Predicted classes ``(N,)`` of ``images`` under ``masks(part)`` (bool ``(len(part), 1, H, W)``), and the
     number of classes the model scores."""
     out = []
@@ -61,10 +78,14 @@ def predict(forward: Callable[[Tensor, Tensor], Any], device: torch.device, imag
     return torch.cat(out), logits.shape[1]
 
 
-def clean_predict(forward: Callable[[Tensor, Tensor], Any], device: torch.device, images: Tensor, batch_size: int, bar: Any) -> Tuple[Tensor, int]:
+def clean_predict(
+    forward: Callable[[Tensor, Tensor], Any], device: torch.device, images: Tensor, batch_size: int, bar: Any
+) -> Tuple[Tensor, int]:
     """:func:`predict` with nothing removed."""
     full = torch.ones(1, 1, *images.shape[-2:], dtype=torch.bool)
-    return predict(forward, device, images, lambda part: full.expand(part.stop - part.start, -1, -1, -1), batch_size, bar)
+    return predict(
+        forward, device, images, lambda part: full.expand(part.stop - part.start, -1, -1, -1), batch_size, bar
+    )
 
 
 def class_entropy(predictions: Tensor, num_classes: int) -> float:

@@ -26,7 +26,9 @@ def _check_attributions(attributions: Tensor, segments: Tensor) -> Tensor:
     """``(N, H, W)`` attributions (channels averaged) and ``(N, H, W)`` integer segments of the same pixels."""
     if not isinstance(attributions, Tensor) or attributions.ndim not in (3, 4):
         shape = tuple(getattr(attributions, "shape", ()))
-        raise MaskShapeError(f"attributions must be (N, H, W) or (N, C, H, W), got {shape}; add the batch dimension to a single map.")
+        raise MaskShapeError(
+            f"attributions must be (N, H, W) or (N, C, H, W), got {shape}; add the batch dimension to a single map."
+        )
     if attributions.ndim == 4:
         attributions = attributions.mean(1)
     check_segment_ids(segments, attributions.shape)
@@ -36,7 +38,6 @@ def _check_attributions(attributions: Tensor, segments: Tensor) -> Tensor:
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k (segments taken) must be an int of at least 1, got {k!r}.")
-
 
 
 def segment_scores(attributions: Tensor, segments: Tensor) -> List[Tensor]:
@@ -97,7 +98,9 @@ def topk_ablation_accuracy(
     removed = top_segments_mask(attributions, segments, k)
     masker_ = get_masker(masker)
     with progress_bar(len(images), f"top-{k} ablation ({masker_.name})", show_progress) as bar:
-        predictions, _ = predict(masker_.bind(model), model_device(model), images, lambda part: ~removed[part][:, None], batch_size, bar)
+        predictions, _ = predict(
+            masker_.bind(model), model_device(model), images, lambda part: ~removed[part][:, None], batch_size, bar
+        )
     return float((predictions == torch.as_tensor(labels).cpu()).double().mean())
 
 
@@ -148,7 +151,11 @@ def binary_cosine_kernel(kernel_width: float = 0.25) -> Callable[..., Tensor]:
 
     def similarity(original: Any, perturbed: Any, sample: Tensor, **kwargs: Any) -> Tensor:
         sample = sample.double().flatten()
-        distance = 1 - sample.sum().sqrt() / math.sqrt(sample.numel()) if sample.any() else torch.tensor(1.0, dtype=torch.float64)
+        distance = (
+            1 - sample.sum().sqrt() / math.sqrt(sample.numel())
+            if sample.any()
+            else torch.tensor(1.0, dtype=torch.float64)
+        )
         return torch.exp(-(distance**2) / kernel_width**2).sqrt()
 
     return similarity
@@ -196,29 +203,41 @@ def lime_attributions(
     masker_ = get_masker(masker)
     forward, device = masker_.bind(model), model_device(model)
     segments = torch.stack([consecutive_ids(ids) for ids in segments]).to(device)
+    surrogate = interpretable_model or SkLearnRidge(alpha=1.0)
+
+    def probabilities(x: Tensor, mask: Tensor) -> Tensor:
+        return F.softmax(logits_of(forward(x, mask)).float(), dim=1)
+
     maps = []
-    bar = progress_bar(len(images), f"lime ({masker_.name})", show_progress)
-    for index in range(len(images)):
-        ids = segments[index]
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        count = int(ids.max()) + 1
-
-        def sample(original: Any, **kwargs: Any) -> Tensor:
-            return torch.bernoulli(torch.full((1, count), 0.5), generator=generator).long().to(device)
-
-        def to_input(keep: Tensor, original: Tensor, **kwargs: Any) -> tuple:
-            return original, keep[0].bool()[ids][None, None]
-
-        def probabilities(x: Tensor, mask: Tensor) -> Tensor:
-            return F.softmax(logits_of(forward(x, mask)).float(), dim=1)
-
-        lime = LimeBase(probabilities, interpretable_model or SkLearnRidge(alpha=1.0), binary_cosine_kernel(kernel_width), sample, True, to_input, None)
-        with torch.no_grad():
-            coefficients = lime.attribute(images[index : index + 1].to(device), target=int(targets[index]), n_samples=n_samples, perturbations_per_eval=perturbations_per_eval)
-        maps.append(coefficients.flatten().to(device)[ids].cpu())
-        bar.update()
-    bar.close()
+    with progress_bar(len(images), f"lime ({masker_.name})", show_progress) as bar:
+        for index in range(len(images)):
+            ids = segments[index]
+            sample, to_input = _lime_sampling(ids, torch.Generator().manual_seed(seed * 1_000_003 + index))
+            lime = LimeBase(probabilities, surrogate, binary_cosine_kernel(kernel_width), sample, True, to_input, None)
+            with torch.no_grad():
+                coefficients = lime.attribute(
+                    images[index : index + 1].to(device),
+                    target=int(targets[index]),
+                    n_samples=n_samples,
+                    perturbations_per_eval=perturbations_per_eval,
+                )
+            maps.append(coefficients.flatten().to(device)[ids].cpu())
+            bar.update()
     return torch.stack(maps)
+
+
+def _lime_sampling(ids: Tensor, generator: torch.Generator) -> tuple:
+    """LimeBase's sampler (each of the image's segments kept with probability 1/2, from ``generator``) and its
+    transform of a binary sample into ``(image, mask)``."""
+    count = int(ids.max()) + 1
+
+    def sample(original: Any, **kwargs: Any) -> Tensor:
+        return torch.bernoulli(torch.full((1, count), 0.5), generator=generator).long().to(ids.device)
+
+    def to_input(keep: Tensor, original: Tensor, **kwargs: Any) -> tuple:
+        return original, keep[0].bool()[ids][None, None]
+
+    return sample, to_input
 
 
 @dataclass
@@ -279,14 +298,33 @@ def lime_metrics(
     results = {}
     for masker in maskers:
         masker_ = get_masker(masker)
-        maps = lime_attributions(model, images, labels, segments, masker_, n_samples=n_samples, perturbations_per_eval=perturbations_per_eval, seed=seed, show_progress=show_progress)
+        maps = lime_attributions(
+            model,
+            images,
+            labels,
+            segments,
+            masker_,
+            n_samples=n_samples,
+            perturbations_per_eval=perturbations_per_eval,
+            seed=seed,
+            show_progress=show_progress,
+        )
         results[masker_.name] = LimeMetrics(
             masker=masker_.name,
             k=k,
-            topk_ablation_accuracy=topk_ablation_accuracy(model, images, labels, maps, segments, k, ablation_masker, batch_size=batch_size, show_progress=show_progress),
+            topk_ablation_accuracy=topk_ablation_accuracy(
+                model,
+                images,
+                labels,
+                maps,
+                segments,
+                k,
+                ablation_masker,
+                batch_size=batch_size,
+                show_progress=show_progress,
+            ),
             alignment_score=float(alignment_score(maps, segments, object_masks).mean()),
             topk_jaccard=float(topk_jaccard(maps, segments, object_masks, k).mean()),
             attributions=maps,
         )
     return results
-

@@ -48,14 +48,29 @@ class SizeCurve:
 class _FeatureRun:
     """A model bound to a masker, with its feature reader: ``run(images, masks)`` gives features in batches."""
 
-    def __init__(self, model: nn.Module, masker: MaskerSpec, feature_layer: FeatureLayer, images: Tensor, batch_size: int, show_progress: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        masker: MaskerSpec,
+        feature_layer: FeatureLayer,
+        images: Tensor,
+        batch_size: int,
+        show_progress: bool,
+    ) -> None:
         self.device = model_device(model)
         self.masker = get_masker(masker)
         self.forward = self.masker.bind(model)
         self.reader = FeatureReader(model, feature_layer, images[:1].to(self.device))
         self.batch_size, self.show_progress = batch_size, show_progress
 
-    def run(self, images: Tensor, masks: Tensor, description: str, image_index: Optional[Tensor] = None, mask_index: Optional[Tensor] = None) -> Tensor:
+    def run(
+        self,
+        images: Tensor,
+        masks: Tensor,
+        description: str,
+        image_index: Optional[Tensor] = None,
+        mask_index: Optional[Tensor] = None,
+    ) -> Tensor:
         """Features ``(M, F)`` of ``images[image_index[k]]`` under ``masks[mask_index[k]]`` (bool ``(., 1, H, W)``).
 
         Without indices, image ``k`` is paired with mask ``k`` (or with the single mask given).
@@ -164,7 +179,9 @@ def output_collapse(
     for size in sizes:
         top, left, _, _ = box = _centred(height, width, size)
         canvas = images.new_zeros(count, channels, height, width)
-        canvas[..., top : top + size, left : left + size] = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        canvas[..., top : top + size, left : left + size] = F.interpolate(
+            images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         difference = _pair_cosines(run.run(canvas, box_masks(height, width, [box]), f"collapse ({size}px)")) - clean
         values.append(float(difference.mean()))
         per_pair.append(difference)

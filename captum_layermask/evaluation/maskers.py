@@ -59,7 +59,9 @@ class LayerMasking(Masker):
         self.padding, self.residual = padding, residual
 
     def bind(self, model: nn.Module) -> MaskedForward:
-        masked = layer_masked(model, padding=self.padding, residual=self.residual)  # a layer-masked model is used as it is
+        masked = layer_masked(
+            model, padding=self.padding, residual=self.residual
+        )  # a layer-masked model is used as it is
         return lambda x, mask: masked(x, mask=mask)
 
     def __repr__(self) -> str:
@@ -162,7 +164,13 @@ class _CallableMasker(Masker):
 
 MaskerSpec = Union[str, Masker, Callable[[nn.Module, Tensor, Tensor], Any]]
 MASKER_NAMES = ("layer", "grey", "black", "blur", "mean")
-MASKER_TITLES = {"black": "black fill", "grey": "grey fill", "layer": "layer masking", "blur": "blur fill", "mean": "mean-colour fill"}
+MASKER_TITLES = {
+    "black": "black fill",
+    "grey": "grey fill",
+    "layer": "layer masking",
+    "blur": "blur fill",
+    "mean": "mean-colour fill",
+}
 """How figures and tables name each built-in masker."""
 
 
@@ -171,7 +179,12 @@ def masker_title(name: str) -> str:
     return MASKER_TITLES.get(name, name)
 
 
-def get_masker(masker: MaskerSpec, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, residual: str = "intersection") -> Masker:
+def get_masker(
+    masker: MaskerSpec,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    residual: str = "intersection",
+) -> Masker:
     """A :class:`Masker` from a name, a masker or a callable ``fn(model, x, mask)``.
 
     Names: ``"layer"`` (:class:`LayerMasking`), ``"grey"`` (:func:`grey`), ``"black"`` (:func:`black` with the
@@ -184,10 +197,20 @@ def get_masker(masker: MaskerSpec, mean: Sequence[float] = IMAGENET_MEAN, std: S
     if isinstance(masker, Masker):
         return masker
     if isinstance(masker, str):
-        factories = {"layer": lambda: LayerMasking(residual=residual), "grey": grey, "black": lambda: black(mean, std), "blur": BlurFill, "mean": MeanColourFill}
+        factories = {
+            "layer": lambda: LayerMasking(residual=residual),
+            "grey": grey,
+            "black": lambda: black(mean, std),
+            "blur": BlurFill,
+            "mean": MeanColourFill,
+        }
         if masker not in factories:
-            raise LayerMaskError(f"unknown masker {masker!r}; use one of {', '.join(MASKER_NAMES)}, a Masker or a callable fn(model, x, mask).")
+            raise LayerMaskError(
+                f"unknown masker {masker!r}; use one of {', '.join(MASKER_NAMES)}, a Masker or a callable fn(model, x, mask)."
+            )
         return factories[masker]()
     if callable(masker):
         return _CallableMasker(masker)
-    raise LayerMaskError(f"masker must be a name ({', '.join(MASKER_NAMES)}), a Masker or a callable fn(model, x, mask), got {type(masker).__name__}.")
+    raise LayerMaskError(
+        f"masker must be a name ({', '.join(MASKER_NAMES)}), a Masker or a callable fn(model, x, mask), got {type(masker).__name__}."
+    )

@@ -11,7 +11,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalizer(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Callable[[Tensor], Tensor]:
+def normalizer(
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Callable[[Tensor], Tensor]:
     """``(pixels - mean) / std`` per channel, for pixels ``(N, C, H, W)`` in [0, 1]."""
     if len(mean) != len(std):
         raise ValueError(f"mean and std must have one value per channel, got {len(mean)} and {len(std)}.")

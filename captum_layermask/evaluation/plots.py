@@ -27,7 +27,11 @@ def _style(masker: str, index: int) -> Dict[str, str]:
     return {"color": COLOURS.get(masker, f"C{index}"), "label": masker_title(masker)}
 
 
-def plot_removal_curves(curves: Sequence[RemovalCurve], metrics: Sequence[str] = ("accuracy", "entropy", "unchanged"), title: Optional[str] = None):
+def plot_removal_curves(
+    curves: Sequence[RemovalCurve],
+    metrics: Sequence[str] = ("accuracy", "entropy", "unchanged"),
+    title: Optional[str] = None,
+):
     """Paper Fig. 4: each metric against the fraction of segments removed, one line per curve, AUC in the legend.
 
     Args:
@@ -62,7 +66,9 @@ def plot_shape_bias(results: Sequence[ShapeBias], class_names: Optional[Sequence
     """
     plt = _pyplot()
     classes = sorted({label for result in results for label in result.per_class})
-    groups = ["average"] + [class_names[c] if class_names is not None and c < len(class_names) else str(c) for c in classes]
+    groups = ["average"] + [
+        class_names[c] if class_names is not None and c < len(class_names) else str(c) for c in classes
+    ]
     fig, axis = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) * max(1, len(results)) / 2), 3.8))
     width = 0.8 / max(1, len(results))
     for index, result in enumerate(results):
@@ -71,8 +77,16 @@ def plot_shape_bias(results: Sequence[ShapeBias], class_names: Optional[Sequence
         for group, (object_accuracy, broken_accuracy) in enumerate(pairs):
             x = group + (index - (len(results) - 1) / 2) * width
             axis.bar(x, broken_accuracy, width * 0.95, color=style["color"], alpha=0.35)
-            axis.bar(x, object_accuracy, width * 0.95, color=style["color"], label=style["label"] if group == 0 else None)
-            axis.text(x, max(object_accuracy, broken_accuracy) + 0.02, f"{broken_accuracy - object_accuracy:+.2f}", ha="center", fontsize=7)
+            axis.bar(
+                x, object_accuracy, width * 0.95, color=style["color"], label=style["label"] if group == 0 else None
+            )
+            axis.text(
+                x,
+                max(object_accuracy, broken_accuracy) + 0.02,
+                f"{broken_accuracy - object_accuracy:+.2f}",
+                ha="center",
+                fontsize=7,
+            )
     axis.set_xticks(range(len(groups)), groups)
     axis.set_ylim(0, 1.15)
     axis.set_ylabel("accuracy")
@@ -86,7 +100,11 @@ def plot_lime_metrics(results: Mapping[str, LimeMetrics], title: Optional[str] =
     """Paper Table 2 as bars: top-k ablation accuracy (lower is better), alignment score and top-k Jaccard
     (higher is better), one bar per masker."""
     plt = _pyplot()
-    metrics = (("topk_ablation_accuracy", "top-{k} ablation accuracy (lower is better)"), ("alignment_score", "alignment score"), ("topk_jaccard", "top-{k} Jaccard"))
+    metrics = (
+        ("topk_ablation_accuracy", "top-{k} ablation accuracy (lower is better)"),
+        ("alignment_score", "alignment score"),
+        ("topk_jaccard", "top-{k} Jaccard"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for axis, (metric, label) in zip(axes, metrics):
         for index, (name, result) in enumerate(results.items()):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,6 @@ from .segmentation import SegmenterSpec, segment_images, segmenter_name
 
 ORDERS = ("random", "most_salient", "least_salient")
 DEFAULT_FRACTIONS = tuple(i / 10 for i in range(11))
-
 
 
 @dataclass
@@ -59,7 +58,10 @@ class RemovalCurve:
     def auc(self) -> Dict[str, float]:
         """Area under each curve (trapezoids over ``fractions``), the figures of the paper's Table 1."""
         x = torch.tensor(self.fractions, dtype=torch.float64)
-        return {name: float(torch.trapezoid(torch.tensor(getattr(self, name), dtype=torch.float64), x)) for name in ("accuracy", "entropy", "unchanged")}
+        return {
+            name: float(torch.trapezoid(torch.tensor(getattr(self, name), dtype=torch.float64), x))
+            for name in ("accuracy", "entropy", "unchanged")
+        }
 
 
 def removal_order(segments: Tensor, order: str, saliency: Optional[Tensor] = None, seed: int = 0) -> List[Tensor]:
@@ -78,7 +80,9 @@ def removal_order(segments: Tensor, order: str, saliency: Optional[Tensor] = Non
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}.")
     if order != "random" and (saliency is None or tuple(saliency.shape) != tuple(segments.shape)):
-        raise MaskShapeError(f"order {order!r} needs saliency maps of shape {tuple(segments.shape)} (one value per pixel), got {None if saliency is None else tuple(saliency.shape)}.")
+        raise MaskShapeError(
+            f"order {order!r} needs saliency maps of shape {tuple(segments.shape)} (one value per pixel), got {None if saliency is None else tuple(saliency.shape)}."
+        )
     generator = torch.Generator().manual_seed(seed)
     orders = []
     for index, ids in enumerate(segments):
@@ -86,7 +90,9 @@ def removal_order(segments: Tensor, order: str, saliency: Optional[Tensor] = Non
         if order == "random":
             orders.append(torch.randperm(count, generator=generator))
         else:
-            scores = torch.zeros(count, dtype=torch.float64).index_add_(0, ids.flatten().cpu(), saliency[index].flatten().double().cpu())
+            scores = torch.zeros(count, dtype=torch.float64).index_add_(
+                0, ids.flatten().cpu(), saliency[index].flatten().double().cpu()
+            )
             orders.append(torch.sort(scores, descending=order == "most_salient", stable=True).indices)
     return orders
 
@@ -128,8 +134,14 @@ def removal_curve(
         A :class:`RemovalCurve`; ``.auc`` holds the areas under the curves.
     """
     check_inputs(images, labels)
-    if not fractions or any(not 0 <= f <= 1 for f in fractions) or any(a >= b for a, b in zip(fractions, fractions[1:])):
-        raise ValueError(f"fractions must increase within [0, 1] (the curve's x axis, for its AUC), got {list(fractions)}.")
+    if (
+        not fractions
+        or any(not 0 <= f <= 1 for f in fractions)
+        or any(a >= b for a, b in zip(fractions, fractions[1:]))
+    ):
+        raise ValueError(
+            f"fractions must increase within [0, 1] (the curve's x axis, for its AUC), got {list(fractions)}."
+        )
     labels = torch.as_tensor(labels).cpu()
     segments = segment_images(images, segmenter).cpu()
     orders = removal_order(segments, order, saliency, seed)
@@ -148,7 +160,9 @@ def removal_curve(
 
     with progress_bar(len(images) * (len(fractions) + 1), f"removal ({masker_.name}, {order})", show_progress) as bar:
         clean, num_classes = clean_predict(forward, device, images, batch_size, bar)
-        predictions = torch.stack([predict(forward, device, images, masks_at(f), batch_size, bar)[0] for f in fractions], 1)
+        predictions = torch.stack(
+            [predict(forward, device, images, masks_at(f), batch_size, bar)[0] for f in fractions], 1
+        )
     return RemovalCurve(
         fractions=list(fractions),
         accuracy=[float((predictions[:, j] == labels).double().mean()) for j in range(len(fractions))],
@@ -159,7 +173,6 @@ def removal_curve(
         segmenter=segmenter_name(segmenter),
         predictions=predictions,
     )
-
 
 
 def broken_mask(object_masks: Tensor) -> Tensor:
@@ -225,16 +238,25 @@ def shape_bias(
     labels = torch.as_tensor(labels).cpu()
     masker_ = get_masker(masker)
     forward, device = masker_.bind(model), model_device(model)
-    visible = {"object": ~object_masks.bool().cpu()[:, None], "broken": ~broken_mask(object_masks.bool().cpu())[:, None]}
+    visible = {
+        "object": ~object_masks.bool().cpu()[:, None],
+        "broken": ~broken_mask(object_masks.bool().cpu())[:, None],
+    }
     with progress_bar(3 * len(images), f"shape bias ({masker_.name})", show_progress) as bar:
         clean, _ = clean_predict(forward, device, images, batch_size, bar)
-        correct = {name: predict(forward, device, images, lambda part, m=m: m[part], batch_size, bar)[0] == labels for name, m in visible.items()}
+        correct = {
+            name: predict(forward, device, images, lambda part, m=m: m[part], batch_size, bar)[0] == labels
+            for name, m in visible.items()
+        }
     chosen = clean == labels if only_correct else torch.ones_like(labels, dtype=torch.bool)
     per_class = {}
     for label in labels[chosen].unique().tolist():
         in_class = chosen & (labels == label)
-        per_class[int(label)] = (float(correct["object"][in_class].double().mean()), float(correct["broken"][in_class].double().mean()), int(in_class.sum()))
+        per_class[int(label)] = (
+            float(correct["object"][in_class].double().mean()),
+            float(correct["broken"][in_class].double().mean()),
+            int(in_class.sum()),
+        )
     count = int(chosen.sum())
     accuracy = {name: float(c[chosen].double().mean()) if count else math.nan for name, c in correct.items()}
     return ShapeBias(masker_.name, accuracy["object"], accuracy["broken"], count, per_class)
-

@@ -59,21 +59,66 @@ class EvaluationReport:
         rows: List[Dict[str, object]] = []
         for curve in self.removal:
             for metric, value in curve.auc.items():
-                rows.append(dict(section="removal AUC", segmenter=curve.segmenter, order=curve.order, masker=curve.masker, metric=metric, value=value))
+                rows.append(
+                    dict(
+                        section="removal AUC",
+                        segmenter=curve.segmenter,
+                        order=curve.order,
+                        masker=curve.masker,
+                        metric=metric,
+                        value=value,
+                    )
+                )
         for result in self.shape:
             for metric in ("object_accuracy", "broken_accuracy", "difference"):
-                rows.append(dict(section="shape bias", segmenter="", order="", masker=result.masker, metric=metric, value=getattr(result, metric)))
+                rows.append(
+                    dict(
+                        section="shape bias",
+                        segmenter="",
+                        order="",
+                        masker=result.masker,
+                        metric=metric,
+                        value=getattr(result, metric),
+                    )
+                )
         for segmenter, results in self.lime.items():
             for result in results.values():
                 for metric in ("topk_ablation_accuracy", "alignment_score", "topk_jaccard"):
-                    rows.append(dict(section=f"LIME (k={result.k})", segmenter=segmenter, order="", masker=result.masker, metric=metric, value=getattr(result, metric)))
+                    rows.append(
+                        dict(
+                            section=f"LIME (k={result.k})",
+                            segmenter=segmenter,
+                            order="",
+                            masker=result.masker,
+                            metric=metric,
+                            value=getattr(result, metric),
+                        )
+                    )
         for masker, scores in self.linearity.items():
             for patch, score in scores.items():
-                rows.append(dict(section="linearity", segmenter=f"{patch}px patches", order="", masker=masker, metric="cosine similarity", value=score))
+                rows.append(
+                    dict(
+                        section="linearity",
+                        segmenter=f"{patch}px patches",
+                        order="",
+                        masker=masker,
+                        metric="cosine similarity",
+                        value=score,
+                    )
+                )
         for section, curves in (("output collapse", self.collapse), ("feature magnitude", self.magnitude)):
             for curve in curves:
                 for size, value in zip(curve.sizes, curve.values):
-                    rows.append(dict(section=section, segmenter=f"{size}px visible", order="", masker=curve.masker, metric=curve.metric, value=value))
+                    rows.append(
+                        dict(
+                            section=section,
+                            segmenter=f"{size}px visible",
+                            order="",
+                            masker=curve.masker,
+                            metric=curve.metric,
+                            value=value,
+                        )
+                    )
         return rows
 
     def to_csv(self, path: Path) -> None:
@@ -89,20 +134,44 @@ class EvaluationReport:
             parts.append(self._removal_table())
         if self.shape:
             counts = self.shape[0].count
-            lines = [f"**Shape bias** ({counts} images classified correctly unmasked): accuracy with the object removed, with the broken mask removed, and the difference (higher: less reliance on the mask's shape).", "", "| masker | object removed | broken mask removed | difference |", "|---|---|---|---|"]
-            lines += [f"| {masker_title(r.masker)} | {r.object_accuracy:.3f} | {r.broken_accuracy:.3f} | {r.difference:+.3f} |" for r in self.shape]
+            lines = [
+                f"**Shape bias** ({counts} images classified correctly unmasked): accuracy with the object removed, with the broken mask removed, and the difference (higher: less reliance on the mask's shape).",
+                "",
+                "| masker | object removed | broken mask removed | difference |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {masker_title(r.masker)} | {r.object_accuracy:.3f} | {r.broken_accuracy:.3f} | {r.difference:+.3f} |"
+                for r in self.shape
+            ]
             parts.append("\n".join(lines))
         if self.lime:
             parts.append(self._lime_table())
         if self.linearity:
             patches = list(next(iter(self.linearity.values())))
-            lines = [f"**Linearity in masking** ({self.diagnostic_images} images): cosine similarity of the features and the sum of the features of each patch alone (higher: more linear).", "", "| masker | " + " | ".join(f"{p}px patches" for p in patches) + " |", "|---" * (len(patches) + 1) + "|"]
-            lines += [f"| {masker_title(m)} | " + " | ".join(f"{scores[p]:.3f}" for p in patches) + " |" for m, scores in self.linearity.items()]
+            lines = [
+                f"**Linearity in masking** ({self.diagnostic_images} images): cosine similarity of the features and the sum of the features of each patch alone (higher: more linear).",
+                "",
+                "| masker | " + " | ".join(f"{p}px patches" for p in patches) + " |",
+                "|---" * (len(patches) + 1) + "|",
+            ]
+            lines += [
+                f"| {masker_title(m)} | " + " | ".join(f"{scores[p]:.3f}" for p in patches) + " |"
+                for m, scores in self.linearity.items()
+            ]
             parts.append("\n".join(lines))
         if self.collapse:
             sizes = self.collapse[0].sizes
-            lines = [f"**Output collapse** ({self.diagnostic_images} images, all pairs): change of the pairwise cosine similarity of features when the images shrink to n x n (closer to 0 is better).", "", "| masker | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
-            lines += [f"| {masker_title(c.masker)} | " + " | ".join(f"{v:+.3f}" for v in c.values) + " |" for c in self.collapse]
+            lines = [
+                f"**Output collapse** ({self.diagnostic_images} images, all pairs): change of the pairwise cosine similarity of features when the images shrink to n x n (closer to 0 is better).",
+                "",
+                "| masker | " + " | ".join(f"n={n}" for n in sizes) + " |",
+                "|---" * (len(sizes) + 1) + "|",
+            ]
+            lines += [
+                f"| {masker_title(c.masker)} | " + " | ".join(f"{v:+.3f}" for v in c.values) + " |"
+                for c in self.collapse
+            ]
             parts.append("\n".join(lines))
         return "\n\n".join(parts) + "\n"
 
@@ -111,7 +180,12 @@ class EvaluationReport:
         maskers = list(dict.fromkeys(c.masker for c in self.removal))
         by_key = {(c.segmenter, c.order, c.masker): c for c in self.removal}
         header = "| AUC | " + " | ".join(f"{s}, {o.replace('_', ' ')}" for s, o in columns) + " |"
-        lines = [f"**Removal curves** ({self.images} images): area under each metric against the fraction of segments removed (higher is better).", "", header, "|---" * (len(columns) + 1) + "|"]
+        lines = [
+            f"**Removal curves** ({self.images} images): area under each metric against the fraction of segments removed (higher is better).",
+            "",
+            header,
+            "|---" * (len(columns) + 1) + "|",
+        ]
         for metric in ("accuracy", "entropy", "unchanged"):
             for masker in maskers:
                 values = [by_key.get((s, o, masker)) for s, o in columns]
@@ -123,11 +197,22 @@ class EvaluationReport:
         segmenters = list(self.lime)
         maskers = list(dict.fromkeys(m for results in self.lime.values() for m in results))
         ks = {s: next(iter(results.values())).k for s, results in self.lime.items()}
-        names = (("topk_ablation_accuracy", "top-k ablation accuracy (lower is better)"), ("alignment_score", "alignment score"), ("topk_jaccard", "top-k Jaccard"))
-        lines = [f"**LIME metrics** ({self.lime_images} images, true class explained): top-k ablation accuracy (grey removal; lower is better), alignment score and top-k Jaccard with the object mask (higher is better).", "", "| metric | " + " | ".join(f"{s} (k={ks[s]})" for s in segmenters) + " |", "|---" * (len(segmenters) + 1) + "|"]
+        names = (
+            ("topk_ablation_accuracy", "top-k ablation accuracy (lower is better)"),
+            ("alignment_score", "alignment score"),
+            ("topk_jaccard", "top-k Jaccard"),
+        )
+        lines = [
+            f"**LIME metrics** ({self.lime_images} images, true class explained): top-k ablation accuracy (grey removal; lower is better), alignment score and top-k Jaccard with the object mask (higher is better).",
+            "",
+            "| metric | " + " | ".join(f"{s} (k={ks[s]})" for s in segmenters) + " |",
+            "|---" * (len(segmenters) + 1) + "|",
+        ]
         for metric, label in names:
             for masker in maskers:
-                cells = [f"{getattr(self.lime[s][masker], metric):.3f}" if masker in self.lime[s] else "" for s in segmenters]
+                cells = [
+                    f"{getattr(self.lime[s][masker], metric):.3f}" if masker in self.lime[s] else "" for s in segmenters
+                ]
                 lines.append(f"| {label}: {masker_title(masker)} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -212,23 +297,57 @@ def evaluate(
         segments = segment_images(data.images, get_segmenter(segmenter_name, data.mean, data.std))
         for order in orders:
             for name in maskers:
-                curve = removal_curve(model, data.images, data.labels, segments, order, _masker_for(name, data, residual), fractions, saliency=None if masks is None else masks.float(), seed=seed, **common)
+                curve = removal_curve(
+                    model,
+                    data.images,
+                    data.labels,
+                    segments,
+                    order,
+                    _masker_for(name, data, residual),
+                    fractions,
+                    saliency=None if masks is None else masks.float(),
+                    seed=seed,
+                    **common,
+                )
                 curve.segmenter = segmenter_name
                 report.removal.append(curve)
         if masks is not None and lime_images > 0:
             chosen = slice(0, min(lime_images, len(data.images)))
             report.lime_images = chosen.stop
             top = k or default_top_k(segments)
-            results = lime_metrics(model, data.images[chosen], data.labels[chosen], masks[chosen], segments[chosen], [_masker_for(name, data, residual) for name in maskers], k=top, n_samples=n_samples, ablation_masker="grey", seed=seed, **common)
+            results = lime_metrics(
+                model,
+                data.images[chosen],
+                data.labels[chosen],
+                masks[chosen],
+                segments[chosen],
+                [_masker_for(name, data, residual) for name in maskers],
+                k=top,
+                n_samples=n_samples,
+                ablation_masker="grey",
+                seed=seed,
+                **common,
+            )
             report.lime[segmenter_name] = results
     if masks is not None:
-        report.shape = [shape_bias(model, data.images, data.labels, masks, _masker_for(name, data, residual), **common) for name in maskers]
+        report.shape = [
+            shape_bias(model, data.images, data.labels, masks, _masker_for(name, data, residual), **common)
+            for name in maskers
+        ]
     if diagnostic_images > 0:
-        _diagnose(report, model, data.images[:diagnostic_images], [_masker_for(name, data, residual) for name in maskers], common)
+        _diagnose(
+            report,
+            model,
+            data.images[:diagnostic_images],
+            [_masker_for(name, data, residual) for name in maskers],
+            common,
+        )
     return report
 
 
-def _diagnose(report: EvaluationReport, model: nn.Module, images: Tensor, maskers: Sequence[Masker], common: dict) -> None:
+def _diagnose(
+    report: EvaluationReport, model: nn.Module, images: Tensor, maskers: Sequence[Masker], common: dict
+) -> None:
     side = min(images.shape[-2:])
     patches, sizes = [side // 2, side // 4, side // 8], [side // 8, side // 4, side // 2, 3 * side // 4, side]
     report.diagnostic_images = len(images)

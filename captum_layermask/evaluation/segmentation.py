@@ -41,7 +41,9 @@ class _SkimageSegmenter:
     def rgb(self, image: Tensor) -> np.ndarray:
         """``(H, W, 3)`` float64 in [0, 1] from a normalised ``(3, H, W)`` input."""
         if image.shape[0] != 3:
-            raise MaskShapeError(f"{self.name} segments RGB images, got {image.shape[0]} channels; use patches or your own segmenter.")
+            raise MaskShapeError(
+                f"{self.name} segments RGB images, got {image.shape[0]} channels; use patches or your own segmenter."
+            )
         pixels = image.detach().cpu().double() * self.std + self.mean
         return pixels.clamp(0, 1).permute(1, 2, 0).numpy()
 
@@ -51,7 +53,9 @@ class SLIC(_SkimageSegmenter):
 
     name = "slic"
 
-    def __init__(self, n_segments: int = 196, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self, n_segments: int = 196, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
         super().__init__(mean, std)
         self.n_segments = n_segments
 
@@ -88,7 +92,9 @@ Segmenter = Callable[[Tensor], Tensor]
 SegmenterSpec = Union[str, Segmenter, Tensor]
 
 
-def get_segmenter(segmenter: Union[str, Segmenter], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Segmenter:
+def get_segmenter(
+    segmenter: Union[str, Segmenter], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Segmenter:
     """A segmenter from a name (``"patches"``, ``"slic"``, ``"quickshift"``) or a callable ``fn(image) -> ids``.
 
     ``mean`` and ``std`` are the normalisation of the images that SLIC and quickshift undo (ImageNet's by
@@ -96,8 +102,14 @@ def get_segmenter(segmenter: Union[str, Segmenter], mean: Sequence[float] = IMAG
     """
     if isinstance(segmenter, str):
         if segmenter not in SEGMENTER_NAMES:
-            raise ValueError(f"unknown segmenter {segmenter!r}; use one of {', '.join(SEGMENTER_NAMES)} or a callable fn(image) -> (H, W) ids.")
-        return Patches() if segmenter == "patches" else {"slic": SLIC, "quickshift": Quickshift}[segmenter](mean=mean, std=std)
+            raise ValueError(
+                f"unknown segmenter {segmenter!r}; use one of {', '.join(SEGMENTER_NAMES)} or a callable fn(image) -> (H, W) ids."
+            )
+        return (
+            Patches()
+            if segmenter == "patches"
+            else {"slic": SLIC, "quickshift": Quickshift}[segmenter](mean=mean, std=std)
+        )
     if not callable(segmenter):
         raise TypeError(f"segmenter must be a name, a callable or a tensor of ids, got {type(segmenter).__name__}.")
     return segmenter
@@ -106,9 +118,13 @@ def get_segmenter(segmenter: Union[str, Segmenter], mean: Sequence[float] = IMAG
 def check_segment_ids(segments: Tensor, shape: Sequence[int]) -> None:
     """Raises :class:`MaskShapeError` unless ``segments`` is an integer tensor of ``shape``, i.e. ``(N, H, W)``."""
     if not isinstance(segments, Tensor) or tuple(segments.shape) != tuple(shape):
-        raise MaskShapeError(f"segments must have shape {tuple(shape)} (one id per pixel of each image), got {tuple(getattr(segments, 'shape', ())) or type(segments).__name__}.")
+        raise MaskShapeError(
+            f"segments must have shape {tuple(shape)} (one id per pixel of each image), got {tuple(getattr(segments, 'shape', ())) or type(segments).__name__}."
+        )
     if segments.is_floating_point() or segments.is_complex() or segments.dtype == torch.bool:
-        raise MaskShapeError(f"segment ids must be integers, got {segments.dtype}; convert them with .long() (after rounding).")
+        raise MaskShapeError(
+            f"segment ids must be integers, got {segments.dtype}; convert them with .long() (after rounding)."
+        )
 
 
 def consecutive_ids(segments: Tensor) -> Tensor:

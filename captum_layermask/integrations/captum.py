@@ -103,6 +103,8 @@ def decode_layer_mask(x: Tensor, other_inputs: Sequence[Any]) -> Optional[Tensor
     for index, value in enumerate(other_inputs):
         check_no_baseline(value, f"input {index + 2} of the model")
     if mask is not None:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise LayerMaskError(_GRADIENT_MESSAGE.format(what="it reached a model whose input requires gradients"))
         _GUARD.decoded()
     return mask
 
@@ -159,23 +161,22 @@ class _PlainModelGuard:
             self.handles = []
             self.local = threading.local()
 
-    @torch.compiler.disable
     def _enter(self, module: nn.Module, args: tuple) -> None:
-        if not args or not isinstance(args[0], Tensor) or args[0].ndim != 4:
-            return
+        if not args or not isinstance(args[0], Tensor) or args[0].ndim != 4 or torch.compiler.is_compiling():
+            return  # calls inside a compiled region are nested in the compiled module's call, checked eagerly
         local = self.local
         frame = getattr(local, "frame", None)
         if frame is not None and _on_stack(frame):
             return
         local.module, local.frame, local.pending = module, _calling_frame(), None
         x = args[0]
+        if isinstance(getattr(module, "_orig_mod", module), LayerMaskedModel):  # itself, or torch.compile of it
+            return  # it decodes LayerMask() pixels (decode_layer_mask)
         if not x.is_floating_point() or not bool(_sentinel_hits(x).all(1).any()):
             return
         if torch.is_grad_enabled() and x.requires_grad:
             local.frame = None
             raise LayerMaskError(_GRADIENT_MESSAGE.format(what="it reached a model whose input requires gradients"))
-        if isinstance(module, LayerMaskedModel):
-            return
         if any(isinstance(m, LayerMaskedModel) for m in module.modules()):
             local.pending = module  # a wrapper: the layer-masked model inside must decode these pixels
             return
@@ -186,10 +187,12 @@ class _PlainModelGuard:
         )
 
     def decoded(self) -> None:
-        self.local.pending = None
+        if not torch.compiler.is_compiling():
+            self.local.pending = None
 
-    @torch.compiler.disable
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         local = self.local
         if getattr(local, "frame", None) is None or module is not local.module or _calling_frame() is not local.frame:
             return
@@ -231,19 +234,25 @@ class LayerMask(float):
         >>> attr = lime.attribute(image, target=label, feature_mask=segments, baselines=LayerMask(), n_samples=500)
     """
 
-    def __new__(cls) -> "LayerMask":
+    def __new__(cls) -> LayerMask:
         instance = super().__new__(cls, SENTINEL)
         _GUARD.acquire(instance)
         return instance
 
     @classmethod
-    def __torch_function__(cls, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+    def __torch_function__(
+        cls, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: Optional[dict] = None
+    ) -> Any:
         """Allows the one operation perturbation methods apply to a baseline, a product with a 0/1 mask (which
         places the sentinel where features are removed); refuses every blend of it with an image."""
         kwargs = kwargs or {}
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
         if func not in _SELECTIONS or not all(_is_binary(t) for t in tensors):
-            raise LayerMaskError(_GRADIENT_MESSAGE.format(what=f"here it was combined with an image by {getattr(func, '__name__', func)}"))
+            raise LayerMaskError(
+                _GRADIENT_MESSAGE.format(
+                    what=f"here it was combined with an image by {getattr(func, '__name__', func)}"
+                )
+            )
         args = tuple(float(a) if isinstance(a, LayerMask) else a for a in args)
         return func(*args, **kwargs)
 
