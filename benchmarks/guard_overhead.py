@@ -1,6 +1,6 @@
 """What a live ``LayerMask()`` costs unrelated models: its plain-model guard hooks every module call (issue: robustness).
 
-Times a 50-layer MLP (batch 64, width 256) and a ResNet-18 forward (batch 1, 64x64), alternately with and without
+Times a 50-layer MLP (batch 1, width 64) and a ResNet-18 forward (batch 1, 64x64), alternately with and without
 a ``LayerMask`` alive, and prints the medians and the median of the per-pair ratios.
 
     .venv/bin/python benchmarks/guard_overhead.py [--repeats 200] [--threads 2]
@@ -37,7 +37,7 @@ def main() -> None:
     args = parse_arguments(__doc__.splitlines()[0], repeats=200)
     torch.manual_seed(0)
     models = {
-        "50-layer MLP": (nn.Sequential(*[nn.Linear(256, 256) for _ in range(50)]).eval(), torch.randn(64, 256)),
+        "50-layer MLP": (nn.Sequential(*[nn.Linear(64, 64) for _ in range(50)]).eval(), torch.randn(1, 64)),
         "ResNet-18, 64x64": (torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)),
     }
     for name, (model, x) in models.items():

@@ -141,9 +141,12 @@ def test_a_plain_model_is_refused_with_a_pointer_to_layer_masked():
 def test_the_guard_is_gone_once_the_baseline_is():
     hooks = torch.nn.modules.module._global_forward_pre_hooks
     before = len(hooks)
-    FeatureAblation(layer_masked(small_cnn())).attribute(
+    model = small_cnn()
+    masked = layer_masked(model)
+    FeatureAblation(masked).attribute(
         torch.randn(1, 3, 16, 16), target=0, feature_mask=patches(), baselines=LayerMask()
     )
+    assert not any(m._forward_hooks for m in masked.modules())  # the per-call hook went with the call
     gc.collect()
     assert len(hooks) == before == 0
 
@@ -228,6 +231,9 @@ def test_the_guard_survives_an_exception_in_a_forward(error):
         with pytest.raises(LayerMaskError, match="not layer-masked"):
             FeatureAblation(plain).attribute(x, target=0, feature_mask=patches(), baselines=baseline)
     FeatureAblation(layer_masked(small_cnn())).attribute(x, target=0, feature_mask=patches(), baselines=baseline)
+    del baseline
+    gc.collect()
+    assert not any(m._forward_hooks for m in interrupted.modules())  # nothing is left on the user's model
 
 
 def test_a_wrapper_around_a_layer_masked_model_is_accepted():

@@ -5,8 +5,6 @@ although the main branch sees visible pixels. The union keeps every visible cell
 the other summand there by neighbor padding, so no removed pixel enters either way.
 """
 
-import functools
-
 import pytest
 import torch
 import torchvision
@@ -14,8 +12,8 @@ from torch import nn
 
 from captum_layermask import layer_masked, neighbor_pad, patch_segments
 
-from .conftest import demanded_rings, patch_masks, randomize_batchnorm
-from .test_torchvision import FAMILIES, MEAN, STD, size_for
+from .conftest import demanded_rings
+from .test_torchvision import FAMILIES, MEAN, STD, build
 
 
 class StridedBlock(nn.Module):
@@ -77,15 +75,6 @@ def test_the_paper_rule_loses_regions_that_a_strided_shortcut_skips():
     assert union(x, mask).abs().max() > 0 and not torch.equal(union(x, mask), union(other, mask))
 
 
-@functools.lru_cache(maxsize=1)
-def build_union(name):
-    torch.manual_seed(0)
-    model = randomize_batchnorm(torchvision.models.get_model(name, num_classes=10).eval())
-    size = size_for(name)
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    return model, layer_masked(model, residual="union"), x, patch_masks(2, size, size, patch=8)
-
-
 RESIDUAL_FAMILIES = ["resnet18", "mobilenet_v2", "regnet_y_400mf", "efficientnet_b0", "convnext_tiny"]
 """Fast: a family per kind of residual sum (basic block, inverted residual, SE block, MBConv, ConvNeXt block)."""
 
@@ -94,7 +83,7 @@ RESIDUAL_FAMILIES = ["resnet18", "mobilenet_v2", "regnet_y_400mf", "efficientnet
     "name", [pytest.param(name, marks=[] if name in RESIDUAL_FAMILIES else [pytest.mark.slow]) for name in FAMILIES]
 )
 def test_union_keeps_every_single_visible_patch_and_the_invariants(name):
-    model, masked, x, mask = build_union(name)
+    model, masked, x, mask = build(name, "union")
     size = x.shape[-1]
     with torch.no_grad():
         reference = model(x)

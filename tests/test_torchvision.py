@@ -11,6 +11,7 @@ import torch
 import torchvision
 
 from captum_layermask import UnsupportedLayerError, layer_masked
+from captum_layermask.evaluation import IMAGENET_MEAN, IMAGENET_STD
 
 from .conftest import layer_masked_full_padding, patch_masks, randomize_batchnorm
 
@@ -36,8 +37,8 @@ FAMILIES = [
     "inception_v3",
     "convnext_tiny",
 ]
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def size_for(name):
@@ -45,12 +46,13 @@ def size_for(name):
 
 
 @functools.lru_cache(maxsize=1)
-def build(name):
+def build(name, residual="intersection"):
+    """A family's model with random weights and BatchNorm statistics, its layer-masked version, inputs, masks."""
     torch.manual_seed(0)
     model = randomize_batchnorm(torchvision.models.get_model(name, num_classes=10).eval())
     size = size_for(name)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    return model, layer_masked(model), x, patch_masks(2, size, size, patch=8)
+    return model, layer_masked(model, residual=residual), x, patch_masks(2, size, size, patch=8)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -67,7 +67,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_masking_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_common_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    parser.add_argument("--out", type=Path, default=out, help="output folder (replaced if it holds an earlier output)")
     parser.add_argument(
         "--residual",
         choices=("intersection", "union"),
@@ -112,13 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--top", type=_at_least(1), default=5, help="segments highlighted each way")
     ex.add_argument("--seed", type=int, default=0, help="seed of the perturbation samples")
-    ex.add_argument(
-        "--out",
-        type=Path,
-        default=Path("explain-output"),
-        help="output folder (replaced if it holds an earlier output)",
-    )
-    _add_masking_arguments(ex)
+    _add_common_arguments(ex, Path("explain-output"))
     ex.set_defaults(run=_explain)
 
     ev = commands.add_parser(
@@ -174,13 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_at_least(1), default=64, help="images per forward pass")
     ev.add_argument("--seed", type=int, default=0, help="seed of the random removal order and of LIME's samples")
     ev.add_argument("--data-seed", type=int, default=1000, help="seed of the demo scenes and of the --limit subset")
-    ev.add_argument(
-        "--out",
-        type=Path,
-        default=Path("evaluate-output"),
-        help="output folder (replaced if it holds an earlier output)",
-    )
-    _add_masking_arguments(ev)
+    _add_common_arguments(ev, Path("evaluate-output"))
     ev.set_defaults(run=_evaluate)
     return parser
 

@@ -134,31 +134,31 @@ class _PlainModelGuard:
 
     A call is top-level unless it runs inside the forward of the module of the last top-level call (whose frame
     is then on the stack). Only calls whose first argument is an image batch (a 4-D tensor) are looked at, so
-    models of other data pay one cheap test per module call. A call that ends by an exception, ``KeyboardInterrupt``
-    included, leaves no state that skips later checks: once its frame is gone, the next call is top-level.
+    models of other data pay one global pre-hook call per module call, and nothing more. The module of a
+    top-level call gets a forward hook of its own for that call only (it releases the call's frame and checks
+    wrappers); a call that ends by an exception, ``KeyboardInterrupt`` included, leaves no state that skips later
+    checks: once its frame is gone, the next call is top-level, and its leftover hook is removed then.
     """
 
     def __init__(self) -> None:
         self.live = 0
-        self.handles: list = []
+        self.handle: Any = None
         self.local = threading.local()
+        self.exits: dict = {}  # the per-call forward hooks not yet removed, by thread
 
     def acquire(self, owner: object) -> None:
         if self.live == 0:
-            module = torch.nn.modules.module
-            self.handles = [
-                module.register_module_forward_pre_hook(self._enter),
-                module.register_module_forward_hook(self._leave, always_call=True),
-            ]
+            self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self._enter)
         self.live += 1
         weakref.finalize(owner, self._release)
 
     def _release(self) -> None:
         self.live -= 1
         if self.live == 0:
-            for handle in self.handles:
-                handle.remove()
-            self.handles = []
+            self.handle.remove()
+            for exit_hook in list(self.exits.values()):
+                exit_hook.remove()
+            self.exits.clear()
             self.local = threading.local()
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
@@ -168,35 +168,43 @@ class _PlainModelGuard:
         frame = getattr(local, "frame", None)
         if frame is not None and _on_stack(frame):
             return
+        self._finish()
         local.module, local.frame, local.pending = module, _calling_frame(), None
+        self.exits[threading.get_ident()] = module.register_forward_hook(self._leave, always_call=True)
         x = args[0]
         if isinstance(getattr(module, "_orig_mod", module), LayerMaskedModel):  # itself, or torch.compile of it
             return  # it decodes LayerMask() pixels (decode_layer_mask)
         if not x.is_floating_point() or not bool(_sentinel_hits(x).all(1).any()):
             return
         if torch.is_grad_enabled() and x.requires_grad:
-            local.frame = None
+            self._finish()
             raise LayerMaskError(_GRADIENT_MESSAGE.format(what="it reached a model whose input requires gradients"))
         if any(isinstance(m, LayerMaskedModel) for m in module.modules()):
             local.pending = module  # a wrapper: the layer-masked model inside must decode these pixels
             return
-        local.frame = None
+        self._finish()
         raise LayerMaskError(
             f"{type(module).__name__} received a LayerMask() baseline but is not layer-masked, so it would "
             "explain a grey fill instead; pass layer_masked(model) to the Captum method."
         )
+
+    def _finish(self) -> None:
+        """Forgets the last top-level call of this thread and removes its forward hook."""
+        exit_hook = self.exits.pop(threading.get_ident(), None)
+        if exit_hook is not None:
+            exit_hook.remove()
+        self.local.frame = self.local.module = self.local.pending = None
 
     def decoded(self) -> None:
         if not torch.compiler.is_compiling():
             self.local.pending = None
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if torch.compiler.is_compiling():
-            return
         local = self.local
-        if getattr(local, "frame", None) is None or module is not local.module or _calling_frame() is not local.frame:
-            return
-        pending, local.frame, local.module, local.pending = local.pending, None, None, None
+        if module is not getattr(local, "module", None) or _calling_frame() is not local.frame:
+            return  # a recursive call of the same module
+        pending = local.pending
+        self._finish()
         if pending is module and output is not None:
             raise LayerMaskError(
                 f"{type(module).__name__} received a LayerMask() baseline, but the layer-masked model inside it "
