@@ -8,6 +8,7 @@ from torchvision.models.shufflenetv2 import channel_shuffle
 
 from captum_layermask import UnsupportedLayerError, layer_masked
 from captum_layermask.core import rules
+from captum_layermask.core.masked import Masked
 
 from .reference import paper_neighbor_pad, visible_any, windows
 
@@ -235,16 +236,16 @@ class SpatialLinear(nn.Module):
         return self.fc(x)
 
 
-class SpatialSum(nn.Module):
+class SpatialNegativeNorm(nn.Module):
     def forward(self, x):
-        return x.sum([2, 3])
+        return x.norm(p=-1, dim=(2, 3))
 
 
 @pytest.mark.parametrize(
     "model, message",
     [
         (SpatialLinear(), "a linear layer mixes values along dimension 3"),
-        (SpatialSum(), "'sum' over spatial dimensions"),
+        (SpatialNegativeNorm(), "a norm of order -1 over spatial dimensions"),
     ],
 )
 def test_operations_that_mix_pixels_without_a_rule_fail_loudly(model, message):
@@ -281,3 +282,125 @@ def test_group_and_instance_norm_use_the_statistics_of_visible_cells(norm):
             assert torch.allclose(out[b, channels][:, visible], expected[:, visible])
     full = layer_masked(nn.Sequential(norm))(x, torch.ones(6, 6))
     assert torch.allclose(full, norm(x))
+
+
+def source_cells(height, width, resample):
+    """For each output cell of a copying resample (padding, nearest), the index of the input cell it copies."""
+    index = torch.arange(height * width, dtype=torch.float64).view(1, 1, height, width)
+    return resample(index).round().long()
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate", "circular"])
+def test_padding_copies_the_mask_of_the_cell_each_border_cell_extends(mode):
+    x, mask = torch.randn(2, 3, 6, 7), (torch.rand(2, 1, 6, 7) < 0.5).float()
+    widths = (2, 1, 1, 3)
+    out = (
+        rules.pad(F.pad, Masked(x, mask), widths, mode, 0.5)
+        if mode == "constant"
+        else rules.pad(F.pad, Masked(x, mask), widths, mode=mode)
+    )
+    assert torch.equal(out.value, F.pad(x, widths, mode=mode, **({"value": 0.5} if mode == "constant" else {})))
+    # constant: the edge cell next to the border; the other modes: the cell the layer copies
+    source = source_cells(6, 7, lambda index: F.pad(index, widths, mode="replicate" if mode == "constant" else mode))
+    expected = mask.flatten(1)[:, source.flatten()].view(2, 1, *source.shape[-2:])
+    assert torch.equal(out.mask, expected)
+
+
+def test_padding_modules_and_a_full_mask_reproduce_the_layer():
+    x = torch.randn(1, 2, 5, 5)
+    for layer in (
+        nn.ZeroPad2d(2),
+        nn.ConstantPad2d((1, 0, 2, 1), 3.0),
+        nn.ReflectionPad2d(1),
+        nn.ReplicationPad2d(2),
+        nn.CircularPad2d(1),
+    ):
+        masked = layer_masked(nn.Sequential(layer))
+        assert torch.equal(masked(x, torch.ones(5, 5)), layer(x))
+    cropped = rules.pad(F.pad, Masked(x, torch.ones(1, 1, 5, 5)), (-1, 2, 0, -2))
+    assert cropped.mask.shape[-2:] == cropped.value.shape[-2:] == (3, 6)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+def test_nearest_interpolation_copies_the_mask_of_the_cell_it_reads(mode):
+    x, mask = torch.randn(1, 2, 5, 6), (torch.rand(1, 1, 5, 6) < 0.5).float()
+    out = rules.interpolate(F.interpolate, Masked(x, mask), scale_factor=1.7, mode=mode)
+    source = source_cells(5, 6, lambda index: F.interpolate(index, scale_factor=1.7, mode=mode))
+    assert torch.equal(out.mask[0, 0], mask.flatten()[source.flatten()].view(source.shape[-2:]))
+    assert torch.equal(out.value, F.interpolate(x, scale_factor=1.7, mode=mode))
+
+
+@pytest.mark.parametrize("mode, span", [("bilinear", 1), ("bicubic", 3)])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_smooth_interpolation_reads_neighbor_padded_taps(mode, span, align_corners):
+    """Against a direct computation: each output is the sum of its taps' weights times the paper's neighbor
+    padding of the input (weights read off by interpolating one-hot images), and is visible when a tap it reads
+    is (bicubic: any cell of its 4x4 footprint)."""
+    height, width, size = 6, 7, (11, 9)
+    x, mask = (
+        torch.randn(1, 2, height, width, dtype=torch.float64),
+        torch.zeros(1, 1, height, width, dtype=torch.float64),
+    )
+    mask[..., 1:3, 2:5] = 1
+    mask[..., 5, 6] = 1
+    out = rules.interpolate(F.interpolate, Masked(x, mask), size=size, mode=mode, align_corners=align_corners)
+    onehots = torch.eye(height * width, dtype=torch.float64).view(-1, 1, height, width)
+    weights = F.interpolate(onehots, size=size, mode=mode, align_corners=align_corners)[:, 0]  # (taps, H', W')
+    padded = paper_neighbor_pad(x, mask, span)
+    expected = torch.einsum("thw,ct->chw", weights, padded[0].flatten(1))
+    reads_visible = ((weights != 0) & (mask.flatten()[:, None, None] > 0)).any(0)
+    visible = out.mask[0, 0] > 0
+    assert (visible >= reads_visible).all() and visible.any()
+    if mode == "bilinear":
+        assert torch.equal(visible, reads_visible)
+    assert torch.allclose(out.value[0][:, visible], expected[:, visible], atol=1e-9)
+    full = rules.interpolate(
+        F.interpolate, Masked(x, torch.ones_like(mask)), size=size, mode=mode, align_corners=align_corners
+    )
+    assert torch.equal(full.value, F.interpolate(x, size=size, mode=mode, align_corners=align_corners))
+
+
+def test_antialiased_or_area_resampling_is_refused():
+    masked = Masked(torch.randn(1, 2, 8, 8), torch.ones(1, 1, 8, 8))
+    for kwargs in ({"mode": "bilinear", "antialias": True}, {"mode": "area"}):
+        with pytest.raises(UnsupportedLayerError, match="interpolation mode"):
+            rules.interpolate(F.interpolate, masked, scale_factor=0.5, **kwargs)
+
+
+class SpatialStatistics(nn.Module):
+    """ConvNeXt-V2's global response normalization (channels-last) and other statistics over space."""
+
+    def forward(self, x):
+        channels_last = x.permute(0, 2, 3, 1)
+        response = channels_last.norm(p=2, dim=(1, 2), keepdim=True)
+        grn = channels_last * (response / (response.mean(dim=-1, keepdim=True) + 1e-6))
+        return (
+            grn.permute(0, 3, 1, 2),
+            x.sum((2, 3)),
+            torch.linalg.vector_norm(x, ord=3, dim=(2, 3)),
+            x.abs().norm(p=float("inf"), dim=(2, 3)),
+            x.var((2, 3)),
+            x.std((2, 3), unbiased=False),
+        )
+
+
+def test_sums_norms_and_variances_over_space_are_those_of_the_visible_cells():
+    """Against a direct computation on the visible cells of each sample: removed cells count as the visible mean
+    in sums and norms (the average pooling rule), and are left out of variances."""
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    mask = torch.rand(2, 1, 5, 6) < 0.4
+    mask[:, :, 0, 0] = True
+    grn, total, norm3, maximum, var, std = layer_masked(SpatialStatistics())(x, mask)
+    for n in range(2):
+        visible = x[n][:, mask[n, 0]]  # (C, visible cells)
+        cells = 30
+        assert torch.allclose(total[n], visible.mean(1) * cells)
+        assert torch.allclose(norm3[n], (visible.abs().pow(3).mean(1) * cells) ** (1 / 3))
+        assert torch.allclose(maximum[n], visible.abs().amax(1))
+        assert torch.allclose(var[n], visible.var(1)) and torch.allclose(std[n], visible.std(1, unbiased=False))
+        response = (visible.pow(2).mean(1) * cells).sqrt()
+        expected = x[n] * (response / (response.mean() + 1e-6))[:, None, None]
+        assert torch.allclose(grn[n][:, mask[n, 0]], expected[:, mask[n, 0]])
+    full = layer_masked(SpatialStatistics())(x, torch.ones(5, 6))
+    for got, reference in zip(full, SpatialStatistics()(x)):
+        assert torch.allclose(got, reference, rtol=1e-12, atol=1e-12)

@@ -630,25 +630,30 @@ def adaptive_max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
 
 
 def _reduction(kind: str, op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> Masked:
-    """Mean, maximum or minimum (``kind``) over dimensions; over spatial ones only the visible cells count."""
+    """Mean, sum, maximum or minimum (``kind``) over dimensions; over spatial ones only the visible cells count."""
     x = _require_masked(x, "a reduction")
     bound = _bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
     dims, keepdim = _dims(bound["dim"], x.value.ndim), bound["keepdim"]
     mask_out = x.mask.amax(dims, keepdim=keepdim) if dims else x.mask
     if all(x.mask.shape[d] == 1 for d in dims):
         return Masked(op(x.value, *args, **kwargs), mask_out)
-    if kind == "sum":
-        raise UnsupportedLayerError("'sum' over spatial dimensions; use a mean (global average pooling) instead.")
-    if kind == "mean":
-        total = (x.value * x.mask).sum(dims, keepdim=keepdim)
-        broadcast = math.prod(x.value.shape[d] for d in dims if x.mask.shape[d] == 1)
-        value = _safe_divide(total, x.mask.sum(dims, keepdim=keepdim) * broadcast)
+    if kind in ("mean", "sum"):
+        value = _visible_mean(x.value, x.mask, dims, keepdim)
+        if kind == "sum":
+            value = value * math.prod(x.value.shape[d] for d in dims)
         if kwargs.get("dtype") is not None:
             value = value.to(kwargs["dtype"])
     else:
         fill = _lowest(x.value) if kind == "amax" else -_lowest(x.value)
         value = getattr(torch, kind)(_fill_removed(x.value, x.mask, fill), dims, keepdim) * mask_out
     return Masked(value, mask_out)
+
+
+def _visible_mean(value: Tensor, mask: Tensor, dims: List[int], keepdim: bool) -> Tensor:
+    """The mean over ``dims`` of the visible cells (0 where none)."""
+    total = (value * mask).sum(dims, keepdim=keepdim)
+    broadcast = math.prod(value.shape[d] for d in dims if mask.shape[d] == 1)
+    return _safe_divide(total, mask.sum(dims, keepdim=keepdim) * broadcast)
 
 
 @builtin_rule(torch.mean, "mean")
@@ -673,10 +678,176 @@ def amin(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
 
 
 @builtin_rule(torch.sum, "sum")
-def sum_over_features(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
-    """A sum over channel dimensions. Over spatial ones it has no renormalised counterpart in the paper (the
-    count of visible cells would change the scale) and is refused."""
+def sum_cells(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A sum over dimensions. Over spatial ones each removed cell counts as the mean of the visible ones, the
+    average pooling rule of section 3.2 (``h(x*m) / h(m)``) applied to a sum: ``N * mean(visible)``."""
     return _reduction("sum", op, x, args, kwargs)
+
+
+@builtin_rule(torch.norm, torch.linalg.vector_norm, "norm")
+def norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A vector p-norm over dimensions (ConvNeXt-V2's global response normalization). Over spatial ones, as for
+    a sum, each removed cell counts as the visible mean of ``|x|^p``: ``(N * mean(visible |x|^p))^(1/p)``; the
+    maximum of the visible cells for ``p = inf``."""
+    x = _require_masked(x, "a norm")
+    first = "ord" if op is torch.linalg.vector_norm else "p"
+    bound = _bind(args, kwargs, (first, "dim", "keepdim"), {first: 2, "dim": None, "keepdim": False})
+    p, dims, keepdim = bound[first], _dims(bound["dim"], x.value.ndim), bound["keepdim"]
+    mask_out = x.mask.amax(dims, keepdim=keepdim) if dims else x.mask
+    if all(x.mask.shape[d] == 1 for d in dims):
+        return Masked(op(x.value, *args, **kwargs), mask_out)
+    if p in ("fro", None):
+        p = 2
+    if not isinstance(p, (int, float)) or p <= 0:
+        raise UnsupportedLayerError(
+            f"a norm of order {p!r} over spatial dimensions; orders p > 0 and inf are supported."
+        )
+    magnitude = x.value.abs()
+    if math.isinf(p):
+        return Masked(magnitude.mul(x.mask).amax(dims, keepdim=keepdim), mask_out)
+    count = math.prod(x.value.shape[d] for d in dims)
+    return Masked((_visible_mean(magnitude**p, x.mask, dims, keepdim) * count) ** (1 / p), mask_out)
+
+
+@builtin_rule(torch.var, "var")
+def variance(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Variance over dimensions; over spatial ones, of the visible cells (with the call's correction applied to
+    their count), as group normalization's statistics are."""
+    return _variance(op, x, args, kwargs, root=False)
+
+
+@builtin_rule(torch.std, "std")
+def standard_deviation(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Standard deviation over dimensions; over spatial ones, of the visible cells (see :func:`variance`)."""
+    return _variance(op, x, args, kwargs, root=True)
+
+
+def _variance(op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str, Any], root: bool) -> Masked:
+    x = _require_masked(x, "a variance")
+    bound = _bind(
+        args,
+        kwargs,
+        ("dim", "unbiased", "keepdim"),
+        {"dim": None, "unbiased": None, "keepdim": False, "correction": None},
+    )
+    dims, keepdim = _dims(bound["dim"], x.value.ndim), bound["keepdim"]
+    mask_out = x.mask.amax(dims, keepdim=keepdim) if dims else x.mask
+    if all(x.mask.shape[d] == 1 for d in dims):
+        return Masked(op(x.value, *args, **kwargs), mask_out)
+    correction = bound["correction"]
+    if correction is None:
+        correction = 1 if bound["unbiased"] in (None, True) else 0
+    mean_value = _visible_mean(x.value, x.mask, dims, keepdim=True)
+    broadcast = math.prod(x.value.shape[d] for d in dims if x.mask.shape[d] == 1)
+    count = x.mask.sum(dims, keepdim=keepdim) * broadcast
+    squares = (((x.value - mean_value) * x.mask) ** 2).sum(dims, keepdim=keepdim)
+    value = _safe_divide(squares, (count - correction).clamp(min=0))
+    return Masked(value.sqrt() if root else value, mask_out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# padding and resampling
+
+_PAD_MODULES = {
+    nn.ZeroPad2d: "constant",
+    nn.ConstantPad2d: "constant",
+    nn.ReflectionPad2d: "reflect",
+    nn.ReplicationPad2d: "replicate",
+    nn.CircularPad2d: "circular",
+}
+
+
+def _spatial_image_mask(x: Masked, what: str) -> Tensor:
+    """The mask of an image-like activation ``(N, C, H, W)``, expanded to its spatial size."""
+    if x.value.ndim != 4 or x.mask.shape[1] != 1:
+        raise UnsupportedLayerError(
+            f"{what} of a tensor of shape {tuple(x.value.shape)}; only image batches (N, C, H, W)."
+        )
+    return _spatial_mask(x).expand(x.mask.shape[0], 1, *x.value.shape[-2:])
+
+
+@builtin_rule(F.pad, *_PAD_MODULES)
+def pad(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Padding of the spatial dimensions in any mode: the border takes the values the layer gives it, and the
+    mask of the image cells it extends.
+
+    For ``reflect``, ``replicate`` and ``circular`` a border cell copies an image cell, and takes that cell's mask.
+    For ``constant`` (and ``nn.ZeroPad2d``) it holds the constant, and is visible where the edge cell next to it
+    is (the mask is replicated): a border next to removed pixels is removed, like them, and a full mask
+    reproduces the layer exactly. Negative widths crop the mask alike.
+    """
+    x = _require_masked(x, "padding")
+    if isinstance(op, nn.Module):
+        widths, mode = tuple(op.padding), _PAD_MODULES[type(op)]
+    else:
+        bound = _bind(args, kwargs, ("pad", "mode", "value"), {"mode": "constant", "value": None})
+        widths, mode = tuple(bound["pad"]), bound["mode"]
+    if len(widths) > 4 or len(widths) % 2:
+        raise UnsupportedLayerError(f"padding {widths} reaches beyond the two spatial dimensions.")
+    mask = _spatial_image_mask(x, "padding")
+    widths = widths + (0,) * (4 - len(widths))
+    cropped = F.pad(mask, [min(w, 0) for w in widths])
+    grown = F.pad(cropped, [max(w, 0) for w in widths], mode="replicate" if mode == "constant" else mode)
+    return Masked(op(x.value, *args, **kwargs), grown)
+
+
+_SMOOTH_REACH = {"bilinear": 1, "bicubic": 3}
+"""Neighbor-padding width of each smooth interpolation: the farthest distance between two of its taps (2 or 4
+per dimension), as a convolution's `(k - 1)`."""
+
+
+def _interpolation_params(op: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    if isinstance(op, nn.Module):
+        return dict(
+            size=op.size,
+            scale_factor=op.scale_factor,
+            mode=op.mode,
+            align_corners=op.align_corners,
+            recompute_scale_factor=getattr(op, "recompute_scale_factor", None),
+            antialias=False,
+        )
+    names = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+    defaults = {
+        "size": None,
+        "scale_factor": None,
+        "mode": "nearest",
+        "align_corners": None,
+        "recompute_scale_factor": None,
+        "antialias": False,
+    }
+    return _bind(args, kwargs, names, defaults)
+
+
+@builtin_rule(F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+def interpolate(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Resampling that reads visible cells only (``F.interpolate``, ``nn.Upsample``).
+
+    ``nearest`` and ``nearest-exact`` copy one input cell per output, and the mask is resampled alike (exact).
+    ``bilinear`` and ``bicubic`` mix the 2x2 or 4x4 taps around each output, as a convolution mixes its window,
+    and follow the convolution rule: the input is neighbor-padded (Algorithm 1) by the taps' span (1 or 3 cells),
+    and an output is visible when a tap with a non-zero weight is (for bicubic, any tap of its 4x4
+    footprint). A full mask reproduces the layer exactly. Antialiased downsampling, ``area`` and the 1-D/3-D
+    modes are refused.
+    """
+    x = _require_masked(x, "interpolation")
+    params = _interpolation_params(op, args, kwargs)
+    mask = _spatial_image_mask(x, "interpolation")
+    resample = dict(
+        size=params["size"],
+        scale_factor=params["scale_factor"],
+        recompute_scale_factor=params["recompute_scale_factor"],
+    )
+    mode = params["mode"]
+    if mode in ("nearest", "nearest-exact"):
+        return Masked(op(x.value, *args, **kwargs), F.interpolate(mask, mode=mode, **resample))
+    if mode not in _SMOOTH_REACH or params["antialias"]:
+        raise UnsupportedLayerError(
+            f"interpolation mode {mode!r}{' with antialias' if params['antialias'] else ''}; nearest, bilinear and bicubic are supported."
+        )
+    padded = neighbor_pad(x.value, mask, _SMOOTH_REACH[mode])
+    taps = mask if mode == "bilinear" else F.max_pool2d(mask, 3, 1, 1)  # bicubic: one cell beyond bilinear's taps
+    visible = F.interpolate(taps, mode="bilinear", align_corners=params["align_corners"], **resample) > 0
+    return Masked(op(padded, *args, **kwargs), visible.to(mask.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------
