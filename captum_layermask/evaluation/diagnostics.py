@@ -110,7 +110,7 @@ def linearity(
         patch_size (int): side of the square patches (border patches are smaller when it does not divide the
             image).
         masker: ``"layer"``, ``"grey"``, ``"black"``, ... or ``fn(model, x, mask)`` (see
-            :mod:`captum_layermask.maskers`).
+            :mod:`captum_layermask.evaluation.maskers`).
         feature_layer: None (the classifier's input, detected), a submodule name or module, or ``"output"``.
         batch_size (int): masked images per forward pass.
         show_progress (bool): a progress bar over the forward passes.

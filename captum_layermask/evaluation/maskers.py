@@ -6,7 +6,7 @@ is the model's output with the removed pixels taken away in the masker's way. La
 the visible pixels only (paper section 3); the fills replace removed pixels with a colour (the paper's grey-out
 and black-out, section 4), a blurred copy of the image or the image's mean colour (supplementary section 8).
 
-Every function of :mod:`captum_layermask.diagnostics` and :mod:`captum_layermask.evaluation` takes ``masker=``
+Every function of :mod:`captum_layermask.evaluation` (diagnostics, removal curves, LIME metrics) takes ``masker=``
 as a name (``"layer"``, ``"grey"``, ``"black"``, ``"blur"``, ``"mean"``), a :class:`Masker`, or any callable
 ``fn(model, x, mask)``.
 """
