@@ -3,6 +3,7 @@ import torch
 
 from captum_layermask import layer_masked, random_patch_masks, trace
 from captum_layermask.core.demand import padding_rings
+from captum_layermask.core.dependence import image_dependence
 from captum_layermask.core.options import conversion_registry, neighbor_convolutions
 
 
@@ -42,5 +43,5 @@ def layer_masked_full_padding(model):
 def demanded_rings(model, padding="neighbor", residual="intersection", rules=None):
     """``{conv node: rings}`` that the demand analysis finds for ``layer_masked(model, ...)``."""
     registry = conversion_registry(padding, residual, rules)
-    traced = trace(model, registry)
-    return padding_rings(traced, registry, neighbor_convolutions(traced, registry))
+    walk = image_dependence(trace(model, registry), registry)
+    return padding_rings(walk, neighbor_convolutions(walk))

@@ -276,23 +276,19 @@ def test_gradient_methods_refuse_layer_mask(method):
             )
 
 
-def test_the_guard_skips_the_modules_inside_a_call_and_non_image_inputs():
-    seen = []
-    mlp = nn.Sequential(*[nn.Linear(8, 8) for _ in range(50)])
-    cnn = small_cnn()
-    baseline = LayerMask()
-    guard = type(baseline).__mro__[0]  # keeps the baseline (and the guard) alive
+def test_the_guard_skips_the_modules_inside_a_call_and_non_image_inputs(monkeypatch):
     from captum_layermask.integrations import captum as integration
 
+    seen = []
     original = integration._sentinel_hits
-    integration._sentinel_hits = lambda x: seen.append(tuple(x.shape)) or original(x)
-    try:
-        with torch.no_grad():
-            mlp(torch.randn(4, 8))
-            cnn(torch.randn(2, 3, 16, 16))
-    finally:
-        integration._sentinel_hits = original
-    assert guard is LayerMask and seen == [(2, 3, 16, 16)]  # only the CNN's own input was looked at
+    monkeypatch.setattr(integration, "_sentinel_hits", lambda x: seen.append(tuple(x.shape)) or original(x))
+    mlp, cnn = nn.Sequential(*[nn.Linear(8, 8) for _ in range(50)]), small_cnn()
+    baseline = LayerMask()  # the guard lives as long as this does
+    with torch.no_grad():
+        mlp(torch.randn(4, 8))
+        cnn(torch.randn(2, 3, 16, 16))
+    assert seen == [(2, 3, 16, 16)]  # only the CNN's own input was looked at
+    del baseline
 
 
 @pytest.mark.parametrize("method", ["Lime without feature_mask", "Occlusion (1, 8, 8)"])

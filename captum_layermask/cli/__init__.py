@@ -21,7 +21,7 @@ from ..weights import load_classifier
 from .evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
 from .evaluate import evaluate_command, load_evaluation_data
 from .explain import MASKINGS, METHODS, explain_image
-from .io import CommandError
+from .io import CommandError, check_output_folder
 
 EXPLAIN_DESCRIPTION = (
     "Explains an image's prediction with Lime, KernelShap, FeatureAblation or Occlusion under black, grey and layer "
@@ -175,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _explain(args: argparse.Namespace) -> Path:
-    from .io import check_output_folder
-
-    check_output_folder(args.out)
+    check_output_folder(args.out)  # before any work
     classifier = load_classifier(args.model, args.weights, args.num_classes)
     image = args.image
     if image is None:
@@ -207,9 +205,7 @@ def _explain(args: argparse.Namespace) -> Path:
 
 
 def _evaluate(args: argparse.Namespace) -> Path:
-    from .io import check_output_folder
-
-    check_output_folder(args.out)
+    check_output_folder(args.out)  # before any work
     classifier = load_classifier(args.model, args.weights, args.num_classes)
     data = load_evaluation_data(
         classifier,

@@ -10,7 +10,7 @@ import torch
 from ..evaluation.normalization import normalizer
 from ..evaluation.report import EvaluationData, evaluate
 from ..weights import Classifier
-from .io import CommandError, check_output_folder, image_folder, read_image, read_object_mask, staged_output
+from .io import CommandError, image_folder, read_image, read_object_mask, staged_output
 
 DESCRIPTION = (
     "Measures how much each masking method distorts the model (paper section 4): removal curves of accuracy, class "
@@ -75,7 +75,6 @@ def evaluate_command(
     residual: str = "intersection",
 ) -> Path:
     """Runs :func:`~captum_layermask.evaluation.evaluate` and writes ``results.md``, ``results.csv`` and figures."""
-    check_output_folder(out)
     with torch.no_grad():
         width = classifier.model(data.images[:1]).shape[1]
     if int(data.labels.max()) >= width:

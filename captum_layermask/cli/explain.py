@@ -125,9 +125,6 @@ def explain_image(
     residual: str = "intersection",
 ) -> Path:
     """Explains one image and writes ``explanation.png``, ``attributions.pt`` and ``.npy`` files into ``out``."""
-    from .io import check_output_folder
-
-    check_output_folder(out)
     image = read_image(image_path, size or classifier.size)
     normalize: Callable[[Tensor], Tensor] = normalizer(classifier.mean, classifier.std)
     ids = segment(image, segments, segments_file)

@@ -17,7 +17,7 @@ from .dependence import image_dependence
 from .errors import LayerMaskError, TracingError, UnsupportedLayerError
 from .masked import Masked, align_rank, map_masked
 from .model import LayerMaskedModel, input_signature
-from .options import check_options, conversion_registry, ring_rules
+from .options import conversion_registry, ring_rules
 from .registry import RuleCall, RuleEntry, RuleRegistry, call_method
 
 
@@ -116,7 +116,7 @@ def add_mask_stream(
             f"{', '.join(unsupported)}. Register one with captum_layermask.register_rule(<module class, function "
             "or method name>) or pass layer_masked(model, rules={...}) (docs/custom-layers.md)."
         )
-    rings = ring_rules(traced, registry, prune_padding)
+    rings = ring_rules(walk, prune_padding)
     graph = fx.Graph()
     env: Dict[fx.Node, Any] = {}
     for node in traced.graph.nodes:
@@ -200,8 +200,7 @@ def layer_masked(
         raise LayerMaskError("this model is already layer-masked; pass the original model to layer_masked.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"layer_masked takes a torch.nn.Module, got {type(model).__name__}.")
-    check_options(padding, residual)
-    registry = conversion_registry(padding, residual, rules)
+    registry = conversion_registry(padding, residual, rules)  # checks the options
     traced = trace(model, registry)
     graph_module = add_mask_stream(traced, registry, prune_padding=prune_padding)
     return LayerMaskedModel(graph_module, model, options, input_signature(traced))

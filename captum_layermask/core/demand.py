@@ -21,9 +21,8 @@ from typing import Dict, List, Optional
 import torch.fx as fx
 from torch import nn
 
-from .dependence import image_dependence
+from .dependence import ImageDependence
 from .masking import centred_radius, receptive_reach
-from .registry import RuleRegistry
 
 
 @dataclass(frozen=True)
@@ -42,8 +41,7 @@ def _dilating_radius(module: nn.Module) -> Optional[int]:
 class _Graph:
     """The image-dependent nodes of a traced model and the kind of each one's rule."""
 
-    def __init__(self, traced: fx.GraphModule, registry: RuleRegistry, convolutions: Dict[fx.Node, nn.Conv2d]) -> None:
-        walk = image_dependence(traced, registry)
+    def __init__(self, walk: ImageDependence, convolutions: Dict[fx.Node, nn.Conv2d]) -> None:
         self.nodes: List[fx.Node] = []
         self.radius: Dict[fx.Node, int] = {}
         self.per_cell: Dict[fx.Node, str] = {}
@@ -98,14 +96,12 @@ def _demands(graph: _Graph, growth: Dict[fx.Node, _Growth]) -> Dict[fx.Node, int
     return demand
 
 
-def padding_rings(
-    traced: fx.GraphModule, registry: RuleRegistry, convolutions: Dict[fx.Node, nn.Conv2d]
-) -> Dict[fx.Node, int]:
+def padding_rings(walk: ImageDependence, convolutions: Dict[fx.Node, nn.Conv2d]) -> Dict[fx.Node, int]:
     """The convolutions that need fewer rings of neighbor padding than their reach, with the number they need.
 
     Args:
-        traced (fx.GraphModule): the traced model (as :func:`~captum_layermask.core.convert.trace` returns it).
-        registry: the rules the conversion uses.
+        walk (ImageDependence): the image-dependent nodes of the traced model and their rules
+            (:func:`~captum_layermask.core.dependence.image_dependence`).
         convolutions: the convolution nodes whose rule is the built-in neighbor padding (see
             :func:`~captum_layermask.core.options.neighbor_convolutions`); only these are considered.
 
@@ -113,7 +109,7 @@ def padding_rings(
         ``{conv node: rings}`` with ``rings`` smaller than the kernel's reach; every other convolution pads its
         full reach.
     """
-    graph = _Graph(traced, registry, convolutions)
+    graph = _Graph(walk, convolutions)
     growth = _growths(graph)
     demand = _demands(graph, growth)
     needed: Dict[fx.Node, int] = {}

@@ -124,7 +124,6 @@ class LayerMaskedModel(nn.Module):
         self.graph_module = graph_module
         self.__dict__["_source"] = source  # not a submodule: its modules are registered through graph_module
         self.options = dict(options)
-        self.padding = self.options.get("padding", "neighbor")
         self.signature = signature
         self.required_inputs = sum(
             p.default is inspect.Parameter.empty and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -174,8 +173,13 @@ class LayerMaskedModel(nn.Module):
     def __reduce__(self) -> tuple:
         return (_rebuild, (self._source, self.options, self.state_dict(), self.training))
 
+    @property
+    def padding(self) -> str:
+        """The conversion's ``padding`` option."""
+        return self.options["padding"]
+
     def extra_repr(self) -> str:
-        return f"padding={self.padding!r}"
+        return f"padding={self.padding!r}, residual={self.options['residual']!r}"
 
 
 _JIT_MESSAGE = (

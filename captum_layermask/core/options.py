@@ -18,6 +18,7 @@ from torch import nn
 
 from . import rules
 from .demand import padding_rings
+from .dependence import ImageDependence
 from .registry import BUILTIN_RULES, RULES, RuleEntry, RuleRegistry
 
 PADDING_RULES = {"neighbor": rules.conv2d, "zero": rules.conv2d_zero_padding, "partial": rules.conv2d_partial}
@@ -53,21 +54,18 @@ def conversion_registry(
     return registry
 
 
-def neighbor_convolutions(traced: fx.GraphModule, registry: RuleRegistry) -> Dict[fx.Node, nn.Conv2d]:
-    """The ``nn.Conv2d`` nodes that the conversion pads with the built-in neighbor padding rule."""
-    found = {}
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            module = traced.get_submodule(node.target)
-            entry = registry.find(module)
-            if isinstance(module, nn.Conv2d) and entry is not None and entry.rule is rules.conv2d:
-                found[node] = module
-    return found
+def neighbor_convolutions(walk: ImageDependence) -> Dict[fx.Node, nn.Conv2d]:
+    """The image-dependent ``nn.Conv2d`` nodes that the conversion pads with the built-in neighbor padding rule."""
+    return {
+        node: op
+        for node, op, entry in walk.steps
+        if isinstance(op, nn.Conv2d) and entry is not None and entry.rule is rules.conv2d
+    }
 
 
-def ring_rules(traced: fx.GraphModule, registry: RuleRegistry, prune_padding: bool) -> Dict[fx.Node, RuleEntry]:
+def ring_rules(walk: ImageDependence, prune_padding: bool) -> Dict[fx.Node, RuleEntry]:
     """For each convolution that needs fewer rings than its reach, the rule padding only those."""
     if not prune_padding:
         return {}
-    rings = padding_rings(traced, registry, neighbor_convolutions(traced, registry))
+    rings = padding_rings(walk, neighbor_convolutions(walk))
     return {node: RuleEntry(nn.Conv2d, rules.conv2d_with_rings(count)) for node, count in rings.items()}

@@ -633,9 +633,9 @@ def _reduction(kind: str, op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str
     """Mean, sum, maximum or minimum (``kind``) over dimensions; over spatial ones only the visible cells count."""
     x = _require_masked(x, "a reduction")
     bound = _bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
-    dims, keepdim = _dims(bound["dim"], x.value.ndim), bound["keepdim"]
-    mask_out = x.mask.amax(dims, keepdim=keepdim) if dims else x.mask
-    if all(x.mask.shape[d] == 1 for d in dims):
+    keepdim = bound["keepdim"]
+    dims, mask_out, spatial = _reduced(x, bound["dim"], keepdim)
+    if not spatial:
         return Masked(op(x.value, *args, **kwargs), mask_out)
     if kind in ("mean", "sum"):
         value = _visible_mean(x.value, x.mask, dims, keepdim)
@@ -649,11 +649,23 @@ def _reduction(kind: str, op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str
     return Masked(value, mask_out)
 
 
+def _reduced(x: Masked, dim: Any, keepdim: bool) -> Tuple[List[int], Tensor, bool]:
+    """What every reduction rule starts from: the reduced dimensions, the output mask (visible if any reduced
+    cell is), and whether a spatial dimension is reduced (if not, the operation runs as it is)."""
+    dims = _dims(dim, x.value.ndim)
+    mask_out = x.mask.amax(dims, keepdim=keepdim) if dims else x.mask
+    return dims, mask_out, any(x.mask.shape[d] != 1 for d in dims)
+
+
+def _visible_count(value: Tensor, mask: Tensor, dims: List[int], keepdim: bool) -> Tensor:
+    """The number of visible values over ``dims`` (a channel dimension counts all its values per visible cell)."""
+    broadcast = math.prod(value.shape[d] for d in dims if mask.shape[d] == 1)
+    return mask.sum(dims, keepdim=keepdim) * broadcast
+
+
 def _visible_mean(value: Tensor, mask: Tensor, dims: List[int], keepdim: bool) -> Tensor:
     """The mean over ``dims`` of the visible cells (0 where none)."""
-    total = (value * mask).sum(dims, keepdim=keepdim)
-    broadcast = math.prod(value.shape[d] for d in dims if mask.shape[d] == 1)
-    return _safe_divide(total, mask.sum(dims, keepdim=keepdim) * broadcast)
+    return _safe_divide((value * mask).sum(dims, keepdim=keepdim), _visible_count(value, mask, dims, keepdim))
 
 
 @builtin_rule(torch.mean, "mean")
@@ -692,9 +704,10 @@ def norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     x = _require_masked(x, "a norm")
     first = "ord" if op is torch.linalg.vector_norm else "p"
     bound = _bind(args, kwargs, (first, "dim", "keepdim"), {first: 2, "dim": None, "keepdim": False})
-    p, dims, keepdim = bound[first], _dims(bound["dim"], x.value.ndim), bound["keepdim"]
-    mask_out = x.mask.amax(dims, keepdim=keepdim) if dims else x.mask
-    if all(x.mask.shape[d] == 1 for d in dims):
+    p = bound[first]
+    keepdim = bound["keepdim"]
+    dims, mask_out, spatial = _reduced(x, bound["dim"], keepdim)
+    if not spatial:
         return Masked(op(x.value, *args, **kwargs), mask_out)
     if p in ("fro", None):
         p = 2
@@ -730,16 +743,15 @@ def _variance(op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str, Any], root
         ("dim", "unbiased", "keepdim"),
         {"dim": None, "unbiased": None, "keepdim": False, "correction": None},
     )
-    dims, keepdim = _dims(bound["dim"], x.value.ndim), bound["keepdim"]
-    mask_out = x.mask.amax(dims, keepdim=keepdim) if dims else x.mask
-    if all(x.mask.shape[d] == 1 for d in dims):
+    keepdim = bound["keepdim"]
+    dims, mask_out, spatial = _reduced(x, bound["dim"], keepdim)
+    if not spatial:
         return Masked(op(x.value, *args, **kwargs), mask_out)
     correction = bound["correction"]
     if correction is None:
         correction = 1 if bound["unbiased"] in (None, True) else 0
     mean_value = _visible_mean(x.value, x.mask, dims, keepdim=True)
-    broadcast = math.prod(x.value.shape[d] for d in dims if x.mask.shape[d] == 1)
-    count = x.mask.sum(dims, keepdim=keepdim) * broadcast
+    count = _visible_count(x.value, x.mask, dims, keepdim)
     squares = (((x.value - mean_value) * x.mask) ** 2).sum(dims, keepdim=keepdim)
     value = _safe_divide(squares, (count - correction).clamp(min=0))
     return Masked(value.sqrt() if root else value, mask_out)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..core.errors import MaskShapeError
 from ._batching import model_device, progress_bar
-from ._common import check_images, check_inputs, check_object_masks, logits_of, predict
+from ._common import check_images, check_inputs, check_object_masks, check_positive, logits_of, predict
 from .maskers import MaskerSpec, get_masker
 from .segmentation import SegmenterSpec, check_segment_ids, consecutive_ids, segment_images
 
@@ -33,11 +33,6 @@ def _check_attributions(attributions: Tensor, segments: Tensor) -> Tensor:
         attributions = attributions.mean(1)
     check_segment_ids(segments, attributions.shape)
     return attributions
-
-
-def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (segments taken) must be an int of at least 1, got {k!r}.")
 
 
 def segment_scores(attributions: Tensor, segments: Tensor) -> List[Tensor]:
@@ -62,7 +57,7 @@ def segment_scores(attributions: Tensor, segments: Tensor) -> List[Tensor]:
 
 def top_segments_mask(attributions: Tensor, segments: Tensor, k: int) -> Tensor:
     """``(N, H, W)`` bool: the pixels of each image's ``k`` highest-scoring segments (ties by segment id)."""
-    _check_k(k)
+    check_positive(k, "k (segments taken)")
     segments = segments.cpu()
     masks = []
     for scores, ids in zip(segment_scores(attributions, segments), segments):
@@ -94,7 +89,7 @@ def topk_ablation_accuracy(
         masker: how they are removed.
     """
     check_inputs(images, labels)
-    _check_k(k)
+    check_positive(k, "k (segments taken)")
     removed = top_segments_mask(attributions, segments, k)
     masker_ = get_masker(masker)
     with progress_bar(len(images), f"top-{k} ablation ({masker_.name})", show_progress) as bar:
@@ -293,7 +288,7 @@ def lime_metrics(
         ``{masker name: LimeMetrics}``.
     """
     check_inputs(images, labels, object_masks)
-    _check_k(k)
+    check_positive(k, "k (segments taken)")
     segments = segment_images(images, segmenter)
     results = {}
     for masker in maskers:

@@ -103,10 +103,15 @@ def decode_layer_mask(x: Tensor, other_inputs: Sequence[Any]) -> Optional[Tensor
     for index, value in enumerate(other_inputs):
         check_no_baseline(value, f"input {index + 2} of the model")
     if mask is not None:
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise LayerMaskError(_GRADIENT_MESSAGE.format(what="it reached a model whose input requires gradients"))
+        _refuse_gradients(x)
         _GUARD.decoded()
     return mask
+
+
+def _refuse_gradients(x: Tensor) -> None:
+    """Raises if ``LayerMask()`` pixels reach a model whose input requires gradients (a gradient method)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise LayerMaskError(_GRADIENT_MESSAGE.format(what="it reached a model whose input requires gradients"))
 
 
 _CALL_CODE = nn.Module._call_impl.__code__
@@ -176,13 +181,12 @@ class _PlainModelGuard:
             return  # it decodes LayerMask() pixels (decode_layer_mask)
         if not x.is_floating_point() or not bool(_sentinel_hits(x).all(1).any()):
             return
-        if torch.is_grad_enabled() and x.requires_grad:
-            self._finish()
-            raise LayerMaskError(_GRADIENT_MESSAGE.format(what="it reached a model whose input requires gradients"))
-        if any(isinstance(m, LayerMaskedModel) for m in module.modules()):
+        gradients = torch.is_grad_enabled() and x.requires_grad
+        if not gradients and any(isinstance(m, LayerMaskedModel) for m in module.modules()):
             local.pending = module  # a wrapper: the layer-masked model inside must decode these pixels
             return
         self._finish()
+        _refuse_gradients(x)
         raise LayerMaskError(
             f"{type(module).__name__} received a LayerMask() baseline but is not layer-masked, so it would "
             "explain a grey fill instead; pass layer_masked(model) to the Captum method."
