@@ -6,7 +6,7 @@ DEMO_OUT ?= demo-output
 EVALUATE_OUT ?= evaluate-output
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup lint format test test-slow demo evaluate tutorials benchmark train-demo-model clean
+.PHONY: setup lint format test test-slow timm-zoo demo evaluate tutorials benchmark train-demo-model clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: lint
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# Every timm architecture: convolutional or not, converted or refused (about an hour; docs/timm.md).
+timm-zoo: setup
+	$(PY) -m tests.timm_zoo
+
 # The bundled scene holds a star and a square: explain each, then the fill-sensitivity demo on a photo.
 demo: setup
 	$(VENV)/bin/layermask explain --target 3 --out $(DEMO_OUT)/star
@@ -46,6 +50,7 @@ tutorials: setup
 
 benchmark: setup
 	$(PY) benchmarks/engine_speed.py
+	$(PY) benchmarks/engine_speed.py --model timm/tf_efficientnet_b0
 	$(PY) benchmarks/captum_lime.py
 	$(PY) benchmarks/onnx_speed.py
 	$(PY) benchmarks/guard_overhead.py

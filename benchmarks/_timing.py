@@ -10,11 +10,15 @@ from typing import Callable, Dict, List
 import torch
 
 
-def parse_arguments(description: str, repeats_flag: str = "--repeats", repeats: int = 10) -> argparse.Namespace:
-    """``--threads`` (applied to torch here) and the number of timed rounds."""
+def parse_arguments(
+    description: str, repeats_flag: str = "--repeats", repeats: int = 10, model: str = ""
+) -> argparse.Namespace:
+    """``--threads`` (applied to torch here), the number of timed rounds and, given a default, ``--model``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(repeats_flag, type=int, default=repeats, dest="repeats")
     parser.add_argument("--threads", type=int, default=2)
+    if model:
+        parser.add_argument("--model", default=model, help="a torchvision model name, or timm/<name>")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args

@@ -1,4 +1,5 @@
-"""Cost of layer masking: ResNet-50, batch 8, 224x224, half of the 16x16 patches removed (issue: engine).
+"""Cost of layer masking: ResNet-50 (or any torchvision/timm model), batch 8, 224x224, half of the 16x16 patches
+removed.
 
 Times the plain and the layer-masked forward pass side by side (no_grad, each masked pass right after a plain
 one; the time ratio is the median of the per-pair ratios, which cancels the slow drifts of a shared machine)
@@ -6,7 +7,8 @@ and each one's peak tensor memory (bytes held by tensors allocated during the pa
 allocation events; the model's weights and the inputs are not counted). Ratios are what stays
 comparable across machines.
 
-    .venv/bin/python benchmarks/engine_speed.py [--repeats 10] [--threads 2]
+    .venv/bin/python benchmarks/engine_speed.py [--model resnet50 | --model timm/tf_efficientnet_b0]
+        [--repeats 15] [--threads 2]
 """
 
 from __future__ import annotations
@@ -23,9 +25,18 @@ from captum_layermask import layer_masked
 BATCH, SIZE, PATCH = 8, 224, 16
 
 
-def setup(seed: int = 0):
+def build(name: str) -> torch.nn.Module:
+    """A torchvision model by name, or a timm one as ``timm/<name>``, with random weights."""
+    if name.startswith("timm/"):
+        import timm
+
+        return timm.create_model(name.removeprefix("timm/")).eval()
+    return torchvision.models.get_model(name).eval()
+
+
+def setup(seed: int = 0, name: str = "resnet50"):
     torch.manual_seed(seed)
-    model = torchvision.models.resnet50().eval()
+    model = build(name)
     x = torch.randn(BATCH, 3, SIZE, SIZE)
     grid = torch.rand(BATCH, 1, SIZE // PATCH, SIZE // PATCH).argsort(-1).argsort(-1) < (SIZE // PATCH) // 2
     mask = grid.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)  # exactly half of each row of patches
@@ -51,8 +62,8 @@ def peak_tensor_memory_mib(function) -> float:
 
 
 def main() -> None:
-    args = parse_arguments(__doc__.splitlines()[0], "--repeats", 15)
-    model, masked, x, mask = setup()
+    args = parse_arguments(__doc__.splitlines()[0], "--repeats", 15, model="resnet50")
+    model, masked, x, mask = setup(name=args.model)
     times = paired_times({"plain": lambda: model(x), "masked": lambda: masked(x, mask)}, args.repeats, warmup=2)
     with torch.no_grad():
         plain_mem = peak_tensor_memory_mib(lambda: model(x))
@@ -60,7 +71,7 @@ def main() -> None:
     plain, layer = statistics.median(times["plain"]), statistics.median(times["masked"])
     time_ratio = ratio_of_pairs(times["masked"], times["plain"])
     print(
-        f"ResNet-50, batch {BATCH}, {SIZE}x{SIZE}, half of the {PATCH}x{PATCH} patches removed, "
+        f"{args.model}, batch {BATCH}, {SIZE}x{SIZE}, half of the {PATCH}x{PATCH} patches removed, "
         f"{args.threads} threads, torch {torch.__version__}"
     )
     print(f"{'':29}{'plain':>10}{'layer-masked':>14}{'ratio':>8}")

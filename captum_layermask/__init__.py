@@ -5,9 +5,13 @@ removed pixels, whatever fills them, have no influence on the output.
 
 - :mod:`captum_layermask.core`: the engine (``layer_masked``, rules, neighbor padding); torch only.
 - :mod:`captum_layermask.integrations.captum`: ``LayerMask()``, the Captum baseline.
+- :mod:`captum_layermask.integrations.timm`: the rules and leaves of timm's layers, installed the first time a
+  timm model is converted.
 - :mod:`captum_layermask.evaluation`: maskers, segmenters, diagnostics and evaluation of missingness bias.
 - :mod:`captum_layermask.cli`: the ``layermask`` command.
 """
+
+import importlib
 
 from .core import (
     LayerMaskedModel,
@@ -23,11 +27,15 @@ from .core import (
     patch_segments,
     propagate_mask,
     random_patch_masks,
+    register_leaf,
     register_mask_decoder,
     register_rule,
+    register_rule_set,
     trace,
 )
 from .integrations.captum import LayerMask
+
+register_rule_set("timm", lambda: importlib.import_module("captum_layermask.integrations.timm"))
 
 __all__ = [
     "LayerMask",
@@ -44,8 +52,10 @@ __all__ = [
     "patch_segments",
     "propagate_mask",
     "random_patch_masks",
+    "register_leaf",
     "register_mask_decoder",
     "register_rule",
+    "register_rule_set",
     "trace",
 ]
 __version__ = "0.1.0"

@@ -404,3 +404,28 @@ def test_sums_norms_and_variances_over_space_are_those_of_the_visible_cells():
     full = layer_masked(SpatialStatistics())(x, torch.ones(5, 6))
     for got, reference in zip(full, SpatialStatistics()(x)):
         assert torch.allclose(got, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_max_over_a_spatial_dimension_takes_the_visible_cells_and_their_indices():
+    class Rows(nn.Module):
+        def forward(self, x):
+            values, indices = torch.max(x, dim=3)
+            return values + indices.to(x.dtype), x.min(dim=1, keepdim=True)[0]
+
+    x, mask = torch.randn(2, 3, 5, 6, dtype=torch.float64), random_mask(2, 5, 6, keep=0.5)
+    values, indices = torch.where(mask > 0, x, -torch.inf).max(dim=3)
+    visible = mask.amax(3) > 0
+    rows, channel_min = layer_masked(Rows())(x, mask)
+    assert torch.equal(rows, torch.where(visible, values + indices, 0))
+    assert torch.equal(channel_min, x.min(dim=1, keepdim=True)[0] * mask)  # over channels: as it is, per cell
+
+
+def test_max_of_two_tensors_is_per_cell_and_max_of_everything_is_the_visible_maximum():
+    class Both(nn.Module):
+        def forward(self, x):
+            return x.max(x * 0.5 + 1) + x.max()
+
+    x, mask = torch.randn(2, 3, 5, 5, dtype=torch.float64), random_mask(2, 5, 5)
+    overall = torch.where(mask > 0, x, -torch.inf).max()  # over the whole batch, as x.max() is
+    expected = (torch.maximum(x, x * 0.5 + 1) + overall) * mask
+    assert torch.allclose(layer_masked(Both())(x, mask), expected, atol=1e-12)

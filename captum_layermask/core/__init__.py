@@ -10,7 +10,7 @@ from .masked import Masked
 from .masking import neighbor_pad, propagate_mask
 from .model import LayerMaskedModel, register_mask_decoder
 from .patches import patch_segments, random_patch_masks
-from .registry import RuleHandle, register_rule
+from .registry import RuleHandle, register_leaf, register_rule, register_rule_set
 
 __all__ = [
     "LayerMaskError",
@@ -27,6 +27,8 @@ __all__ = [
     "propagate_mask",
     "random_patch_masks",
     "register_mask_decoder",
+    "register_leaf",
     "register_rule",
+    "register_rule_set",
     "trace",
 ]

@@ -18,7 +18,7 @@ from .errors import LayerMaskError, TracingError, UnsupportedLayerError
 from .masked import Masked, align_rank, map_masked
 from .model import LayerMaskedModel, input_signature
 from .options import conversion_registry, ring_rules
-from .registry import RuleCall, RuleEntry, RuleRegistry, call_method
+from .registry import LEAVES, RuleCall, RuleEntry, RuleRegistry, call_method, leaf_functions, load_rule_sets
 
 
 def masked_input(image: Tensor, mask: Optional[Tensor]) -> Any:
@@ -36,25 +36,32 @@ def masked_output(tree: Any) -> Any:
 
 
 class _RuleTracer(fx.Tracer):
-    """Traces into every module except those a rule (or ``torch.fx`` by default) treats as one operation."""
+    """Traces into every module and function except those that have a rule or are registered leaves (and the
+    modules ``torch.fx`` keeps whole by default)."""
 
     def __init__(self, registry: RuleRegistry) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=leaf_functions(registry))
         self.registry = registry
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return self.registry.find(module) is not None or super().is_leaf_module(module, qualified_name)
+        return (
+            self.registry.find(module) is not None
+            or LEAVES.find(module) is not None
+            or super().is_leaf_module(module, qualified_name)
+        )
 
 
 def trace(model: nn.Module, registry: Optional[RuleRegistry] = None) -> fx.GraphModule:
     """Traces the model's inference graph (eval mode), restoring every submodule's training flag afterwards.
 
-    Modules that have a rule in ``registry`` (by default the rules of ``layer_masked(model)``) are not traced
-    into: each stays one operation of the graph.
+    Modules and functions that have a rule in ``registry`` (by default the rules of ``layer_masked(model)``),
+    and the registered leaves (:func:`~captum_layermask.register_leaf`), are not traced into: each stays one
+    operation of the graph.
 
     Raises:
         TracingError: if ``torch.fx`` cannot trace the model.
     """
+    load_rule_sets(model)
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
@@ -63,8 +70,8 @@ def trace(model: nn.Module, registry: Optional[RuleRegistry] = None) -> fx.Graph
     except Exception as error:
         raise TracingError(
             f"torch.fx could not trace {type(model).__name__} ({type(error).__name__}: {error}). Layer masking "
-            "needs a traceable forward; register the submodule that contains the failing code as one operation "
-            "with captum_layermask.register_rule."
+            "needs a traceable forward; make the submodule or function that contains the failing code one "
+            "operation with captum_layermask.register_leaf, and give it a rule with register_rule."
         ) from error
     finally:
         for module, training in modes.items():
@@ -135,21 +142,23 @@ def add_mask_stream(
             env[node] = graph.node_copy(node, env.__getitem__)
         else:
             op, entry = rule_of[node]
-            env[node] = _rule_node(graph, node, op, rings.get(node, entry), env)
+            env[node] = _rule_node(graph, node, op, rings.get(node, entry), env, registry)
     graph.lint()
     return fx.GraphModule(traced, graph, f"LayerMasked{type(traced).__name__}")
 
 
-def _rule_node(graph: fx.Graph, node: fx.Node, op: Any, entry: RuleEntry, env: Dict[fx.Node, Any]) -> fx.Node:
+def _rule_node(
+    graph: fx.Graph, node: fx.Node, op: Any, entry: RuleEntry, env: Dict[fx.Node, Any], registry: RuleRegistry
+) -> fx.Node:
     args = fx.map_arg(node.args, env.__getitem__)
     kwargs = fx.map_arg(node.kwargs, env.__getitem__)
     if node.op == "call_module":
-        target = RuleCall(entry.rule, None, node.target, type(op).__name__)
+        target = RuleCall(entry.rule, None, node.target, type(op).__name__, registry)
         args = (graph.create_node("get_attr", node.target, name=f"{node.name}_module"), *args)
     elif node.op == "call_method":
-        target = RuleCall(entry.rule, call_method(node.target), _module_path(node), node.target)
+        target = RuleCall(entry.rule, call_method(node.target), _module_path(node), node.target, registry)
     else:
-        target = RuleCall(entry.rule, op, _module_path(node), _op_name(op))
+        target = RuleCall(entry.rule, op, _module_path(node), _op_name(op), registry)
     return graph.create_node("call_function", target, args, kwargs, name=node.name)
 
 
@@ -200,6 +209,7 @@ def layer_masked(
         raise LayerMaskError("this model is already layer-masked; pass the original model to layer_masked.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"layer_masked takes a torch.nn.Module, got {type(model).__name__}.")
+    load_rule_sets(model)
     registry = conversion_registry(padding, residual, rules)  # checks the options
     traced = trace(model, registry)
     graph_module = add_mask_stream(traced, registry, prune_padding=prune_padding)

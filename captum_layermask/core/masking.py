@@ -230,7 +230,8 @@ def conv_padding(
 
     Args:
         kernel_size: ``(kh, kw)`` or an int.
-        padding: an int, a pair, or ``"same"`` / ``"valid"`` as ``torch.nn.Conv2d`` accepts.
+        padding: an int, a pair, or ``"same"`` / ``"valid"`` as ``torch.nn.Conv2d`` accepts, or an explicit
+            ``(left, right, top, bottom)`` (asymmetric "same" padding, as TensorFlow ports compute it).
         dilation: an int or a pair.
 
     Returns:
@@ -243,6 +244,9 @@ def conv_padding(
     if padding == "same":
         total_h, total_w = dh * (kh - 1), dw * (kw - 1)
         return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
+    if not isinstance(padding, int) and len(padding) == 4:
+        left, right, top, bottom = (int(width) for width in padding)
+        return (left, right, top, bottom)
     ph, pw = _pair(padding)
     return (pw, pw, ph, ph)
 

@@ -9,8 +9,11 @@ operations that return several).
 
 from __future__ import annotations
 
+import inspect
+import sys
+import types
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -101,12 +104,84 @@ class RuleRegistry:
                 return entry
         return None
 
+    def apply(self, op: Any, *args: Any, **kwargs: Any) -> Any:
+        """Applies the rule of ``op`` (a module, function or method name) to its arguments: how a rule for a
+        composite module masks its parts. A rule declaring a keyword-only ``rules`` parameter receives the
+        conversion's registry there, to call ``rules.apply``.
+
+        Raises:
+            UnsupportedLayerError: if ``op`` has no rule and one of its arguments is masked.
+        """
+        if not is_masked((args, kwargs)):
+            return op(*args, **kwargs)
+        entry = self.find(op)
+        if entry is None:
+            name = type(op).__qualname__ if isinstance(op, torch.nn.Module) else getattr(op, "__name__", repr(op))
+            raise UnsupportedLayerError(f"{name} has no masking rule; register one with register_rule.")
+        if takes_rules(entry.rule):
+            kwargs = {**kwargs, "rules": self}
+        return entry.rule(op, *args, **kwargs)
+
 
 RULES = RuleRegistry()
 """The rules users register with :func:`register_rule`; consulted before the built-in ones."""
 
 BUILTIN_RULES = RuleRegistry()
 """The built-in rules (:mod:`captum_layermask.core.rules`)."""
+
+LEAVES = RuleRegistry()
+"""Module classes and functions traced as one operation (:func:`register_leaf`); their entries have no rule."""
+
+_RULE_SETS: Dict[str, Callable[[], Any]] = {}
+
+
+def register_leaf(*targets: Union[type, Callable[..., Any]]) -> RuleHandle:
+    """Makes ``torch.fx`` record module classes or functions as one operation instead of tracing into them.
+
+    For code that ``torch.fx`` cannot trace (data-dependent Python: size checks, run-time padding). A leaf that
+    computes on the image still needs a rule (:func:`register_rule`), or the conversion names it in its
+    :class:`~captum_layermask.UnsupportedLayerError`; one that reads only parameters or shapes (resizing a
+    position embedding) needs none. A module class or a function with a rule is a leaf already.
+
+    Args:
+        *targets: module classes (covering subclasses that do not override ``forward``) or Python functions,
+            which are recorded where a traced ``forward`` calls them by their global name (``torch.fx``'s
+            ``autowrap_functions``).
+
+    Returns:
+        A :class:`RuleHandle`; ``remove()`` makes them traced into again.
+    """
+    for target in targets:
+        if not isinstance(target, type) and not isinstance(target, types.FunctionType):
+            raise TypeError(f"a leaf must be a module class or a Python function, got {target!r}.")
+    return LEAVES.add(list(targets), None)  # type: ignore[arg-type]
+
+
+def leaf_functions(registry: RuleRegistry) -> Tuple[Callable[..., Any], ...]:
+    """The Python functions that tracing records as one call: the registered leaves and those with a rule."""
+    targets = [entry.target for entry in (*LEAVES.entries, *registry.entries)]
+    return tuple(dict.fromkeys(target for target in targets if isinstance(target, types.FunctionType)))
+
+
+def register_rule_set(package: str, load: Callable[[], Any]) -> None:
+    """Installs the rules (and leaves) of a third-party layer library the first time a model uses it.
+
+    ``load()`` runs once, when a model with a submodule defined in ``package`` (e.g. ``"timm"``) is converted,
+    and registers its rules with :func:`register_rule`/``builtin_rule`` and its leaves with
+    :func:`register_leaf`. The library is never imported for models that do not use it.
+    """
+    _RULE_SETS[package] = load
+
+
+def load_rule_sets(model: torch.nn.Module) -> None:
+    """Runs the loaders of :func:`register_rule_set` for the packages whose modules ``model`` contains."""
+    if not _RULE_SETS:
+        return
+    packages = {type(module).__module__.partition(".")[0] for module in model.modules()}
+    for package in sorted(packages & set(_RULE_SETS)):
+        if package in sys.modules:
+            _RULE_SETS[package]()
+            del _RULE_SETS[package]
 
 
 def register_rule(*targets: Target, rule: Optional[Rule] = None, metadata: bool = False) -> Any:
@@ -165,6 +240,15 @@ def call_method(name: str) -> Callable[..., Any]:
     return method
 
 
+def takes_rules(rule: Rule) -> bool:
+    """Whether a rule declares a keyword-only ``rules`` parameter (to receive the conversion's registry)."""
+    try:
+        parameter = inspect.signature(rule).parameters.get("rules")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind is inspect.Parameter.KEYWORD_ONLY
+
+
 class RuleCall:
     """The target of one node of a layer-masked graph: a rule bound to the operation and module path it masks.
 
@@ -172,10 +256,18 @@ class RuleCall:
     module and moves with ``.to()``); for functions and methods the operation is bound here.
     """
 
-    def __init__(self, rule: Rule, op: Optional[Callable[..., Any]], path: str, op_name: str) -> None:
+    def __init__(
+        self,
+        rule: Rule,
+        op: Optional[Callable[..., Any]],
+        path: str,
+        op_name: str,
+        registry: Optional[RuleRegistry] = None,
+    ) -> None:
         self.rule = rule
         self.op = op
         self.path = path
+        self.registry = registry if takes_rules(rule) else None
         self.__name__ = f"{getattr(rule, '__name__', 'rule')}_{op_name}"  # how the generated code names the node
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -184,6 +276,8 @@ class RuleCall:
             op, args = args[0], args[1:]
         if not is_masked((args, kwargs)):
             return op(*args, **kwargs)
+        if self.registry is not None:
+            kwargs = {**kwargs, "rules": self.registry}
         try:
             return self.rule(op, *args, **kwargs)
         except UnsupportedLayerError as error:

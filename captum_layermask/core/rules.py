@@ -186,11 +186,20 @@ _POINTWISE_FUNCTIONS = (
     torch.add,
     torch.sub,
     torch.mul,
+    torch.addcmul,
+    torch.addcdiv,
     torch.div,
     torch.maximum,
     torch.minimum,
     torch.where,
     torch.erf,
+    torch.square,
+    torch.reciprocal,
+    torch.sign,
+    torch.sin,
+    torch.cos,
+    torch.log1p,
+    torch.expm1,
     operator.add,
     operator.sub,
     operator.mul,
@@ -229,9 +238,25 @@ _POINTWISE_METHODS = (
     "sub",
     "mul",
     "div",
+    "addcmul",
+    "addcdiv",
+    "add_",
+    "sub_",
+    "mul_",
+    "div_",
     "maximum",
     "minimum",
     "erf",
+    "square",
+    "reciprocal",
+    "sign",
+    "sin",
+    "cos",
+    "log1p",
+    "expm1",
+    "square_",
+    "sqrt_",
+    "exp_",
     "contiguous",
     "clone",
     "detach",
@@ -359,6 +384,15 @@ def linear(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     """A linear layer mixes its last dimension, which must be a channel dimension."""
     x = _require_masked(x, "a linear layer")
     _require_feature_dims(x, [-1], "a linear layer")
+    return pointwise(op, x, *args, **kwargs)
+
+
+@builtin_rule(nn.Conv1d, F.conv1d)
+def channel_conv1d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A 1-D convolution once the spatial part has ended: over a pooled descriptor, along channels (ECA's
+    attention). Every dimension it reads has mask size 1, so it sees only features of visible cells."""
+    x = _require_masked(x, "a 1-D convolution")
+    _require_feature_dims(x, range(1, x.value.ndim), "a 1-D convolution")
     return pointwise(op, x, *args, **kwargs)
 
 
@@ -687,6 +721,28 @@ def amax(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
 def amin(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     """A minimum over dimensions; over spatial ones, of the visible cells only (0 if none)."""
     return _reduction("amin", op, x, args, kwargs)
+
+
+@builtin_rule(torch.max, torch.min, "max", "min")
+def max_min(op: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """``max``/``min`` in their three forms. With a second tensor (EvoNorm's ``left.max(right)``) it is
+    element-wise, a per-cell operation. Over a dimension it returns ``(values, indices)``; over a spatial one
+    both come from the visible cells only (0 where none). Over everything, it is the visible maximum (minimum).
+    """
+    other = args[0] if args else kwargs.get("other", kwargs.get("dim"))
+    if isinstance(other, (Tensor, Masked)):
+        return pointwise(op, x, *args, **kwargs)
+    x = _require_masked(x, "max/min")
+    kind = "amax" if getattr(op, "__name__", "") == "max" else "amin"
+    bound = _bind(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
+    if bound["dim"] is None:
+        return _reduction(kind, getattr(torch, kind), x, (), {})
+    dims, mask_out, spatial = _reduced(x, bound["dim"], bound["keepdim"])
+    fill = _lowest(x.value) if kind == "amax" else -_lowest(x.value)
+    value = _fill_removed(x.value, x.mask, fill) if spatial else x.value
+    values, indices = getattr(torch, kind[1:])(value, dims[0], bound["keepdim"])
+    visible = mask_out > 0
+    return Masked(torch.where(visible, values, 0), mask_out), Masked(torch.where(visible, indices, 0), mask_out)
 
 
 @builtin_rule(torch.sum, "sum")
