@@ -50,6 +50,26 @@ class _RuleTracer(fx.Tracer):
             or super().is_leaf_module(module, qualified_name)
         )
 
+    def trace(self, root: Any, concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
+        self._tensor_names: Dict[int, str] = {}
+        if isinstance(root, nn.Module):
+            for name, tensor in (*root.named_parameters(), *root.named_buffers()):
+                self._tensor_names.setdefault(id(tensor), name)
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Dict[str, Any]) -> Any:
+        # torch.fx finds a parameter's name by a linear search of the model's parameters at every access,
+        # quadratic in the model's size; the names are looked up once here instead.
+        is_tensor = isinstance(attr_val, nn.Parameter) or (
+            self.proxy_buffer_attributes and isinstance(attr_val, Tensor)
+        )
+        name = self._tensor_names.get(id(attr_val)) if is_tensor else None
+        if name is None or self.param_shapes_constant:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
 
 def trace(model: nn.Module, registry: Optional[RuleRegistry] = None) -> fx.GraphModule:
     """Traces the model's inference graph (eval mode), restoring every submodule's training flag afterwards.
