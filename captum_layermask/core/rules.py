@@ -396,6 +396,67 @@ def channel_conv1d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     return pointwise(op, x, *args, **kwargs)
 
 
+def _token_mask(x: Any, batch_first: bool, like: Tensor) -> Tensor:
+    """The visibility of each token of a ``(N, T, E)`` (or ``(T, N, E)``) sequence as ``(N, T)`` booleans."""
+    if not isinstance(x, Masked):
+        return torch.ones(like.shape[:2] if batch_first else like.shape[1::-1], dtype=torch.bool, device=like.device)
+    _require_feature_dims(x, [-1], "attention")
+    mask = align_rank(x.mask, 3)[..., 0] > 0
+    mask = mask if batch_first else mask.transpose(0, 1)
+    n, t = (like.shape[0], like.shape[1]) if batch_first else (like.shape[1], like.shape[0])
+    return mask.expand(n, t)
+
+
+@builtin_rule(nn.MultiheadAttention)
+def multihead_attention(op: nn.MultiheadAttention, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any):
+    """Attention over visible tokens only: removed tokens are excluded as keys (token dropping, Jain et al. 2022).
+
+    The keys' visibility is added to any ``key_padding_mask`` the model passes. A token's output is visible when
+    the token is and at least one of its keys is; a sample with no visible key gets 0 and an all-removed mask.
+    Visible tokens' outputs are those of the layer run on the visible tokens alone.
+    """
+    bound = _bind(
+        args,
+        kwargs,
+        ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal"),
+        {
+            "key_padding_mask": None,
+            "need_weights": True,
+            "attn_mask": None,
+            "average_attn_weights": True,
+            "is_causal": False,
+        },
+    )
+    if is_masked((bound["key_padding_mask"], bound["attn_mask"])):
+        raise UnsupportedLayerError("attention whose masks depend on the image.")
+    q, k, v = unwrap(query), unwrap(key), unwrap(value)
+    queries = _token_mask(query, op.batch_first, q)
+    keys = _token_mask(key, op.batch_first, k) & _token_mask(value, op.batch_first, v)
+    any_key = keys.any(1)
+    ignored = ~keys & any_key[:, None]  # a sample without visible keys attends to all, and is zeroed below
+    given = bound["key_padding_mask"]
+    if given is not None:
+        ignored = ignored | (given if given.dtype == torch.bool else given < 0)
+    out, weights = op(
+        q,
+        k,
+        v,
+        key_padding_mask=ignored,
+        need_weights=bound["need_weights"],
+        attn_mask=bound["attn_mask"],
+        average_attn_weights=bound["average_attn_weights"],
+        is_causal=bound["is_causal"],
+    )
+    visible = queries & any_key[:, None]  # (N, T)
+    token_mask = (visible if op.batch_first else visible.transpose(0, 1)).unsqueeze(-1).to(out.dtype)
+    out = Masked(torch.where(token_mask > 0, out, 0), token_mask)
+    if weights is None:
+        return out, None
+    pair = (visible[:, :, None] & keys[:, None, :]).to(weights.dtype)  # (N, Tq, Tk)
+    pair = pair if weights.ndim == 3 else pair[:, None]
+    return out, Masked(weights * pair, pair)
+
+
 @builtin_rule(nn.LayerNorm, F.layer_norm)
 def layer_norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     """Layer normalization over channel dimensions only (as in ConvNeXt's channels-last blocks)."""
