@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -133,65 +133,57 @@ class EvaluationReport:
         if self.removal:
             parts.append(self._removal_table())
         if self.shape:
-            counts = self.shape[0].count
-            lines = [
-                f"**Shape bias** ({counts} images classified correctly unmasked): accuracy with the object removed, with the broken mask removed, and the difference (higher: less reliance on the mask's shape).",
-                "",
-                "| masker | object removed | broken mask removed | difference |",
-                "|---|---|---|---|",
-            ]
-            lines += [
-                f"| {masker_title(r.masker)} | {r.object_accuracy:.3f} | {r.broken_accuracy:.3f} | {r.difference:+.3f} |"
-                for r in self.shape
-            ]
-            parts.append("\n".join(lines))
+            parts.append(
+                _markdown_table(
+                    f"**Shape bias** ({self.shape[0].count} images classified correctly unmasked): accuracy with the object removed, with the broken mask removed, and the difference (higher: less reliance on the mask's shape).",
+                    ["masker", "object removed", "broken mask removed", "difference"],
+                    [
+                        [
+                            masker_title(r.masker),
+                            f"{r.object_accuracy:.3f}",
+                            f"{r.broken_accuracy:.3f}",
+                            f"{r.difference:+.3f}",
+                        ]
+                        for r in self.shape
+                    ],
+                )
+            )
         if self.lime:
             parts.append(self._lime_table())
         if self.linearity:
             patches = list(next(iter(self.linearity.values())))
-            lines = [
-                f"**Linearity in masking** ({self.diagnostic_images} images): cosine similarity of the features and the sum of the features of each patch alone (higher: more linear).",
-                "",
-                "| masker | " + " | ".join(f"{p}px patches" for p in patches) + " |",
-                "|---" * (len(patches) + 1) + "|",
-            ]
-            lines += [
-                f"| {masker_title(m)} | " + " | ".join(f"{scores[p]:.3f}" for p in patches) + " |"
-                for m, scores in self.linearity.items()
-            ]
-            parts.append("\n".join(lines))
+            parts.append(
+                _markdown_table(
+                    f"**Linearity in masking** ({self.diagnostic_images} images): cosine similarity of the features and the sum of the features of each patch alone (higher: more linear).",
+                    ["masker", *(f"{p}px patches" for p in patches)],
+                    [[masker_title(m), *(f"{scores[p]:.3f}" for p in patches)] for m, scores in self.linearity.items()],
+                )
+            )
         if self.collapse:
-            sizes = self.collapse[0].sizes
-            lines = [
-                f"**Output collapse** ({self.diagnostic_images} images, all pairs): change of the pairwise cosine similarity of features when the images shrink to n x n (closer to 0 is better).",
-                "",
-                "| masker | " + " | ".join(f"n={n}" for n in sizes) + " |",
-                "|---" * (len(sizes) + 1) + "|",
-            ]
-            lines += [
-                f"| {masker_title(c.masker)} | " + " | ".join(f"{v:+.3f}" for v in c.values) + " |"
-                for c in self.collapse
-            ]
-            parts.append("\n".join(lines))
+            parts.append(
+                _markdown_table(
+                    f"**Output collapse** ({self.diagnostic_images} images, all pairs): change of the pairwise cosine similarity of features when the images shrink to n x n (closer to 0 is better).",
+                    ["masker", *(f"n={n}" for n in self.collapse[0].sizes)],
+                    [[masker_title(c.masker), *(f"{v:+.3f}" for v in c.values)] for c in self.collapse],
+                )
+            )
         return "\n\n".join(parts) + "\n"
 
     def _removal_table(self) -> str:
         columns = list(dict.fromkeys((c.segmenter, c.order) for c in self.removal))
         maskers = list(dict.fromkeys(c.masker for c in self.removal))
         by_key = {(c.segmenter, c.order, c.masker): c for c in self.removal}
-        header = "| AUC | " + " | ".join(f"{s}, {o.replace('_', ' ')}" for s, o in columns) + " |"
-        lines = [
-            f"**Removal curves** ({self.images} images): area under each metric against the fraction of segments removed (higher is better).",
-            "",
-            header,
-            "|---" * (len(columns) + 1) + "|",
-        ]
+        rows = []
         for metric in ("accuracy", "entropy", "unchanged"):
             for masker in maskers:
                 values = [by_key.get((s, o, masker)) for s, o in columns]
                 cells = [f"{v.auc[metric]:.3f}" if v is not None else "" for v in values]
-                lines.append(f"| {metric}: {masker_title(masker)} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+                rows.append([f"{metric}: {masker_title(masker)}", *cells])
+        return _markdown_table(
+            f"**Removal curves** ({self.images} images): area under each metric against the fraction of segments removed (higher is better).",
+            ["AUC", *(f"{s}, {o.replace('_', ' ')}" for s, o in columns)],
+            rows,
+        )
 
     def _lime_table(self) -> str:
         segmenters = list(self.lime)
@@ -202,19 +194,19 @@ class EvaluationReport:
             ("alignment_score", "alignment score"),
             ("topk_jaccard", "top-k Jaccard"),
         )
-        lines = [
-            f"**LIME metrics** ({self.lime_images} images, true class explained): top-k ablation accuracy (grey removal; lower is better), alignment score and top-k Jaccard with the object mask (higher is better).",
-            "",
-            "| metric | " + " | ".join(f"{s} (k={ks[s]})" for s in segmenters) + " |",
-            "|---" * (len(segmenters) + 1) + "|",
+        rows = [
+            [
+                f"{label}: {masker_title(masker)}",
+                *(f"{getattr(self.lime[s][masker], metric):.3f}" if masker in self.lime[s] else "" for s in segmenters),
+            ]
+            for metric, label in names
+            for masker in maskers
         ]
-        for metric, label in names:
-            for masker in maskers:
-                cells = [
-                    f"{getattr(self.lime[s][masker], metric):.3f}" if masker in self.lime[s] else "" for s in segmenters
-                ]
-                lines.append(f"| {label}: {masker_title(masker)} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        return _markdown_table(
+            f"**LIME metrics** ({self.lime_images} images, true class explained): top-k ablation accuracy (grey removal; lower is better), alignment score and top-k Jaccard with the object mask (higher is better).",
+            ["metric", *(f"{s} (k={ks[s]})" for s in segmenters)],
+            rows,
+        )
 
     def save_figures(self, folder: Path, class_names: Optional[Sequence[str]] = None) -> List[Path]:
         """Writes ``removal_<segmenter>_<order>.png``, ``shape_bias.png`` and ``lime_<segmenter>.png``."""
@@ -356,3 +348,10 @@ def _diagnose(
         if len(images) > 1:
             report.collapse.append(output_collapse(model, images, sizes, masker, **common))
         report.magnitude.append(magnitude_curve(model, images, sizes, masker, **common))
+
+
+def _markdown_table(caption: str, header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A caption, a blank line and a Markdown table with the given header and rows of cells."""
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
