@@ -125,3 +125,4 @@ def test_torchvision_vits_have_the_properties_of_layer_masking(name):
         out = masked(x, mask)
         assert torch.equal(masked(torch.where(mask > 0, x, float("nan")), mask), out)
         assert not torch.equal(out, model(x))
+

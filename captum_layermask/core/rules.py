@@ -635,14 +635,6 @@ def conv2d_partial(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
 
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 _MAX_POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
-_AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-_AVG_POOL_DEFAULTS = {
-    "stride": None,
-    "padding": 0,
-    "ceil_mode": False,
-    "count_include_pad": True,
-    "divisor_override": None,
-}
 
 
 def _no_indices(params: Dict[str, Any]) -> None:
@@ -659,11 +651,9 @@ def max_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     than on NCHW), and the result comes back in the input's layout; the values are the same either way.
     """
     x = _require_masked(x, "max pooling")
-    params = _params(op, args, kwargs, _MAX_POOL_ARGS, _MAX_POOL_DEFAULTS)
-    _no_indices(params)
+    _no_indices(_params(op, args, kwargs, _MAX_POOL_ARGS, _MAX_POOL_DEFAULTS))
     mask = _spatial_mask(x)
-    params.pop("return_indices")
-    visible = F.max_pool2d(mask, **params)
+    visible = op(mask, *args, **kwargs)  # the layer's own padding (-inf, or timm's "same") never wins
     lowest = _lowest(x.value)
     pooled = _in_batch_slices(
         lambda value, part: op(_filled_for_pooling(value, part, lowest), *args, **kwargs), x.value, mask
@@ -690,11 +680,10 @@ def avg_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     included); removed cells count as the mean of the visible ones, never as zeros (section 3.2, ``h_m``).
     """
     x = _require_masked(x, "average pooling")
-    params = _params(op, args, kwargs, _AVG_POOL_ARGS, _AVG_POOL_DEFAULTS)
     mask = _spatial_mask(x)
     total = op(x.value * mask, *args, **kwargs)
-    visible = F.avg_pool2d(mask, **params)
-    inside = F.avg_pool2d(torch.ones_like(mask[:1]), **params)
+    visible = op(mask, *args, **kwargs)  # the layer's own border handling (padding, timm's "same") alike
+    inside = op(torch.ones_like(mask[:1]), *args, **kwargs)
     return Masked(total * _safe_divide(inside, visible), _as_mask(visible > 0, mask))
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import types
 from typing import Any, Tuple
 
-import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, CondConv2d, Conv2dSame, FrozenBatchNormAct2d, SyncBatchNormAct
 from timm.layers._fx import get_notrace_functions, get_notrace_modules
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from ..core.masked import Masked
 from ..core.masking import pad_for_convolution
 from ..core.registry import RuleRegistry, builtin_rule, register_leaf
-from ..core.rules import _as_mask, _lowest, _require_feature_dims, _require_masked, _safe_divide, _spatial_mask
+from ..core.rules import _require_feature_dims, _require_masked, avg_pool2d, max_pool2d
 
 TRACED_INTO = (BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct, NormFreeBlock)
 """timm leaves whose forward is traceable in eval mode: traced into instead of kept whole."""
@@ -77,27 +76,9 @@ def conditional_conv2d(op: CondConv2d, x: Any, routing_weights: Any) -> Masked:
     return Masked(op(padded, routing_weights.value), mask * routing_mask.reshape(-1, 1, 1, 1))
 
 
-@builtin_rule(MaxPool2dSame)
-def same_padded_max_pool2d(op: MaxPool2dSame, x: Any) -> Masked:
-    """Max pooling with "same" padding (``-inf`` borders): the maximum over the visible cells of each window."""
-    x = _require_masked(x, "max pooling")
-    mask = _spatial_mask(x)
-    padding = _same_padding(op, tuple(x.value.shape[-2:]))
-    visible = F.max_pool2d(F.pad(mask, padding), op.kernel_size, op.stride, 0, op.dilation, op.ceil_mode)
-    filled = torch.where(mask > 0, x.value, x.value.new_full((), _lowest(x.value)))
-    return Masked(op(filled) * visible, visible)
-
-
-@builtin_rule(AvgPool2dSame)
-def same_padded_avg_pool2d(op: AvgPool2dSame, x: Any) -> Masked:
-    """Average pooling with "same" zero padding: ``pool(x * m) * pool(1) / pool(m)``, the ``nn.AvgPool2d`` rule
-    with the layer's own padding, so that removed cells count as the mean of the visible ones and the padded
-    zeros count as the layer counts them."""
-    x = _require_masked(x, "average pooling")
-    mask = _spatial_mask(x)
-    visible = op(mask)
-    inside = op(torch.ones_like(mask[:1]))
-    return Masked(op(x.value * mask) * _safe_divide(inside, visible), _as_mask(visible > 0, mask))
+# "Same"-padded pooling: the core rules apply the layer itself to the mask too, its run-time padding included.
+builtin_rule(MaxPool2dSame)(max_pool2d)
+builtin_rule(AvgPool2dSame)(avg_pool2d)
 
 
 @builtin_rule(ConvMlp)
@@ -125,8 +106,6 @@ _register_leaves()
 __all__ = [
     "TRACED_INTO",
     "conditional_conv2d",
-    "same_padded_avg_pool2d",
     "same_padded_conv2d",
-    "same_padded_max_pool2d",
     "vgg_conv_mlp",
 ]
