@@ -126,3 +126,24 @@ def test_torchvision_vits_have_the_properties_of_layer_masking(name):
         assert torch.equal(masked(torch.where(mask > 0, x, float("nan")), mask), out)
         assert not torch.equal(out, model(x))
 
+
+def test_a_float_key_padding_mask_of_the_model_is_added_to_the_scores_of_visible_keys():
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, batch_first=True).double().eval()
+    bias = torch.randn(1, 9, dtype=torch.float64)  # finite additive biases, not an ignore mask
+
+    class Biased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x):
+            tokens = x.flatten(2).transpose(1, 2)
+            return self.attention(tokens, tokens, tokens, key_padding_mask=bias, need_weights=False)[0]
+
+    x = torch.randn(1, 8, 3, 3, dtype=torch.float64)
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.float64).view(1, 1, 3, 3)
+    keep = mask.flatten().bool()
+    tokens = x.flatten(2).transpose(1, 2)[:, keep]
+    alone = attention(tokens, tokens, tokens, key_padding_mask=bias[:, keep], need_weights=False)[0]
+    assert torch.allclose(layer_masked(Biased())(x, mask)[0, keep], alone[0], atol=1e-12)

@@ -435,8 +435,8 @@ def multihead_attention(op: nn.MultiheadAttention, query: Any, key: Any, value: 
     any_key = keys.any(1)
     ignored = ~keys & any_key[:, None]  # a sample without visible keys attends to all, and is zeroed below
     given = bound["key_padding_mask"]
-    if given is not None:
-        ignored = ignored | (given if given.dtype == torch.bool else given < 0)
+    if given is not None:  # a float mask is added to the scores: removed keys get -inf on top of it
+        ignored = ignored | given if given.dtype == torch.bool else given.masked_fill(ignored, -math.inf)
     out, weights = op(
         q,
         k,
