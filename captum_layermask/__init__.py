@@ -7,6 +7,8 @@ removed pixels, whatever fills them, have no influence on the output.
 - :mod:`captum_layermask.integrations.captum`: ``LayerMask()``, the Captum baseline.
 - :mod:`captum_layermask.integrations.timm`: the rules and leaves of timm's layers, installed the first time a
   timm model is converted.
+- :mod:`captum_layermask.integrations.torchvision`: Swin's window attention and patch merging, installed the first
+  time a torchvision model is converted.
 - :mod:`captum_layermask.evaluation`: maskers, segmenters, diagnostics and evaluation of missingness bias.
 - :mod:`captum_layermask.cli`: the ``layermask`` command.
 """
@@ -31,11 +33,13 @@ from .core import (
     register_mask_decoder,
     register_rule,
     register_rule_set,
+    register_token_block,
     trace,
 )
 from .integrations.captum import LayerMask
 
 register_rule_set("timm", lambda: importlib.import_module("captum_layermask.integrations.timm"))
+register_rule_set("torchvision", lambda: importlib.import_module("captum_layermask.integrations.torchvision"))
 
 __all__ = [
     "LayerMask",
@@ -56,6 +60,7 @@ __all__ = [
     "register_mask_decoder",
     "register_rule",
     "register_rule_set",
+    "register_token_block",
     "trace",
 ]
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from captum_layermask import UnsupportedLayerError, layer_masked
+from captum_layermask import layer_masked
 from captum_layermask.evaluation import IMAGENET_MEAN, IMAGENET_STD
 
 from .conftest import layer_masked_full_padding, patch_masks, randomize_batchnorm
@@ -88,19 +88,13 @@ def classification_models():
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-NOT_CNNS = ("swin_", "maxvit_")  # ViTs convert by token dropping (tests/test_transformers.py)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", classification_models())
 def test_every_torchvision_classifier(name):
-    """CNNs and ViTs keep properties 1 and 2 at 224x224 (inception at 299); Swin and MaxViT are refused."""
+    """All 80 classifiers, CNNs and transformers (token dropping), keep properties 1 and 2 at 224x224 (inception
+    at 299)."""
     torch.manual_seed(0)
     model = randomize_batchnorm(torchvision.models.get_model(name).eval())
-    if name.startswith(NOT_CNNS):
-        with pytest.raises(UnsupportedLayerError, match="without a masking rule"):
-            layer_masked(model)
-        return
     size = 299 if name == "inception_v3" else 224
     x, mask = torch.randn(1, 3, size, size), patch_masks(1, size, size, patch=16)
     masked = layer_masked(model)

@@ -6,6 +6,7 @@ line build on it.
 
 from .convert import add_mask_stream, layer_masked, trace
 from .errors import LayerMaskError, MaskShapeError, TracingError, UnsupportedLayerError
+from .gathering import register_token_block
 from .masked import Masked
 from .masking import neighbor_pad, propagate_mask
 from .model import LayerMaskedModel, register_mask_decoder
@@ -30,5 +31,6 @@ __all__ = [
     "register_leaf",
     "register_rule",
     "register_rule_set",
+    "register_token_block",
     "trace",
 ]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .dependence import image_dependence
 from .errors import LayerMaskError, TracingError, UnsupportedLayerError
+from .gathering import insert_gathering, mark_token_blocks, token_regions
 from .masked import Masked, align_rank, map_masked
 from .model import LayerMaskedModel, input_signature
 from .options import conversion_registry, ring_rules
@@ -87,6 +88,7 @@ def trace(model: nn.Module, registry: Optional[RuleRegistry] = None) -> fx.Graph
         model.eval()
         tracer = _RuleTracer(registry or conversion_registry("neighbor", "intersection", None))
         graph = tracer.trace(model)
+        mark_token_blocks(graph, model)
     except Exception as error:
         raise TracingError(
             f"torch.fx could not trace {type(model).__name__} ({type(error).__name__}: {error}). Layer masking "
@@ -118,7 +120,11 @@ def _describe(node: fx.Node, op: Any) -> str:
 
 
 def add_mask_stream(
-    traced: fx.GraphModule, registry: Optional[RuleRegistry] = None, *, prune_padding: bool = True
+    traced: fx.GraphModule,
+    registry: Optional[RuleRegistry] = None,
+    *,
+    prune_padding: bool = True,
+    gather_tokens: bool = True,
 ) -> fx.GraphModule:
     """Rewrites a traced model so that every image-dependent node computes a (value, mask) pair.
 
@@ -130,6 +136,8 @@ def add_mask_stream(
         traced (fx.GraphModule): the traced model (:func:`trace`).
         registry: the rules (by default those of ``layer_masked(model)``).
         prune_padding (bool): let convolutions pad only the rings later layers read (the same outputs).
+        gather_tokens (bool): run chains of transformer blocks on the visible tokens only (the same outputs;
+            :mod:`~captum_layermask.core.gathering`).
 
     Raises:
         UnsupportedLayerError: listing every image-dependent operation that has no rule.
@@ -163,6 +171,8 @@ def add_mask_stream(
         else:
             op, entry = rule_of[node]
             env[node] = _rule_node(graph, node, op, rings.get(node, entry), env, registry)
+    if gather_tokens:
+        insert_gathering(graph, token_regions(traced, walk.dependent), env)
     graph.lint()
     return fx.GraphModule(traced, graph, f"LayerMasked{type(traced).__name__}")
 
@@ -189,6 +199,7 @@ def layer_masked(
     residual: str = "intersection",
     rules: Optional[Mapping[Any, Any]] = None,
     prune_padding: bool = True,
+    gather_tokens: bool = True,
 ) -> LayerMaskedModel:
     """Turns a CNN into a mask-aware model that runs on the visible pixels only (paper section 3).
 
@@ -206,6 +217,9 @@ def layer_masked(
             the registered ones (see :func:`register_rule`).
         prune_padding (bool): let convolutions pad only the rings of neighbor padding that later layers read
             (the demand analysis; the outputs are the same). False pads every convolution's full reach.
+        gather_tokens (bool): run chains of transformer blocks (torchvision's and timm's ViT blocks, and those
+            declared with ``register_token_block``) on each sample's visible tokens only, instead of masking
+            removed ones in attention: the same outputs, faster. False masks attention throughout.
 
     Returns:
         A :class:`LayerMaskedModel` called as ``masked(x, mask)``.
@@ -221,7 +235,11 @@ def layer_masked(
         >>> logits = masked(images, mask)  # mask: 1 = visible, 0 = removed
     """
     options = dict(
-        padding=padding, residual=residual, rules=dict(rules) if rules else None, prune_padding=prune_padding
+        padding=padding,
+        residual=residual,
+        rules=dict(rules) if rules else None,
+        prune_padding=prune_padding,
+        gather_tokens=gather_tokens,
     )
     if isinstance(model, LayerMaskedModel):
         if options == model.options:
@@ -232,5 +250,5 @@ def layer_masked(
     load_rule_sets(model)
     registry = conversion_registry(padding, residual, rules)  # checks the options
     traced = trace(model, registry)
-    graph_module = add_mask_stream(traced, registry, prune_padding=prune_padding)
+    graph_module = add_mask_stream(traced, registry, prune_padding=prune_padding, gather_tokens=gather_tokens)
     return LayerMaskedModel(graph_module, model, options, input_signature(traced))

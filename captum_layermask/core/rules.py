@@ -10,6 +10,7 @@ than 1, pooling and reshapes that merge spatial dimensions do extra work.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -467,17 +468,165 @@ def layer_norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     return pointwise(op, x, *args, **kwargs)
 
 
+def _is_log_softmax(op: Any) -> bool:
+    return isinstance(op, nn.LogSoftmax) or getattr(op, "__name__", "") == "log_softmax"
+
+
 @builtin_rule(
     nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"
 )
 def softmax(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
-    """Softmax over a channel dimension."""
+    """Softmax over a channel dimension; or over keys (attention weights, the last dimension of ``q @ k.T``):
+    removed keys get weight exactly 0 and the visible ones share 1, as when run on the visible tokens alone.
+    A row without any visible key is 0 and removed."""
     x = _require_masked(x, "softmax")
     dim = _params(op, args, kwargs, ("dim",), {"dim": None})["dim"]
     if dim is None:
         raise UnsupportedLayerError("softmax without an explicit dim; pass dim= to it.")
-    _require_feature_dims(x, [dim], "softmax")
-    return pointwise(op, x, *args, **kwargs)
+    if x.mask.shape[dim] == 1:
+        return pointwise(op, x, *args, **kwargs)
+    if _is_log_softmax(op):
+        raise UnsupportedLayerError("log-softmax over tokens or pixels (removed ones would get log 0).")
+    value = op(_fill_removed(x.value, x.mask, _lowest(x.value)), *args, **kwargs)
+    return Masked(value * x.mask, x.mask)
+
+
+def _key_visibility(key: Any, value: Any) -> Optional[Tensor]:
+    """Which keys of ``(..., S, E)`` key and value tensors are visible, as ``(..., 1, S)`` booleans."""
+    masks = [align_rank(x.mask, x.value.ndim) for x in (key, value) if isinstance(x, Masked)]
+    if not masks:
+        return None
+    visible = functools.reduce(torch.logical_and, [mask > 0 for mask in masks])
+    return visible.transpose(-2, -1)
+
+
+@builtin_rule(F.scaled_dot_product_attention)
+def scaled_dot_product_attention(op: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Fused attention over visible keys only (token dropping): the keys' visibility joins the model's
+    ``attn_mask``. A query is visible if it is and has a visible key; one without any gets 0."""
+    bound = _bind(
+        args,
+        kwargs,
+        ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+        {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False},
+    )
+    if is_masked(bound["attn_mask"]):
+        raise UnsupportedLayerError("attention whose attn_mask depends on the image.")
+    if bound["is_causal"]:
+        raise UnsupportedLayerError("causal attention (is_causal=True), which vision classifiers do not use.")
+    for x in (query, key, value):
+        if isinstance(x, Masked):
+            _require_feature_dims(x, [-1], "attention")
+    q, k, v = unwrap((query, key, value))
+    keys = _key_visibility(key, value)
+    queries = (
+        align_rank(query.mask, q.ndim) > 0
+        if isinstance(query, Masked)
+        else torch.ones_like(q[..., :1], dtype=torch.bool)
+    )
+    if keys is None:
+        keys = torch.ones_like(k[..., :1], dtype=torch.bool).transpose(-2, -1)
+    any_key = keys.any(-1, keepdim=True)
+    attend = keys | ~any_key  # a query without visible keys attends to all, and is zeroed below
+    given = bound["attn_mask"]
+    if given is None:
+        given = attend
+    elif given.dtype == torch.bool:
+        given = given & attend
+    else:
+        given = given.masked_fill(~attend, -math.inf)
+    out = op(
+        q, k, v, attn_mask=given, dropout_p=bound["dropout_p"], scale=bound["scale"], enable_gqa=bound["enable_gqa"]
+    )
+    visible = (queries & any_key).to(out.dtype)
+    return Masked(torch.where(visible > 0, out, 0), visible)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention written out: contractions over tokens, softmax over keys, fused attention (token dropping)
+
+
+def _operand_masks(operands: Sequence[Any]) -> List[Optional[Tensor]]:
+    """Each operand's mask at its own rank, or None for an operand that does not depend on the image."""
+    return [align_rank(x.mask, x.value.ndim) if isinstance(x, Masked) else None for x in operands]
+
+
+def _contraction(op: Any, operands: Sequence[Any], labels: Sequence[str], output: str, call: Any) -> Masked:
+    """A sum of products over the labels missing from ``output`` (``labels[i]`` names operand i's dimensions).
+
+    A contracted dimension that is spatial (a token dimension) in one operand must be spatial in every operand
+    that has it: the sum then runs over the cells visible in all of them, which is attention over visible keys
+    (``weights @ v``) and exactly what running on the visible tokens alone computes. Contracting tokens against
+    a fixed weight (a token-mixing MLP) has no such meaning, since it needs every token, and is refused.
+    """
+    masks = _operand_masks(operands)
+    contracted = {label for spec in labels for label in spec if label not in output}
+    zeroed = [False] * len(operands)
+    for label in sorted(contracted):
+        holders = [i for i, spec in enumerate(labels) if label in spec]
+        spatial = [masks[i] is not None and masks[i].shape[labels[i].index(label)] != 1 for i in holders]
+        if any(spatial) and not all(spatial):
+            raise UnsupportedLayerError(
+                "a product that sums over tokens or pixels against a tensor that does not follow them (a "
+                "token-mixing weight needs every token); layer masking supports sums over tokens only between "
+                "image-dependent tensors, as attention's weights @ values."
+            )
+        for i, is_spatial in zip(holders, spatial):
+            zeroed[i] = zeroed[i] or is_spatial
+    values = [x.value * m if z else unwrap(x) for x, m, z in zip(operands, masks, zeroed)]
+    value = call(*values)
+    ones = [torch.ones((1,) * unwrap(x).ndim, dtype=value.dtype, device=value.device) for x in operands]
+    mask_terms = [m.to(value.dtype) if m is not None else one for m, one in zip(masks, ones)]
+    mask = (call(*mask_terms) > 0).to(value.dtype)
+    return Masked(value, mask)
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@builtin_rule(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__")
+def matmul(op: Any, a: Any, b: Any, **kwargs: Any) -> Masked:
+    """A matrix product: per token when it contracts channels (``q @ k.T``, ``x @ W``); over visible tokens
+    only when it contracts a token dimension of both operands (``softmax(q @ k.T) @ v``).
+
+    The mask of ``q @ k.T`` is the pair mask (query visible and key visible), that of ``weights @ v`` says which
+    queries have a visible key.
+    """
+    if kwargs:
+        raise UnsupportedLayerError("matmul with an out= argument.")
+    ranks = [unwrap(a).ndim, unwrap(b).ndim]
+    if min(ranks) < 2:
+        raise UnsupportedLayerError("a matrix product with a 1-D operand; reshape it to 2-D first.")
+    batch = _LETTERS[: max(ranks) - 2]
+    left, right = batch[len(batch) - ranks[0] + 2 :] + "ik", batch[len(batch) - ranks[1] + 2 :] + "kj"
+    return _contraction(op, [a, b], [left, right], batch + "ij", lambda x, y: torch.matmul(x, y))
+
+
+def _einsum_labels(equation: str, operands: Sequence[Any]) -> Tuple[List[str], str]:
+    """The equation's per-operand labels and output labels, with ``...`` spelled out as letters."""
+    inputs, arrow, output = equation.replace(" ", "").partition("->")
+    if not arrow:
+        raise UnsupportedLayerError("einsum without an explicit output ('->'); write the output labels.")
+    specs = inputs.split(",")
+    extra = [unwrap(x).ndim - len(spec) + 3 for x, spec in zip(operands, specs) if "..." in spec]
+    spelled = "".join(c for c in _LETTERS if c not in equation)[: max(extra, default=0)]
+
+    def spell(x: Any, spec: str) -> str:
+        count = unwrap(x).ndim - len(spec) + 3
+        return spec.replace("...", spelled[len(spelled) - count :]) if "..." in spec else spec
+
+    return [spell(x, spec) for x, spec in zip(operands, specs)], output.replace("...", spelled)
+
+
+@builtin_rule(torch.einsum)
+def einsum(op: Any, equation: str, *operands: Any) -> Masked:
+    """``torch.einsum``, under the rule of :func:`matmul`: sums over tokens run over visible cells of every
+    operand (MaxViT's attention, ``einsum("bhid,bhjd->bhij", q, k)`` and ``einsum("bhij,bhjd->bhid", w, v)``)."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    labels, output = _einsum_labels(equation, operands)
+    equation = ",".join(labels) + "->" + output
+    return _contraction(op, operands, labels, output, lambda *xs: torch.einsum(equation, *xs))
 
 
 def _masked_group_norm(x: Masked, groups: int, weight: Any, bias: Any, eps: float) -> Masked:
@@ -828,6 +977,20 @@ def norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     return Masked((_visible_mean(magnitude**p, x.mask, dims, keepdim) * count) ** (1 / p), mask_out)
 
 
+@builtin_rule(F.normalize)
+def normalize(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """``x / max(||x||_p, eps)`` along ``dim``: per cell over channels (cosine attention's q and k); over a
+    token dimension (XCiT's cross-covariance attention), the norm of the visible tokens only."""
+    x = _require_masked(x, "normalize")
+    bound = _bind(args, kwargs, ("p", "dim", "eps"), {"p": 2.0, "dim": 1, "eps": 1e-12})
+    dim = bound["dim"] % x.value.ndim
+    if x.mask.shape[dim] == 1:
+        return pointwise(op, x, *args, **kwargs)
+    visible = x.value * x.mask
+    norm = torch.linalg.vector_norm(visible, ord=bound["p"], dim=dim, keepdim=True)
+    return Masked(visible / norm.clamp_min(bound["eps"]), x.mask)
+
+
 @builtin_rule(torch.var, "var")
 def variance(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     """Variance over dimensions; over spatial ones, of the visible cells (with the call's correction applied to
@@ -884,15 +1047,28 @@ def _spatial_image_mask(x: Masked, what: str) -> Tensor:
     return _spatial_mask(x).expand(x.mask.shape[0], 1, *x.value.shape[-2:])
 
 
+def _padded_index(size: int, before: int, after: int, mode: str, device: torch.device) -> Tensor:
+    """For each cell of a dimension padded by ``(before, after)`` (negative: cropped), the input cell whose mask
+    it takes: the nearest edge cell for ``constant`` and ``replicate``, the reflected or wrapped one otherwise."""
+    index = torch.arange(-before, size + after, device=device)
+    if mode == "reflect":
+        index = index.abs()
+        index = torch.where(index >= size, 2 * (size - 1) - index, index)
+    elif mode == "circular":
+        index = index % size
+    return index.clamp(0, size - 1)
+
+
 @builtin_rule(F.pad, *_PAD_MODULES)
 def pad(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
-    """Padding of the spatial dimensions in any mode: the border takes the values the layer gives it, and the
-    mask of the image cells it extends.
+    """Padding in any mode, of spatial dimensions (image height and width, or the token grid of a channels-last
+    ``(B, H, W, C)`` tensor) or of channels: the border takes the values the layer gives it, and the mask of the
+    cells it extends.
 
-    For ``reflect``, ``replicate`` and ``circular`` a border cell copies an image cell, and takes that cell's mask.
+    For ``reflect``, ``replicate`` and ``circular`` a border cell copies a cell, and takes that cell's mask.
     For ``constant`` (and ``nn.ZeroPad2d``) it holds the constant, and is visible where the edge cell next to it
     is (the mask is replicated): a border next to removed pixels is removed, like them, and a full mask
-    reproduces the layer exactly. Negative widths crop the mask alike.
+    reproduces the layer exactly. Negative widths crop the mask alike. Padding channels leaves the mask as it is.
     """
     x = _require_masked(x, "padding")
     if isinstance(op, nn.Module):
@@ -900,13 +1076,15 @@ def pad(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     else:
         bound = _bind(args, kwargs, ("pad", "mode", "value"), {"mode": "constant", "value": None})
         widths, mode = tuple(bound["pad"]), bound["mode"]
-    if len(widths) > 4 or len(widths) % 2:
-        raise UnsupportedLayerError(f"padding {widths} reaches beyond the two spatial dimensions.")
-    mask = _spatial_image_mask(x, "padding")
-    widths = widths + (0,) * (4 - len(widths))
-    cropped = F.pad(mask, [min(w, 0) for w in widths])
-    grown = F.pad(cropped, [max(w, 0) for w in widths], mode="replicate" if mode == "constant" else mode)
-    return Masked(op(x.value, *args, **kwargs), grown)
+    if len(widths) % 2 or len(widths) > 2 * x.value.ndim:
+        raise UnsupportedLayerError(f"padding {widths} of a tensor of shape {tuple(x.value.shape)}.")
+    mask = align_rank(x.mask, x.value.ndim)
+    for pair in range(len(widths) // 2):
+        dim, before, after = x.value.ndim - 1 - pair, widths[2 * pair], widths[2 * pair + 1]
+        if mask.shape[dim] > 1 and (before or after):
+            index = _padded_index(mask.shape[dim], before, after, mode, mask.device)
+            mask = mask.index_select(dim, index)
+    return Masked(op(x.value, *args, **kwargs), mask)
 
 
 _SMOOTH_REACH = {"bilinear": 1, "bicubic": 3}
@@ -1003,6 +1181,16 @@ def _dim_groups(source: Sequence[int], target: Sequence[int]) -> List[Tuple[List
     return groups
 
 
+def _batch_expanded(x: Masked, first_group: Sequence[int]) -> Tensor:
+    """The mask, expanded along the batch if a reshape merges the batch with spatial dimensions (Swin's windows
+    become the batch of its attention): a mask shared by the batch is then no longer shared."""
+    mask = x.mask
+    if len(first_group) > 1 and mask.shape[0] == 1 and x.value.shape[0] > 1:
+        if any(mask.shape[d] == x.value.shape[d] > 1 for d in first_group[1:]):
+            mask = mask.expand(x.value.shape[0], *mask.shape[1:])
+    return mask
+
+
 @builtin_rule(
     nn.Flatten,
     nn.Unflatten,
@@ -1017,6 +1205,8 @@ def _dim_groups(source: Sequence[int], target: Sequence[int]) -> List[Tuple[List
     "unflatten",
     "squeeze",
     "unsqueeze",
+    "reshape_as",
+    "view_as",
 )
 def reshape(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     """Reshapes that keep, split or merge dimensions; the mask follows the value.
@@ -1027,18 +1217,20 @@ def reshape(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     sample has any visible cell.
     """
     x = _require_masked(x, "a reshape")
+    args, kwargs = unwrap(args), unwrap(kwargs)  # reshape_as/view_as take a tensor
     value = op(x.value, *args, **kwargs)
+    groups = _dim_groups(x.value.shape, value.shape)
+    mask = _batch_expanded(x, groups[0][0])
     mask_shape: List[int] = []
     merged: List[int] = []
-    for source, target in _dim_groups(x.value.shape, value.shape):
-        if all(x.mask.shape[d] == 1 for d in source):
+    for source, target in groups:
+        if all(mask.shape[d] == 1 for d in source):
             mask_shape += [1] * len(target)
-        elif all(x.mask.shape[d] == x.value.shape[d] for d in source):
+        elif all(mask.shape[d] == x.value.shape[d] for d in source):
             mask_shape += [value.shape[d] for d in target]
         else:
             merged += source
             mask_shape += [1] * len(target)
-    mask = x.mask
     if merged:
         value = op(x.value * mask, *args, **kwargs)
         mask = mask.amax(merged, keepdim=True)
@@ -1051,6 +1243,16 @@ def reshape(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
 def reorder(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     """Dimension permutations apply to the mask as they do to the value."""
     x = _require_masked(x, "a permutation")
+    return Masked(op(x.value, *args, **kwargs), op(x.mask, *args, **kwargs))
+
+
+@builtin_rule(torch.roll, "roll")
+def roll(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A cyclic shift (Swin's shifted windows): the mask shifts with the value; along a channel dimension
+    (mask size 1) it stays as it is."""
+    x = _require_masked(x, "a roll")
+    if _bind(args, kwargs, ("shifts", "dims"), {"dims": None})["dims"] is None:
+        raise UnsupportedLayerError("torch.roll without dims (it flattens the tensor); pass dims=.")
     return Masked(op(x.value, *args, **kwargs), op(x.mask, *args, **kwargs))
 
 

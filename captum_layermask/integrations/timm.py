@@ -13,23 +13,40 @@ Python branches on the training flag only) and nfnet's ``NormFreeBlock`` (branch
 
 from __future__ import annotations
 
+import importlib
 import types
 from typing import Any, Tuple
 
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, CondConv2d, Conv2dSame, FrozenBatchNormAct2d, SyncBatchNormAct
+from timm.layers import (
+    Attention,
+    BatchNormAct2d,
+    CondConv2d,
+    Conv2dSame,
+    DropPath,
+    FrozenBatchNormAct2d,
+    GluMlp,
+    LayerScale,
+    Mlp,
+    SwiGLU,
+    SyncBatchNormAct,
+)
 from timm.layers._fx import get_notrace_functions, get_notrace_modules
+from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.layers.padding import pad_same_arg
 from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 from timm.layers.std_conv import ScaledStdConv2dSame, StdConv2dSame
 from timm.models.nfnet import NormFreeBlock
 from timm.models.vgg import ConvMlp
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..core.masked import Masked
+from ..core.errors import UnsupportedLayerError
+from ..core.gathering import register_token_block
+from ..core.masked import Masked, is_masked, unwrap
 from ..core.masking import pad_for_convolution
 from ..core.registry import RuleRegistry, builtin_rule, register_leaf
-from ..core.rules import _require_feature_dims, _require_masked, avg_pool2d, max_pool2d
+from ..core.rules import _bind, _require_feature_dims, _require_masked, avg_pool2d, max_pool2d, pointwise
 
 TRACED_INTO = (BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct, NormFreeBlock)
 """timm leaves whose forward is traceable in eval mode: traced into instead of kept whole."""
@@ -95,6 +112,70 @@ def vgg_conv_mlp(op: ConvMlp, x: Any, *, rules: RuleRegistry) -> Masked:
     return x
 
 
+REARRANGEMENTS = (
+    "timm.models.swin_transformer.window_reverse",
+    "timm.models.swin_transformer_v2.window_reverse",
+    "timm.models.swin_transformer_v2_cr.window_reverse",
+    "timm.models.gcvit.window_reverse",
+    "timm.models.davit.window_reverse",
+    "timm.models.maxxvit.window_reverse",
+    "timm.models.maxxvit.window_reverse_nchw",
+    "timm.models.maxxvit.grid_reverse",
+    "timm.models.maxxvit.grid_reverse_nchw",
+    "timm.models.nest.deblockify",
+)
+"""timm's leaf functions that only move values (windows back into a feature map), whatever their channels."""
+
+
+def _resolve(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def rearrangement(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A function that only moves cells (Swin's ``window_reverse``): applied to the mask as to the value.
+
+    The mask's batch is expanded first (windows are the batch of window attention); its channel dimension
+    stays size 1, since these functions read the channel count from their input.
+    """
+    x = _require_masked(x, "a rearrangement")
+    if is_masked((args, kwargs)):
+        raise UnsupportedLayerError(f"{getattr(op, '__name__', op)} with image-dependent arguments besides its input.")
+    value = op(x.value, *args, **kwargs)
+    mask = op(x.mask.expand(x.value.shape[0], *x.mask.shape[1:]), *args, **kwargs)
+    if mask.ndim != value.ndim or any(m not in (1, v) for m, v in zip(mask.shape, value.shape)):
+        raise UnsupportedLayerError(f"{getattr(op, '__name__', op)} does not move the mask as it moves values.")
+    return Masked(value, mask)
+
+
+builtin_rule(*[_resolve(path) for path in REARRANGEMENTS])(rearrangement)
+
+
+builtin_rule(maybe_add_mask, per_cell="intersection")(pointwise)  # scores + an optional additive attention mask
+
+
+@builtin_rule(resolve_self_attn_mask)
+def self_attention_bias(op: Any, seq_len: int, scores: Any, *args: Any, **kwargs: Any) -> Any:
+    """The additive attention mask timm builds from the model's own mask: it reads only the scores' dtype and
+    device, never the image. Causal attention is refused, as for ``F.scaled_dot_product_attention``."""
+    if _bind(args, kwargs, ("attn_mask", "is_causal"), {"attn_mask": None, "is_causal": False})["is_causal"]:
+        raise UnsupportedLayerError("causal attention (is_causal=True), which vision classifiers do not use.")
+    if is_masked((args, kwargs)):
+        raise UnsupportedLayerError("attention whose attn_mask depends on the image.")
+    return op(seq_len, unwrap(scores), *args, **kwargs)
+
+
+def _is_plain_vit_block(block: nn.Module) -> bool:
+    """timm's ViT ``Block`` with its default parts: ``Attention`` (no rotary or relative position terms), a
+    token-wise MLP, norms, layer scale and drop path; other attention layers may read positions."""
+    token_wise = (Mlp, GluMlp, SwiGLU, nn.LayerNorm, nn.Identity, LayerScale, DropPath)
+    parts = [block.norm1, block.ls1, block.drop_path1, block.norm2, block.mlp, block.ls2, block.drop_path2]
+    return type(block.attn) is Attention and all(isinstance(part, token_wise) for part in parts)
+
+
+register_token_block(Block, when=_is_plain_vit_block)
+
+
 def _register_leaves() -> None:
     modules = [module for module in get_notrace_modules() if module not in TRACED_INTO]
     functions = [function for function in get_notrace_functions() if isinstance(function, types.FunctionType)]
@@ -106,6 +187,8 @@ _register_leaves()
 __all__ = [
     "TRACED_INTO",
     "conditional_conv2d",
+    "rearrangement",
     "same_padded_conv2d",
+    "self_attention_bias",
     "vgg_conv_mlp",
 ]
