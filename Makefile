@@ -52,6 +52,8 @@ benchmark: setup
 	$(PY) benchmarks/engine_speed.py
 	$(PY) benchmarks/engine_speed.py --model timm/tf_efficientnet_b0
 	$(PY) benchmarks/captum_lime.py
+	$(PY) benchmarks/engine_speed.py --model vit_b_16
+	$(PY) benchmarks/captum_lime.py --model vit_b_16 --rounds 1
 	$(PY) benchmarks/onnx_speed.py
 	$(PY) benchmarks/guard_overhead.py
 	$(PY) benchmarks/vanishing_regions.py

@@ -474,3 +474,77 @@ def test_blocks_that_read_positions_are_not_gathered():
     timm = pytest.importorskip("timm")
     model = timm.create_model("eva02_tiny_patch14_224", num_classes=5).eval()  # rotary position embeddings
     assert gathering_nodes(layer_masked(model)) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the paper's diagnostics on a ViT (Table 13 compares token dropping)
+
+
+def token_dropped_features(model, x, visible):
+    """The input of the ViT's head (the encoded class token) with only the given patch tokens kept."""
+    tokens = model._process_input(x[None])
+    kept = torch.tensor(visible, dtype=torch.long)
+    sequence = torch.cat([model.class_token, tokens[:, kept]], 1)
+    sequence = sequence + model.encoder.pos_embedding[:, torch.cat([torch.tensor([0]), kept + 1])]
+    return model.encoder.ln(model.encoder.layers(sequence))[0, 0]
+
+
+@torch.no_grad()
+def test_linearity_of_a_vit_under_layer_masking_is_that_of_token_dropping():
+    from captum_layermask.evaluation import linearity
+
+    model, images = small_vit(), torch.randn(2, 3, 64, 64)
+    expected = []
+    for image in images:
+        whole = token_dropped_features(model, image, list(range(16)))
+        summed = sum(token_dropped_features(model, image, [patch]) for patch in range(16))
+        expected.append(torch.nn.functional.cosine_similarity(whole, summed, dim=0))
+    got = linearity(model, images, 16, "layer", show_progress=False)
+    assert got == pytest.approx(float(torch.stack(expected).mean()), abs=1e-5)
+    assert linearity(model, images, 16, "grey", show_progress=False) != pytest.approx(got, abs=1e-3)
+
+
+def test_output_collapse_runs_on_a_vit():
+    import math
+
+    from captum_layermask.evaluation import output_collapse
+
+    curve = output_collapse(small_vit(), torch.randn(3, 3, 64, 64), [16, 32, 64], "layer", show_progress=False)
+    assert all(math.isfinite(v) for v in curve.values) and curve.values[-1] == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["Lime", "KernelShap"])
+def test_lime_and_kernel_shap_on_a_vit_evaluate_exactly_token_dropping(method):
+    import captum.attr
+
+    from captum_layermask import LayerMask
+    from captum_layermask.integrations.captum import mask_from_baseline
+
+    model, x = small_vit(), torch.randn(1, 3, 64, 64)
+    masked = layer_masked(model)
+    segments = torch.arange(16).view(1, 1, 4, 4).repeat_interleave(16, 2).repeat_interleave(16, 3)
+    seen = []
+
+    class Recorder(nn.Module):
+        decodes_layer_mask = True
+
+        def __init__(self):
+            super().__init__()
+            self.masked = masked  # a wrapper around the layer-masked model
+
+        def forward(self, batch):
+            out = self.masked(batch)
+            for sample in range(len(batch)):
+                keep = mask_from_baseline(batch[sample : sample + 1])
+                kept = list(range(16)) if keep is None else [p for p in range(16) if keep[segments == p].all()]
+                with torch.no_grad():
+                    expected = token_dropped_logits(model, x[0], kept)
+                assert torch.allclose(out[sample], expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+                seen.append(len(kept))
+            return out
+
+    explainer = getattr(captum.attr, method)(Recorder())
+    attribution = explainer.attribute(
+        x, target=1, feature_mask=segments, baselines=LayerMask(), n_samples=30, perturbations_per_eval=8
+    )
+    assert len(seen) >= 30 and len(set(seen)) > 3 and attribution.isfinite().all()
