@@ -60,6 +60,7 @@ benchmark: setup
 
 train-demo-model: setup
 	$(PY) -m captum_layermask.demo.train
+	$(PY) -m captum_layermask.demo.train --model vit --steps 8000
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(EVALUATE_OUT) .pytest_cache

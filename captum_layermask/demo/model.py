@@ -1,4 +1,5 @@
-"""The bundled demo model: a small torchvision-style ResNet trained on the procedural shapes (``shapes.py``)."""
+"""The bundled demo models, trained on the procedural shapes (``shapes.py``): a small torchvision-style ResNet
+and a small torchvision ``VisionTransformer``."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models import VisionTransformer
 from torchvision.models.resnet import BasicBlock, conv1x1
 
 from . import shapes
 
 WEIGHTS = Path(__file__).with_name("shapes_resnet.pt")
+VIT_WEIGHTS = Path(__file__).with_name("shapes_vit.pt")
 SCENE = Path(__file__).with_name("demo_scene.png")
 
 
@@ -46,5 +49,26 @@ class ShapesResNet(nn.Module):
 def load_demo_model(path: Path = WEIGHTS) -> ShapesResNet:
     """The trained demo model in eval mode (weights loaded with ``weights_only=True``)."""
     model = ShapesResNet()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def shapes_vit(num_classes: int = len(shapes.CLASSES)) -> VisionTransformer:
+    """torchvision's ``VisionTransformer`` at demo scale: 128x128 inputs, 16x16 patches (64 tokens and the class
+    token), 4 layers, 4 heads, width 96. About 0.3M parameters."""
+    return VisionTransformer(
+        image_size=shapes.SIZE,
+        patch_size=16,
+        num_layers=4,
+        num_heads=4,
+        hidden_dim=96,
+        mlp_dim=192,
+        num_classes=num_classes,
+    )
+
+
+def load_demo_vit(path: Path = VIT_WEIGHTS) -> VisionTransformer:
+    """The trained demo ViT in eval mode (weights loaded with ``weights_only=True``)."""
+    model = shapes_vit()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

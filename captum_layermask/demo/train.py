@@ -1,8 +1,9 @@
-"""Trains the bundled demo model from a seed: ``python -m captum_layermask.demo.train`` (a few minutes on 2 CPU cores).
+"""Trains a bundled demo model from a seed: ``python -m captum_layermask.demo.train [--model vit]`` (a few minutes
+on 2 CPU cores).
 
 Every training batch is freshly rendered (no image is seen twice); accuracy is measured on 2,000 held-out scenes
-rendered from another seed. Writes ``shapes_resnet.pt`` (state dict, float32) and the demo scene next to this
-file. Same seed and thread count, same weights.
+rendered from another seed. Writes ``shapes_resnet.pt`` (or ``shapes_vit.pt``; state dict, float32) and, for the
+ResNet, the demo scene next to this file. Same seed and thread count, same weights.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import torchvision
 from torch import nn
 
 from . import shapes
-from .model import SCENE, WEIGHTS, ShapesResNet
+from .model import SCENE, VIT_WEIGHTS, WEIGHTS, ShapesResNet, shapes_vit
+
+MODELS = {"resnet": (ShapesResNet, WEIGHTS, 3e-3), "vit": (shapes_vit, VIT_WEIGHTS, 5e-4)}
+"""name: (constructor, weights file, peak learning rate)"""
 
 
 def evaluate(model: nn.Module, scenes: shapes.Scenes, batch: int = 250) -> float:
@@ -29,12 +33,13 @@ def evaluate(model: nn.Module, scenes: shapes.Scenes, batch: int = 250) -> float
     return correct / len(scenes.images)
 
 
-def train(steps: int, batch: int, seed: int) -> tuple[ShapesResNet, float]:
+def train(steps: int, batch: int, seed: int, name: str = "resnet") -> tuple[nn.Module, float]:
     torch.manual_seed(seed)
     data = torch.Generator().manual_seed(seed)
-    model = ShapesResNet()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.15)
+    build, _, rate = MODELS[name]
+    model = build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=rate, total_steps=steps, pct_start=0.15)
     loss_function = nn.CrossEntropyLoss()
     started = time.time()
     for step in range(steps):
@@ -53,16 +58,19 @@ def train(steps: int, batch: int, seed: int) -> tuple[ShapesResNet, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="resnet")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--out", type=Path, help="default: the bundled weights file of --model")
     args = parser.parse_args()
+    args.out = args.out or MODELS[args.model][1]
     torch.set_num_threads(2)
-    model, accuracy = train(args.steps, args.batch, args.seed)
+    model, accuracy = train(args.steps, args.batch, args.seed, args.model)
     torch.save(model.state_dict(), args.out)
-    scene = shapes.render(1, torch.Generator().manual_seed(args.seed + 2), objects=2, labels=torch.tensor([[3, 1]]))
-    torchvision.utils.save_image(scene.images, SCENE)
+    if args.model == "resnet":
+        scene = shapes.render(1, torch.Generator().manual_seed(args.seed + 2), objects=2, labels=torch.tensor([[3, 1]]))
+        torchvision.utils.save_image(scene.images, SCENE)
     print(f"held-out accuracy {accuracy:.4f}; weights: {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 
 
