@@ -54,6 +54,7 @@ benchmark: setup
 	$(PY) benchmarks/captum_lime.py
 	$(PY) benchmarks/engine_speed.py --model vit_b_16
 	$(PY) benchmarks/captum_lime.py --model vit_b_16 --rounds 1
+	$(PY) benchmarks/dataset_engines.py
 	$(PY) benchmarks/onnx_speed.py
 	$(PY) benchmarks/guard_overhead.py
 	$(PY) benchmarks/vanishing_regions.py

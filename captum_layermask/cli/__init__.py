@@ -86,7 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         "explain", help="explain one image under black, grey and layer masking", description=EXPLAIN_DESCRIPTION
     )
     _add_model_arguments(ex)
-    ex.add_argument("--image", type=Path, help="image file (default: the bundled demo scene)")
+    given = ex.add_mutually_exclusive_group()
+    given.add_argument("--image", type=Path, help="image file (default: the bundled demo scene)")
+    given.add_argument(
+        "--images",
+        type=Path,
+        nargs="+",
+        help="a whole dataset: an image folder (<folder>/<class>/<image>, or flat) or several image files; "
+        "results per image in --out, resumable (docs/datasets.md)",
+    )
     ex.add_argument("--target", type=_at_least(0), help="class index to explain (default: the top prediction)")
     ex.add_argument("--method", choices=METHODS, default="lime", help="the Captum method (default: lime)")
     ex.add_argument(
@@ -113,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--top", type=_at_least(1), default=5, help="segments highlighted each way")
     ex.add_argument("--seed", type=int, default=0, help="seed of the perturbation samples")
+    ex.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="with --images: this process, or Ray (default local)",
+    )
+    ex.add_argument("--address", help="with --engine ray: an existing Ray cluster (default: a local Ray instance)")
     _add_common_arguments(ex, Path("explain-output"))
     ex.set_defaults(run=_explain)
 
@@ -175,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _explain(args: argparse.Namespace) -> Path:
+    if args.images:
+        return _explain_dataset(args)
+    if args.engine != "local" or args.address:
+        raise CommandError("--engine and --address apply to a dataset: give --images.")
     check_output_folder(args.out)  # before any work
     classifier = load_classifier(args.model, args.weights, args.num_classes)
     image = args.image
@@ -202,6 +221,39 @@ def _explain(args: argparse.Namespace) -> Path:
         seed=args.seed,
         residual=args.residual,
     )
+
+
+def _explain_dataset(args: argparse.Namespace) -> Path:
+    from ..datasets import OutputMismatchError, explain_dataset
+
+    if args.segments_file is not None:
+        raise CommandError("--segments-file is for one image; with --images use --segments.")
+    if args.residual != "intersection":
+        raise CommandError("--residual is for one image; dataset runs use the paper's residual rule.")
+    classifier = load_classifier(args.model, args.weights, args.num_classes)
+    images = args.images[0] if len(args.images) == 1 and args.images[0].is_dir() else args.images
+    try:
+        results = explain_dataset(
+            classifier.model,
+            images,
+            args.out,
+            method=args.method,
+            maskings=args.maskings,
+            segments=args.segments,
+            size=args.size or classifier.size,
+            mean=classifier.mean,
+            std=classifier.std,
+            target=args.target,
+            samples=args.samples,
+            perturbations_per_eval=args.per_eval,
+            seed=args.seed,
+            engine=args.engine,
+            address=args.address,
+        )
+    except (OutputMismatchError, FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    print(f"explained {len(results) - len(results.errors)} of {len(results)} images; results in {args.out}")
+    return args.out
 
 
 def _evaluate(args: argparse.Namespace) -> Path:

@@ -12,9 +12,9 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
 from torch import Tensor
+
+from ..evaluation import images
 
 
 class CommandError(Exception):
@@ -25,33 +25,16 @@ MANIFEST = "layermask-output.json"
 """The file that marks a folder as a ``layermask`` output and lists what the run wrote."""
 
 
-def _pixels(path: Path) -> np.ndarray:
-    """An image file as ``(H, W, 3)`` float64 in [0, 1], at its own bit depth (8 or 16 bits per channel)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as file:
-            if file.mode.startswith("I"):  # 16-bit grey (PNG, TIFF): PIL's RGB conversion would clip it at 255
-                grey = np.asarray(file, dtype=np.float64) / 65535.0
-                return np.repeat(grey[..., None], 3, axis=2).clip(0, 1)
-            return np.asarray(file.convert("RGB"), dtype=np.float64) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise CommandError(f"cannot read image {path}: {error}") from None
-
-
-def _square(image: Tensor, size: int, mode: str) -> Tensor:
-    """Center crop ``(N, C, H, W)`` to a square, then resize to ``size``."""
-    side = min(image.shape[-2:])
-    image = torchvision.transforms.functional.center_crop(image, [side, side])
-    if mode == "nearest":
-        return F.interpolate(image, size=(size, size), mode="nearest")
-    return F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-
-
 def read_image(path: Path, size: int) -> Tensor:
-    """An RGB image file as ``(1, 3, size, size)`` in [0, 1] (center crop to a square, then resize)."""
-    image = torch.from_numpy(_pixels(path)).permute(2, 0, 1)[None].float()
-    return _square(image, size, "bilinear")
+    """An RGB image file as ``(1, 3, size, size)`` in [0, 1] (:func:`~captum_layermask.evaluation.images.read_image`).
+
+    Raises:
+        CommandError: if the file cannot be read.
+    """
+    try:
+        return images.read_image(path, size)
+    except images.UnreadableImageError as error:
+        raise CommandError(str(error)) from None
 
 
 def read_object_mask(path: Path, size: int) -> Tensor:
@@ -60,8 +43,11 @@ def read_object_mask(path: Path, size: int) -> Tensor:
         raise CommandError(
             f"no object mask {path}: --object-masks needs <masks>/<class>/<image name>.png for every image."
         )
-    pixels = torch.from_numpy(_pixels(path).max(2) > 0)
-    return _square(pixels[None, None].float(), size, "nearest")[0, 0] > 0
+    try:
+        pixels = torch.from_numpy(images.pixels(path).max(2) > 0)
+    except images.UnreadableImageError as error:
+        raise CommandError(str(error)) from None
+    return images.center_square(pixels[None, None].float(), size, "nearest")[0, 0] > 0
 
 
 def read_segments(path: Path, height: int, width: int) -> Tensor:

@@ -1,0 +1,25 @@
+"""Explanations of whole datasets: one API, two engines (this process, or a Ray cluster), resumable output.
+
+>>> from captum_layermask.datasets import explain_dataset
+>>> results = explain_dataset(model, "val/", "lime-out/", method="lime", maskings=("layer", "grey"))
+>>> results.attribution(results.keys[0], "layer")  # (H, W), exact from the segments and their scores
+"""
+
+from .explain import MASKINGS, METHODS, Settings, with_halving
+from .runner import ENGINES, DatasetExplanations, explain_dataset
+from .sources import ImageSource, image_source
+from .store import OutputMismatchError, ResultStore
+
+__all__ = [
+    "ENGINES",
+    "METHODS",
+    "MASKINGS",
+    "DatasetExplanations",
+    "ImageSource",
+    "OutputMismatchError",
+    "ResultStore",
+    "Settings",
+    "explain_dataset",
+    "image_source",
+    "with_halving",
+]

@@ -1,0 +1,128 @@
+"""The Ray engine of :func:`~captum_layermask.datasets.explain_dataset`: Ray Data, not a scheduler of our own.
+
+The pending images' positions become a Ray dataset; a CPU stage (``map``) reads and segments each image (SLIC and
+quickshift are CPU-bound); a pool of model actors (``map_batches`` with a callable class, the model loaded once
+per actor, ``num_gpus`` each when there are GPUs) explains them and writes each result file itself, as it is
+produced. Ray retries the tasks of a worker or node that dies; since a result file is written atomically under
+the image's position, a retried image is written once, whole. The output folder must be on storage every node
+sees (a shared filesystem on a real cluster).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from .explain import ImageExplainer, Settings
+from .sources import ImageSource
+from .store import ResultStore
+
+
+def _prepare_row(row: Dict[str, Any], source: ImageSource, settings: Settings) -> Dict[str, Any]:
+    """CPU stage: reads and segments one image."""
+    from .runner import prepare
+
+    position = int(row["position"])
+    prepared = prepare(source, settings, _segmenting_explainer(settings), position)
+    if "error" in prepared:
+        return {"position": position, "error": prepared["error"], "image": None, "segments": None, "label": -1}
+    label = prepared["label"]
+    return {
+        "position": position,
+        "error": "",
+        "image": prepared["image"].numpy(),
+        "segments": prepared["segments"].numpy(),
+        "label": -1 if label is None else label,
+    }
+
+
+def _segmenting_explainer(settings: Settings) -> Any:
+    """Something with the explainer's ``segment`` method, without a model."""
+    from ..evaluation.segmentation import get_segmenter, segment_images
+
+    class Segmenter:
+        segmenter = get_segmenter(settings.segments, mean=(0, 0, 0), std=(1, 1, 1))
+
+        def segment(self, image: torch.Tensor) -> torch.Tensor:
+            return segment_images(image[None], self.segmenter)[0]
+
+    return Segmenter()
+
+
+class _Explain:
+    """Model actor: the model is loaded once; each batch's images are explained and written."""
+
+    def __init__(self, model: Any, settings: Settings, per_eval: int, out: str, threads: Optional[int]) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        import ray
+
+        if isinstance(model, ray.ObjectRef):
+            model = ray.get(model)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.explainer = ImageExplainer(model, settings, per_eval, device)
+        self.store = ResultStore.reader(out)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        from .runner import finish
+
+        for i, position in enumerate(batch["position"]):
+            error = str(batch["error"][i])
+            if error:
+                prepared: Dict[str, Any] = {"error": error}
+            else:
+                label = int(batch["label"][i])
+                prepared = {
+                    "image": torch.from_numpy(np.asarray(batch["image"][i], dtype=np.float32)),
+                    "segments": torch.from_numpy(np.asarray(batch["segments"][i])),
+                    "label": None if label < 0 else label,
+                }
+            finish(self.store, self.explainer, int(position), prepared)
+        return {"position": np.asarray(batch["position"])}
+
+
+def run_ray(run: Any, address: Optional[str], workers: Optional[int], num_gpus: float) -> None:
+    """Runs the pending images through Ray Data, updating ``progress`` as results arrive."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("the Ray engine needs Ray: pip install 'captum-layermask[ray]'.") from None
+    if not run.pending:
+        return
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # one overall bar, below
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
+    if workers is None:
+        resources = ray.cluster_resources()
+        workers = max(1, int(resources.get("GPU", 0) // num_gpus) if num_gpus else int(resources.get("CPU", 1)))
+    model_ref = ray.put(run.model.cpu())
+    pending = run.pending
+    dataset = ray.data.from_items([{"position": position} for position in pending], override_num_blocks=len(pending))
+    # Reading and segmenting takes a small share of an image's time (Lime runs hundreds of forward passes): its
+    # tasks ask for a tenth of a CPU and the model actors for the rest, so both stages run on every core.
+    dataset = dataset.map(
+        _prepare_row, fn_kwargs={"source": run.source, "settings": run.settings}, num_cpus=0.1, concurrency=workers
+    )
+    dataset = dataset.map_batches(
+        _Explain,
+        fn_constructor_kwargs={
+            "model": model_ref,
+            "settings": run.settings,
+            "per_eval": run.per_eval,
+            "out": str(run.store.out),
+            "threads": run.threads,
+        },
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=num_gpus,
+        num_cpus=0.9,
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+    for batch in dataset.iter_batches(batch_size=1):
+        run.progress.update(len(batch["position"]))

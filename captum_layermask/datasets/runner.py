@@ -1,0 +1,215 @@
+"""``explain_dataset``: explanations of a whole image set, in-process or on a Ray cluster, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..evaluation.images import UnreadableImageError
+from ..evaluation.normalization import IMAGENET_MEAN, IMAGENET_STD
+from .explain import ImageExplainer, Settings, per_eval_for_budget, settings_from
+from .sources import ImageSource, ImagesSpec, image_source
+from .store import ResultStore
+
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class DatasetExplanations:
+    """The results of a dataset run, read from its output folder.
+
+    Attributes:
+        out: the folder.
+        keys: the images' keys, in input order.
+        errors: ``{key: message}`` for images that could not be read (skipped).
+    """
+
+    out: Path
+    keys: List[str]
+    errors: Dict[str, str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def record(self, key: str) -> Dict[str, np.ndarray]:
+        """One image's record: ``segments`` ``(H, W)``, ``target``, ``predicted``, ``label`` (-1 if none) and,
+        per masking, ``scores_<masking>`` ``(S,)`` (or ``map_<masking>`` ``(H, W)`` for occlusion)."""
+        return ResultStore.reader(self.out).read(self.keys.index(key))
+
+    def attribution(self, key: str, masking: str) -> torch.Tensor:
+        """The per-pixel attribution map ``(H, W)``, rebuilt exactly from the segments and their scores."""
+        record = self.record(key)
+        if f"map_{masking}" in record:
+            return torch.from_numpy(record[f"map_{masking}"])
+        return torch.from_numpy(record[f"scores_{masking}"][record["segments"]])
+
+
+@dataclass
+class Run:
+    """What an engine needs: the model, the images, the settings, where results go and what is left to do."""
+
+    model: nn.Module
+    source: ImageSource
+    settings: Settings
+    store: ResultStore
+    pending: List[int]
+    per_eval: int
+    threads: Optional[int]
+    progress: Any
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's class and state: a different model against an existing output is refused."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def explain_dataset(
+    model: nn.Module,
+    images: ImagesSpec,
+    out: Union[str, Path],
+    *,
+    method: str = "lime",
+    maskings: Sequence[str] = ("layer", "grey"),
+    segments: str = "slic",
+    size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    target: Optional[int] = None,
+    samples: int = 500,
+    perturbations_per_eval: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    seed: int = 0,
+    engine: str = "local",
+    address: Optional[str] = None,
+    workers: Optional[int] = None,
+    num_gpus: float = 0.0,
+    threads: Optional[int] = None,
+    show_progress: bool = True,
+) -> DatasetExplanations:
+    """Explains every image of a dataset under each masking, writing each image's result as it completes.
+
+    Each image is explained as ``layermask explain`` explains one (Captum's Lime, KernelShap, FeatureAblation or
+    Occlusion; ``LayerMask()`` on the layer-masked model for ``"layer"``, a constant baseline on the plain model
+    for ``"black"``/``"grey"``), with samples seeded by ``seed`` and the image's position. Results are per-segment
+    scores (the segments and scores give the attribution map exactly). A run interrupted at any point and
+    started again with the same arguments computes only the missing images, and its output is the same as an
+    uninterrupted run's; other arguments against the same ``out`` are refused.
+
+    Args:
+        model (nn.Module): the plain classifier, taking images normalised with ``mean``/``std``.
+        images: an image folder (``<folder>/<class>/<image>``, labels from the sorted class names, or a flat
+            folder), a list of image files, or a ``torch.utils.data.Dataset`` of ``(3, H, W)`` images in [0, 1]
+            (or ``(image, label)`` pairs).
+        out: the output folder (see :mod:`captum_layermask.datasets.store`).
+        method: ``"lime"``, ``"kernelshap"``, ``"ablation"`` or ``"occlusion"``.
+        maskings: any of ``"layer"``, ``"grey"``, ``"black"``.
+        segments: ``"slic"``, ``"quickshift"`` or ``"patches"`` (16x16).
+        size: files are center-cropped and resized to ``size x size``.
+        target: the class to explain (default: each image's predicted class).
+        samples: Lime/KernelShap samples per image (the paper: 500).
+        perturbations_per_eval: samples per forward pass; by default chosen from ``memory_budget``. Halved
+            (and kept halved) after an out-of-memory error instead of failing the image.
+        memory_budget: bytes one forward pass may use (default: 2 GiB).
+        engine: ``"local"`` (this process) or ``"ray"`` (Ray Data: CPU stages read and segment, model actors
+            explain; ``pip install captum-layermask[ray]``).
+        address: an existing Ray cluster (``"auto"``, ``"ray://host:10001"``); default: a local Ray instance.
+        workers: model actors for the Ray engine (default: one per CPU, or per GPU with ``num_gpus``).
+        num_gpus: GPUs per model actor (Ray engine); the local engine uses CUDA when available.
+        threads: torch threads per worker (default: torch's); equal thread counts give bitwise-equal results
+            across engines.
+        show_progress: one progress bar over the images.
+
+    Returns:
+        :class:`DatasetExplanations`.
+
+    Raises:
+        OutputMismatchError: if ``out`` holds a run with other arguments, or other files.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use 'local' or 'ray'.")
+    settings = settings_from(
+        method,
+        maskings,
+        segments,
+        size=size,
+        mean=tuple(mean),
+        std=tuple(std),
+        target=target,
+        samples=samples,
+        seed=seed,
+    )
+    source = image_source(images)
+    arguments = {
+        **{key: list(value) if isinstance(value, tuple) else value for key, value in asdict(settings).items()},
+        "model": _model_fingerprint(model),
+        "images": hashlib.sha256(json.dumps(source.keys).encode()).hexdigest(),
+    }
+    store = ResultStore(Path(out), arguments)
+    pending = [position for position in range(len(source.keys)) if position not in store.finished()]
+    device = "cuda" if torch.cuda.is_available() and engine == "local" else "cpu"
+    per_eval = perturbations_per_eval or per_eval_for_budget(model, settings, memory_budget or 2 * 2**30, device)
+    progress = _progress(len(source.keys), len(source.keys) - len(pending), show_progress)
+    run = Run(model, source, settings, store, pending, per_eval, threads, progress)
+    try:
+        if engine == "local":
+            _run_local(run, device)
+        else:
+            from .ray_engine import run_ray
+
+            run_ray(run, address, workers, num_gpus)
+    finally:
+        progress.close()
+    index = store.write_index(source.keys)
+    errors = {entry["key"]: entry["error"] for entry in index["images"] if "error" in entry}
+    for key, message in errors.items():
+        print(f"skipped {key}: {message}", file=sys.stderr)
+    return DatasetExplanations(Path(out), source.keys, errors)
+
+
+def _progress(total: int, done: int, show: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, unit="image", desc="explaining", disable=not show, dynamic_ncols=True)
+
+
+def prepare(source: ImageSource, settings: Settings, explainer: ImageExplainer, position: int) -> Dict[str, Any]:
+    """Reads and segments one image (the CPU-bound part): ``{"image", "segments", "label"}`` or ``{"error"}``."""
+    try:
+        image, label = source.load(position, settings.size)
+    except UnreadableImageError as error:
+        return {"error": str(error)}
+    return {"image": image, "segments": explainer.segment(image), "label": label}
+
+
+def finish(store: ResultStore, explainer: ImageExplainer, position: int, prepared: Dict[str, Any]) -> None:
+    """Explains a prepared image and writes its result (or records why it could not be read)."""
+    if "error" in prepared:
+        store.write_failure(position, prepared["error"])
+        return
+    record = explainer.explain(position, prepared["image"], prepared["segments"], prepared["label"])
+    store.write(position, record)
+
+
+def _run_local(run: Run, device: str) -> None:
+    previous = torch.get_num_threads()
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    try:
+        explainer = ImageExplainer(run.model, run.settings, run.per_eval, device)
+        for position in run.pending:
+            finish(run.store, explainer, position, prepare(run.source, run.settings, explainer, position))
+            run.progress.update(1)
+    finally:
+        torch.set_num_threads(previous)

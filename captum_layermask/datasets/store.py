@@ -1,0 +1,111 @@
+"""A dataset run's output folder: one small file per image, written atomically as it completes.
+
+``out/run.json`` holds the run's arguments; ``out/images/<position>.npz`` one image's result (its key, segment
+ids, target, label and, per masking, the per-segment scores); ``out/images/<position>.error.txt`` an image that
+could not be read. Each file is written to a temporary name and renamed, so a run killed at any moment leaves
+only whole files, and any number of workers on any node can write without coordinating. A restarted run skips
+the images that have a file; ``out/index.json`` is written when every image has one. Why not one Parquet
+file: Parquet cannot be appended to atomically, and a file per image makes "done" a question of existence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Set
+
+import numpy as np
+
+RUN_FILE = "run.json"
+INDEX_FILE = "index.json"
+
+
+class OutputMismatchError(ValueError):
+    """An output folder that holds a run with other arguments (or something else entirely)."""
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    handle, staging = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
+    os.close(handle)
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+class ResultStore:
+    """The output folder of one run (see the module's description).
+
+    Args:
+        out: the folder; created if missing.
+        arguments: what determines the results (JSON-serialisable). A folder holding a run with other
+            arguments is refused with :class:`OutputMismatchError`.
+    """
+
+    def __init__(self, out: Path, arguments: Dict[str, Any]) -> None:
+        self.out = Path(out)
+        self.images = self.out / "images"
+        run_file = self.out / RUN_FILE
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputMismatchError(f"{self.out} is a file; give a folder for the results.")
+        if run_file.exists():
+            earlier = json.loads(run_file.read_text())
+            changed = sorted(key for key in set(earlier) | set(arguments) if earlier.get(key) != arguments.get(key))
+            if changed:
+                raise OutputMismatchError(
+                    f"{self.out} holds a run with other arguments ({', '.join(changed)} differ); give a new output "
+                    "folder, or the same arguments to finish that run."
+                )
+        elif self.out.is_dir() and any(self.out.iterdir()):
+            raise OutputMismatchError(f"{self.out} holds other files; give a new or empty folder for the results.")
+        self.images.mkdir(parents=True, exist_ok=True)
+        if not run_file.exists():
+            _atomic_write(run_file, lambda path: Path(path).write_text(json.dumps(arguments, indent=1) + "\n"))
+
+    @classmethod
+    def reader(cls, out: Path) -> ResultStore:
+        """The store of an existing output folder, for reading only."""
+        store = cls.__new__(cls)
+        store.out, store.images = Path(out), Path(out) / "images"
+        return store
+
+    def result_path(self, position: int) -> Path:
+        return self.images / f"{position:06d}.npz"
+
+    def error_path(self, position: int) -> Path:
+        return self.images / f"{position:06d}.error.txt"
+
+    def finished(self) -> Set[int]:
+        """Positions that have a result or a recorded failure."""
+        names = (entry.name for entry in self.images.iterdir() if not entry.name.startswith("."))
+        return {int(name.split(".")[0]) for name in names}
+
+    def write(self, position: int, record: Dict[str, np.ndarray]) -> None:
+        def save(path: str) -> None:
+            with open(path, "wb") as file:
+                np.savez(file, **record)
+
+        _atomic_write(self.result_path(position), save)
+
+    def write_failure(self, position: int, message: str) -> None:
+        _atomic_write(self.error_path(position), lambda path: Path(path).write_text(message + "\n"))
+
+    def read(self, position: int) -> Dict[str, np.ndarray]:
+        with np.load(self.result_path(position), allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+
+    def write_index(self, keys: List[str]) -> Dict[str, Any]:
+        """``index.json``: each image's key and file, or its error; written once every image is finished."""
+        entries = []
+        for position, key in enumerate(keys):
+            if self.result_path(position).exists():
+                entries.append({"key": key, "file": f"images/{self.result_path(position).name}"})
+            else:
+                entries.append({"key": key, "error": self.error_path(position).read_text().strip()})
+        index = {"images": entries}
+        _atomic_write(self.out / INDEX_FILE, lambda path: Path(path).write_text(json.dumps(index, indent=1) + "\n"))
+        return index

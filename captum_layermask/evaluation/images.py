@@ -1,0 +1,44 @@
+"""Image files as model inputs: decoding at the file's own bit depth, center crop to a square, resizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded."""
+
+
+def pixels(path: Path) -> np.ndarray:
+    """An image file as ``(H, W, 3)`` float64 in [0, 1], at its own bit depth (8 or 16 bits per channel)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as file:
+            if file.mode.startswith("I"):  # 16-bit grey (PNG, TIFF): PIL's RGB conversion would clip it at 255
+                grey = np.asarray(file, dtype=np.float64) / 65535.0
+                return np.repeat(grey[..., None], 3, axis=2).clip(0, 1)
+            return np.asarray(file.convert("RGB"), dtype=np.float64) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise UnreadableImageError(f"cannot read image {path}: {error}") from None
+
+
+def center_square(image: Tensor, size: int, mode: str) -> Tensor:
+    """Center crop ``(N, C, H, W)`` to a square, then resize to ``size``."""
+    side = min(image.shape[-2:])
+    image = torchvision.transforms.functional.center_crop(image, [side, side])
+    if mode == "nearest":
+        return F.interpolate(image, size=(size, size), mode="nearest")
+    return F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def read_image(path: Path, size: int) -> Tensor:
+    """An RGB image file as ``(1, 3, size, size)`` in [0, 1] (center crop to a square, then resize)."""
+    image = torch.from_numpy(pixels(path)).permute(2, 0, 1)[None].float()
+    return center_square(image, size, "bilinear")
