@@ -169,12 +169,19 @@ def ray_local():
     ray.shutdown()
 
 
-def test_the_ray_engine_gives_the_local_engines_results(folder, tmp_path, ray_local):
+def test_the_ray_engine_gives_the_local_engines_explanations_and_tables(folder, tmp_path, ray_local):
     model = small_cnn()
     local = explain_dataset(model, folder, tmp_path / "local", **OPTIONS)
     distributed = explain_dataset(model, folder, tmp_path / "ray", engine="ray", workers=2, **OPTIONS)
     assert distributed.keys == local.keys
     assert_same(records(distributed), records(local))
+    from captum_layermask.datasets import evaluate_dataset
+
+    tables = [
+        evaluate_dataset(model, folder, tmp_path / f"evaluation-{engine}", engine=engine, **EVALUATION).table()
+        for engine in ("local", "ray")
+    ]
+    assert tables[0] == tables[1]
 
 
 def test_a_worker_node_removed_mid_run_and_every_image_still_done_once(folder, tmp_path):
@@ -231,3 +238,33 @@ def test_the_command_explains_a_folder_and_resumes(folder, tmp_path, capsys):
     assert main(argv) == 0 and "explained 2 of 2 images" in capsys.readouterr().out
     assert main(argv) == 0  # finished: nothing recomputed
     assert main([*argv[:-2], "--maskings", "grey"]) == 2 and "maskings differ" in capsys.readouterr().err
+
+
+EVALUATION = dict(
+    maskers=("layer", "grey"), segments="patches", fractions=(0.0, 0.5, 1.0), size=SIZE, mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25), batch_size=4, threads=1, show_progress=False,
+)  # fmt: skip
+
+
+def test_removal_curves_over_a_dataset_are_those_of_removal_curve_per_image(folder, tmp_path):
+    from captum_layermask.datasets import evaluate_dataset
+    from captum_layermask.evaluation import removal_curve
+    from captum_layermask.evaluation.images import read_image
+
+    model = small_cnn()
+    evaluation = evaluate_dataset(model, folder, tmp_path / "out", **EVALUATION)
+    curves = evaluation.curves()
+    for position, key in enumerate(evaluation.keys):
+        x = (read_image(folder / key, SIZE) - 0.5) / 0.25
+        label = torch.tensor([CLASSES.index(key.split("/")[0])])
+        for masker in ("layer", "grey"):
+            direct = removal_curve(
+                model, x, label, "patches", "random", masker, [0.0, 0.5, 1.0], seed=position, show_progress=False
+            )
+            assert torch.equal(curves[masker].predictions[position], direct.predictions[0])
+    labels = torch.tensor([CLASSES.index(key.split("/")[0]) for key in evaluation.keys])
+    accuracy = (curves["layer"].predictions == labels[:, None]).double().mean(0)
+    assert curves["layer"].accuracy == pytest.approx(accuracy.tolist())
+    assert [row["masker"] for row in evaluation.table()] == ["layer", "grey"]
+    with pytest.raises(OutputMismatchError, match="kind"):  # an explanation run against an evaluation's folder
+        explain_dataset(model, folder, tmp_path / "out", **OPTIONS)

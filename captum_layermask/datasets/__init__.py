@@ -3,8 +3,10 @@
 >>> from captum_layermask.datasets import explain_dataset
 >>> results = explain_dataset(model, "val/", "lime-out/", method="lime", maskings=("layer", "grey"))
 >>> results.attribution(results.keys[0], "layer")  # (H, W), exact from the segments and their scores
+>>> evaluate_dataset(model, "val/", "removal-out/", maskers=("layer", "grey")).table()  # removal-curve AUCs
 """
 
+from .evaluate import DatasetEvaluation, EvaluationSettings, evaluate_dataset
 from .explain import MASKINGS, METHODS, Settings, with_halving
 from .runner import ENGINES, DatasetExplanations, explain_dataset
 from .sources import ImageSource, image_source
@@ -14,11 +16,14 @@ __all__ = [
     "ENGINES",
     "METHODS",
     "MASKINGS",
+    "DatasetEvaluation",
     "DatasetExplanations",
+    "EvaluationSettings",
     "ImageSource",
     "OutputMismatchError",
     "ResultStore",
     "Settings",
+    "evaluate_dataset",
     "explain_dataset",
     "image_source",
     "with_halving",

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..core.convert import layer_masked
 from ..evaluation.attribution_metrics import segment_scores
 from ..evaluation.normalization import normalizer
-from ..evaluation.segmentation import get_segmenter, segment_images
+from ..evaluation.segmentation import get_segmenter
 from ..integrations.captum import LayerMask
 
 METHODS = ("lime", "kernelshap", "ablation", "occlusion")
@@ -90,13 +90,8 @@ class ImageExplainer:
         self.masked = layer_masked(self.model) if "layer" in settings.maskings else None
         self.settings, self.per_eval, self.device = settings, per_eval, torch.device(device)
         self.normalize = normalizer(settings.mean, settings.std)
-        self.segmenter = get_segmenter(settings.segments, mean=(0, 0, 0), std=(1, 1, 1))
 
-    def segment(self, image: Tensor) -> Tensor:
-        """Segment ids ``(H, W)`` of an image ``(3, H, W)`` in [0, 1]."""
-        return segment_images(image[None], self.segmenter)[0]
-
-    def explain(self, position: int, image: Tensor, segments: Tensor, label: Optional[int]) -> Dict[str, np.ndarray]:
+    def compute(self, position: int, image: Tensor, segments: Tensor, label: Optional[int]) -> Dict[str, np.ndarray]:
         """The record of one image: its segment ids, target, label and per-masking scores (per segment; for
         occlusion, whose windows do not follow segments, the per-pixel map)."""
         x = self.normalize(image[None].to(self.device))

@@ -16,17 +16,16 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from .explain import ImageExplainer, Settings
 from .sources import ImageSource
 from .store import ResultStore
 
 
-def _prepare_row(row: Dict[str, Any], source: ImageSource, settings: Settings) -> Dict[str, Any]:
+def _prepare_row(row: Dict[str, Any], source: ImageSource, size: int, segments: str) -> Dict[str, Any]:
     """CPU stage: reads and segments one image."""
-    from .runner import prepare
+    from .runner import image_segmenter, prepare
 
     position = int(row["position"])
-    prepared = prepare(source, settings, _segmenting_explainer(settings), position)
+    prepared = prepare(source, size, image_segmenter(segments), position)
     if "error" in prepared:
         return {"position": position, "error": prepared["error"], "image": None, "segments": None, "label": -1}
     label = prepared["label"]
@@ -39,31 +38,17 @@ def _prepare_row(row: Dict[str, Any], source: ImageSource, settings: Settings) -
     }
 
 
-def _segmenting_explainer(settings: Settings) -> Any:
-    """Something with the explainer's ``segment`` method, without a model."""
-    from ..evaluation.segmentation import get_segmenter, segment_images
-
-    class Segmenter:
-        segmenter = get_segmenter(settings.segments, mean=(0, 0, 0), std=(1, 1, 1))
-
-        def segment(self, image: torch.Tensor) -> torch.Tensor:
-            return segment_images(image[None], self.segmenter)[0]
-
-    return Segmenter()
-
-
 class _Explain:
-    """Model actor: the model is loaded once; each batch's images are explained and written."""
+    """Model actor: the worker (and its model) is built once; each batch's images are computed and written."""
 
-    def __init__(self, model: Any, settings: Settings, per_eval: int, out: str, threads: Optional[int]) -> None:
+    def __init__(self, worker: Any, out: str, threads: Optional[int]) -> None:
         if threads:
             torch.set_num_threads(threads)
         import ray
 
-        if isinstance(model, ray.ObjectRef):
-            model = ray.get(model)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.explainer = ImageExplainer(model, settings, per_eval, device)
+        if isinstance(worker, ray.ObjectRef):
+            worker = ray.get(worker)
+        self.worker = worker("cuda" if torch.cuda.is_available() else "cpu")
         self.store = ResultStore.reader(out)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -80,7 +65,7 @@ class _Explain:
                     "segments": torch.from_numpy(np.asarray(batch["segments"][i])),
                     "label": None if label < 0 else label,
                 }
-            finish(self.store, self.explainer, int(position), prepared)
+            finish(self.store, self.worker, int(position), prepared)
         return {"position": np.asarray(batch["position"])}
 
 
@@ -100,23 +85,20 @@ def run_ray(run: Any, address: Optional[str], workers: Optional[int], num_gpus: 
     if workers is None:
         resources = ray.cluster_resources()
         workers = max(1, int(resources.get("GPU", 0) // num_gpus) if num_gpus else int(resources.get("CPU", 1)))
-    model_ref = ray.put(run.model.cpu())
+    worker_ref = ray.put(run.worker)
     pending = run.pending
     dataset = ray.data.from_items([{"position": position} for position in pending], override_num_blocks=len(pending))
     # Reading and segmenting takes a small share of an image's time (Lime runs hundreds of forward passes): its
     # tasks ask for a tenth of a CPU and the model actors for the rest, so both stages run on every core.
     dataset = dataset.map(
-        _prepare_row, fn_kwargs={"source": run.source, "settings": run.settings}, num_cpus=0.1, concurrency=workers
+        _prepare_row,
+        fn_kwargs={"source": run.source, "size": run.size, "segments": run.segments},
+        num_cpus=0.1,
+        concurrency=workers,
     )
     dataset = dataset.map_batches(
         _Explain,
-        fn_constructor_kwargs={
-            "model": model_ref,
-            "settings": run.settings,
-            "per_eval": run.per_eval,
-            "out": str(run.store.out),
-            "threads": run.threads,
-        },
+        fn_constructor_kwargs={"worker": worker_ref, "out": str(run.store.out), "threads": run.threads},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=num_gpus,

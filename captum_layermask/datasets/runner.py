@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,7 +16,8 @@ from torch import nn
 
 from ..evaluation.images import UnreadableImageError
 from ..evaluation.normalization import IMAGENET_MEAN, IMAGENET_STD
-from .explain import ImageExplainer, Settings, per_eval_for_budget, settings_from
+from ..evaluation.segmentation import get_segmenter, segment_images
+from .explain import ImageExplainer, per_eval_for_budget, settings_from
 from .sources import ImageSource, ImagesSpec, image_source
 from .store import ResultStore
 
@@ -23,14 +25,9 @@ ENGINES = ("local", "ray")
 
 
 @dataclass
-class DatasetExplanations:
-    """The results of a dataset run, read from its output folder.
-
-    Attributes:
-        out: the folder.
-        keys: the images' keys, in input order.
-        errors: ``{key: message}`` for images that could not be read (skipped).
-    """
+class DatasetResults:
+    """What a dataset run leaves: its output folder, the images' keys in input order, and ``errors``
+    (``{key: message}`` for images that could not be read, skipped)."""
 
     out: Path
     keys: List[str]
@@ -38,6 +35,11 @@ class DatasetExplanations:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+@dataclass
+class DatasetExplanations(DatasetResults):
+    """The results of :func:`explain_dataset`, read from its output folder."""
 
     def record(self, key: str) -> Dict[str, np.ndarray]:
         """One image's record: ``segments`` ``(H, W)``, ``target``, ``predicted``, ``label`` (-1 if none) and,
@@ -52,16 +54,28 @@ class DatasetExplanations:
         return torch.from_numpy(record[f"scores_{masking}"][record["segments"]])
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """Where a run computes: ``engine``, and for Ray the cluster ``address``, actors and GPUs per actor."""
+
+    engine: str = "local"
+    address: Optional[str] = None
+    workers: Optional[int] = None
+    num_gpus: float = 0.0
+    threads: Optional[int] = None
+    show_progress: bool = True
+
+
 @dataclass
 class Run:
-    """What an engine needs: the model, the images, the settings, where results go and what is left to do."""
+    """What an engine needs: how to build a worker, the images, where results go and what is left to do."""
 
-    model: nn.Module
+    worker: Callable[[str], Any]  # device -> an ImageExplainer/ImageEvaluator (picklable, for Ray's actors)
     source: ImageSource
-    settings: Settings
+    size: int
+    segments: str
     store: ResultStore
     pending: List[int]
-    per_eval: int
     threads: Optional[int]
     progress: Any
 
@@ -137,8 +151,6 @@ def explain_dataset(
     Raises:
         OutputMismatchError: if ``out`` holds a run with other arguments, or other files.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; use 'local' or 'ray'.")
     settings = settings_from(
         method,
         maskings,
@@ -150,55 +162,88 @@ def explain_dataset(
         samples=samples,
         seed=seed,
     )
+    device = "cuda" if torch.cuda.is_available() and engine == "local" else "cpu"
+    per_eval = perturbations_per_eval or per_eval_for_budget(model, settings, memory_budget or 2 * 2**30, device)
+    source, errors = run_dataset(
+        functools.partial(ImageExplainer, model, settings, per_eval),
+        model,
+        images,
+        out,
+        settings,
+        EngineOptions(engine, address, workers, num_gpus, threads, show_progress),
+        "explaining",
+    )
+    return DatasetExplanations(Path(out), source.keys, errors)
+
+
+def image_segmenter(name: str) -> Any:
+    """The segmenter of a run, for images in [0, 1]."""
+    return get_segmenter(name, mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def run_dataset(
+    worker: Callable[[str], Any],
+    model: nn.Module,
+    images: ImagesSpec,
+    out: Union[str, Path],
+    settings: Any,
+    options: EngineOptions,
+    description: str,
+) -> Tuple[ImageSource, Dict[str, str]]:
+    """Runs ``worker(device)`` on every image not yet finished in ``out`` with the chosen engine, then writes the
+    index; returns the source and ``{key: error}`` of the images that could not be read."""
+    if options.engine not in ENGINES:
+        raise ValueError(f"unknown engine {options.engine!r}; use 'local' or 'ray'.")
     source = image_source(images)
     arguments = {
+        "kind": description,
         **{key: list(value) if isinstance(value, tuple) else value for key, value in asdict(settings).items()},
         "model": _model_fingerprint(model),
         "images": hashlib.sha256(json.dumps(source.keys).encode()).hexdigest(),
     }
     store = ResultStore(Path(out), arguments)
-    pending = [position for position in range(len(source.keys)) if position not in store.finished()]
-    device = "cuda" if torch.cuda.is_available() and engine == "local" else "cpu"
-    per_eval = perturbations_per_eval or per_eval_for_budget(model, settings, memory_budget or 2 * 2**30, device)
-    progress = _progress(len(source.keys), len(source.keys) - len(pending), show_progress)
-    run = Run(model, source, settings, store, pending, per_eval, threads, progress)
+    finished = store.finished()
+    pending = [position for position in range(len(source.keys)) if position not in finished]
+    progress = _progress(len(source.keys), len(source.keys) - len(pending), options.show_progress, description)
+    run = Run(worker, source, settings.size, settings.segments, store, pending, options.threads, progress)
     try:
-        if engine == "local":
-            _run_local(run, device)
+        if options.engine == "local":
+            _run_local(run, "cuda" if torch.cuda.is_available() else "cpu")
         else:
             from .ray_engine import run_ray
 
-            run_ray(run, address, workers, num_gpus)
+            run_ray(run, options.address, options.workers, options.num_gpus)
     finally:
         progress.close()
     index = store.write_index(source.keys)
     errors = {entry["key"]: entry["error"] for entry in index["images"] if "error" in entry}
     for key, message in errors.items():
         print(f"skipped {key}: {message}", file=sys.stderr)
-    return DatasetExplanations(Path(out), source.keys, errors)
+    return source, errors
 
 
-def _progress(total: int, done: int, show: bool) -> Any:
+def _progress(total: int, done: int, show: bool, description: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, unit="image", desc="explaining", disable=not show, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, unit="image", desc=description, disable=not show, dynamic_ncols=True)
 
 
-def prepare(source: ImageSource, settings: Settings, explainer: ImageExplainer, position: int) -> Dict[str, Any]:
+def prepare(source: ImageSource, size: int, segmenter: Any, position: int) -> Dict[str, Any]:
     """Reads and segments one image (the CPU-bound part): ``{"image", "segments", "label"}`` or ``{"error"}``."""
     try:
-        image, label = source.load(position, settings.size)
+        image, label = source.load(position, size)
     except UnreadableImageError as error:
         return {"error": str(error)}
-    return {"image": image, "segments": explainer.segment(image), "label": label}
+    ids = segment_images(image[None], segmenter)[0]
+    return {"image": image, "segments": ids, "label": label}
 
 
-def finish(store: ResultStore, explainer: ImageExplainer, position: int, prepared: Dict[str, Any]) -> None:
-    """Explains a prepared image and writes its result (or records why it could not be read)."""
+def finish(store: ResultStore, worker: Any, position: int, prepared: Dict[str, Any]) -> None:
+    """Computes a prepared image's record with ``worker`` and writes it (or records why it could not be read)."""
     if "error" in prepared:
         store.write_failure(position, prepared["error"])
         return
-    record = explainer.explain(position, prepared["image"], prepared["segments"], prepared["label"])
+    record = worker.compute(position, prepared["image"], prepared["segments"], prepared["label"])
     store.write(position, record)
 
 
@@ -207,9 +252,9 @@ def _run_local(run: Run, device: str) -> None:
     if run.threads:
         torch.set_num_threads(run.threads)
     try:
-        explainer = ImageExplainer(run.model, run.settings, run.per_eval, device)
+        worker, segmenter = run.worker(device), image_segmenter(run.segments)
         for position in run.pending:
-            finish(run.store, explainer, position, prepare(run.source, run.settings, explainer, position))
+            finish(run.store, worker, position, prepare(run.source, run.size, segmenter, position))
             run.progress.update(1)
     finally:
         torch.set_num_threads(previous)
