@@ -429,3 +429,17 @@ def test_max_of_two_tensors_is_per_cell_and_max_of_everything_is_the_visible_max
     overall = torch.where(mask > 0, x, -torch.inf).max()  # over the whole batch, as x.max() is
     expected = (torch.maximum(x, x * 0.5 + 1) + overall) * mask
     assert torch.allclose(layer_masked(Both())(x, mask), expected, atol=1e-12)
+
+
+def test_repeat_interleave_repeats_the_mask_along_space_and_keeps_it_along_the_batch():
+    class Repeat(torch.nn.Module):
+        def forward(self, x):
+            return x.repeat_interleave(2, dim=3) + x.repeat_interleave(2, dim=0)[::2].repeat_interleave(2, dim=3)
+
+    x = torch.randn(2, 3, 4, 4)
+    mask = (torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    out = layer_masked(Repeat())(x, mask)
+    expected = 2 * torch.where(mask > 0, x, 0).repeat_interleave(2, dim=3)
+    assert torch.allclose(out, expected, atol=1e-6)
+    with pytest.raises(UnsupportedLayerError, match="without dim"):
+        layer_masked(type("Flat", (torch.nn.Module,), {"forward": lambda self, x: x.repeat_interleave(2)})())(x, mask)

@@ -399,6 +399,7 @@ TIMM_TRANSFORMERS = [
     "pvt_v2_b0",
     "davit_tiny",
     "nest_tiny",
+    "gcvit_xxtiny",
 ]
 
 

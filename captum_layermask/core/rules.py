@@ -1256,6 +1256,23 @@ def roll(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     return Masked(op(x.value, *args, **kwargs), op(x.mask, *args, **kwargs))
 
 
+@builtin_rule(torch.repeat_interleave, "repeat_interleave")
+def repeat_interleave(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Repeating slices along a dimension (GCViT's global query, repeated for each window): the mask repeats
+    alike along a spatial dimension, and stays as it is along one it broadcasts over."""
+    x = _require_masked(x, "repeat_interleave")
+    bound = _bind(args, kwargs, ("repeats", "dim"), {"dim": None})
+    if bound["dim"] is None or is_masked(bound["repeats"]):
+        raise UnsupportedLayerError(
+            "repeat_interleave without dim (it flattens the tensor), or with image-dependent repeats."
+        )
+    dim = bound["dim"] % x.value.ndim
+    mask = align_rank(x.mask, x.value.ndim)
+    if mask.shape[dim] != 1:
+        mask = op(mask, *args, **kwargs)
+    return Masked(op(x.value, *args, **kwargs), mask)
+
+
 @builtin_rule("expand", "expand_as")
 def expand(op: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """Broadcasting a tensor: the mask broadcasts with it."""
