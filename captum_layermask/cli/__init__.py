@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from ..core.errors import LayerMaskError
+from ..datasets.explain import MASKINGS, METHODS
 from ..evaluation.maskers import MASKER_NAMES
 from ..evaluation.segmentation import SEGMENTER_NAMES
 from ..weights import load_classifier
 from .evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
 from .evaluate import evaluate_command, load_evaluation_data
-from .explain import MASKINGS, METHODS, explain_image
+from .explain import explain_image
 from .io import CommandError, check_output_folder
 
 EXPLAIN_DESCRIPTION = (

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.convert import layer_masked
+from ..datasets.explain import captum_attribution
 from ..evaluation.attribution_metrics import segment_scores
 from ..evaluation.maskers import masker_title
 from ..evaluation.normalization import normalizer
@@ -18,9 +19,6 @@ from ..evaluation.segmentation import get_segmenter, segment_images
 from ..integrations.captum import LayerMask
 from ..weights import Classifier
 from .io import CommandError, read_image, read_segments, staged_output
-
-METHODS = ("lime", "kernelshap", "ablation", "occlusion")
-MASKINGS = ("black", "grey", "layer")
 
 
 def segment(image: Tensor, how: str, file: Optional[Path]) -> Tensor:
@@ -52,26 +50,16 @@ def attribute(
         segments: ``(1, 1, H, W)`` feature ids.
         black: the normalised value of a black pixel, ``(1, C, 1, 1)``.
     """
-    from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
-
     fills = {"black": black, "grey": 0.0, "layer": LayerMask()}
     masked = layer_masked(model, residual=residual)
     results = {}
     for masking in maskings:
         forward = masked if masking == "layer" else model
         torch.manual_seed(seed)
-        common = dict(target=target, baselines=fills[masking], perturbations_per_eval=per_eval, show_progress=True)
         print(f"{method}, {masking} masking:", file=sys.stderr)
-        if method == "lime":
-            result = Lime(forward).attribute(x, feature_mask=segments, n_samples=samples, **common)
-        elif method == "kernelshap":
-            result = KernelShap(forward).attribute(x, feature_mask=segments, n_samples=samples, **common)
-        elif method == "ablation":
-            result = FeatureAblation(forward).attribute(x, feature_mask=segments, **common)
-        else:
-            result = Occlusion(forward).attribute(
-                x, sliding_window_shapes=(x.shape[1], 16, 16), strides=(x.shape[1], 8, 8), **common
-            )
+        result = captum_attribution(
+            method, forward, x, segments, target, fills[masking], samples, per_eval, show_progress=True
+        )
         results[masking] = result.detach()
     return results
 

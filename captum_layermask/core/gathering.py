@@ -17,7 +17,7 @@ gather and scatter nodes pass values through, so the exported graph masks attent
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Set, Type
 
 import torch
 import torch.fx as fx
@@ -64,9 +64,12 @@ class TokenRegion:
 def mark_token_blocks(graph: fx.Graph, root: nn.Module) -> None:
     """Records in ``node.meta["token_block"]`` the path of the outermost token block each node was traced from
     (``root`` is the traced model, whose submodules the graph module does not all keep)."""
+    blocks: Dict[str, bool] = {}  # path -> whether it is a token block, decided once per module
     for node in graph.nodes:
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-            if is_token_block(root.get_submodule(path)):
+            if path not in blocks:
+                blocks[path] = is_token_block(root.get_submodule(path))
+            if blocks[path]:
                 node.meta["token_block"] = path
                 break
 
@@ -82,19 +85,14 @@ def _block_region(nodes: List[fx.Node], dependent: Set[fx.Node]) -> Optional[Tok
 
 def token_regions(traced: fx.GraphModule, dependent: Set[fx.Node]) -> List[TokenRegion]:
     """The maximal chains of token blocks whose data enters through one tensor and leaves through one."""
-    blocks: Dict[str, List[fx.Node]] = {}
-    order: List[str] = []
+    blocks: Dict[str, List[fx.Node]] = {}  # in graph order
     for node in traced.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
-            continue
         path = node.meta.get("token_block")
-        if path is not None:
-            if path not in blocks:
-                order.append(path)
+        if path is not None and node.op not in ("placeholder", "output", "get_attr"):
             blocks.setdefault(path, []).append(node)
     regions: List[TokenRegion] = []
-    for path in order:
-        region = _block_region(blocks[path], dependent)
+    for nodes in blocks.values():
+        region = _block_region(nodes, dependent)
         if region is None:
             continue
         previous = regions[-1] if regions else None
@@ -105,9 +103,10 @@ def token_regions(traced: fx.GraphModule, dependent: Set[fx.Node]) -> List[Token
     return regions
 
 
-def _token_order(x: Any) -> Optional[Tuple[Tensor, int]]:
-    """``(index, M)``: per sample, the positions of its visible tokens first (in order) and the number kept;
-    None when gathering would not shorten the sequence or cannot apply."""
+def token_order(x: Any) -> Optional[Tensor]:
+    """``(N, M)``: per sample, the positions of its visible tokens first (in order), ``M`` the batch's largest
+    visible count; None when gathering would not shorten the sequence or cannot apply (computed once per region,
+    for its gather and its scatter)."""
     if not isinstance(x, Masked) or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
     value, mask = x.value, x.mask
@@ -117,30 +116,25 @@ def _token_order(x: Any) -> Optional[Tuple[Tensor, int]]:
     kept = max(int(visible.sum(1).max()), 1)
     if kept == value.shape[1]:
         return None
-    index = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)[:, :kept]
-    return index, kept
+    return torch.argsort((~visible).to(torch.int8), dim=1, stable=True)[:, :kept]
 
 
-def gather_tokens(x: Any) -> Any:
+def gather_tokens(x: Any, index: Optional[Tensor]) -> Any:
     """``(N, T, C)`` tokens -> ``(N, M, C)``: each sample's visible tokens first, then removed padding slots."""
-    order = _token_order(x)
-    if order is None:
+    if index is None:
         return x
-    index, _ = order
     value = x.value.gather(1, index[..., None].expand(-1, -1, x.value.shape[2]))
     visible = (x.mask[..., 0] > 0).expand(x.value.shape[0], x.value.shape[1]).gather(1, index)
     return Masked(value, visible[..., None].to(x.mask.dtype))
 
 
-def scatter_tokens(out: Any, x: Any) -> Any:
+def scatter_tokens(out: Any, index: Optional[Tensor], x: Any) -> Any:
     """The inverse of :func:`gather_tokens` for a region's output ``out``, given the region's input ``x``: each
     token back at its position; positions of removed tokens hold 0 and are removed."""
-    order = _token_order(x)
-    if order is None:
+    if index is None:
         return out
     if not isinstance(out, Masked) or out.value.ndim != 3:
         raise RuntimeError("a token block returned something other than (N, T, C) tokens.")
-    index, _ = order
     batch, tokens, channels = out.value.shape[0], x.value.shape[1], out.value.shape[2]
     value = out.value.new_zeros(batch, tokens, channels).scatter_(
         1, index[..., None].expand(-1, -1, channels), out.value
@@ -158,11 +152,12 @@ def insert_gathering(graph: fx.Graph, regions: List[TokenRegion], env: Dict[fx.N
         members = {env[node] for node in region.nodes}
         first = next(node for node in graph.nodes if node in members)
         with graph.inserting_before(first):
-            gathered = graph.call_function(gather_tokens, (source,))
+            index = graph.call_function(token_order, (source,))
+            gathered = graph.call_function(gather_tokens, (source, index))
         for node in members:
             node.replace_input_with(source, gathered)
         with graph.inserting_after(result):
-            scattered = graph.call_function(scatter_tokens, (result, source))
+            scattered = graph.call_function(scatter_tokens, (result, index, source))
         for user in list(result.users):
             if user not in members and user is not scattered:
                 user.replace_input_with(result, scattered)

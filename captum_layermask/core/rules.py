@@ -408,6 +408,17 @@ def _token_mask(x: Any, batch_first: bool, like: Tensor) -> Tensor:
     return mask.expand(n, t)
 
 
+def _without_keys(given: Optional[Tensor], removed: Tensor, true_ignores: bool) -> Tensor:
+    """The model's own attention mask with the ``removed`` keys excluded too: a boolean mask (True ignores a key
+    for ``nn.MultiheadAttention``'s ``key_padding_mask``, True attends for ``scaled_dot_product_attention``), or
+    a float mask, which is added to the scores, with -inf added for removed keys."""
+    if given is None:
+        return removed if true_ignores else ~removed
+    if given.dtype != torch.bool:
+        return given.masked_fill(removed, -math.inf)
+    return given | removed if true_ignores else given & ~removed
+
+
 @builtin_rule(nn.MultiheadAttention)
 def multihead_attention(op: nn.MultiheadAttention, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any):
     """Attention over visible tokens only: removed tokens are excluded as keys (token dropping, Jain et al. 2022).
@@ -434,15 +445,12 @@ def multihead_attention(op: nn.MultiheadAttention, query: Any, key: Any, value: 
     queries = _token_mask(query, op.batch_first, q)
     keys = _token_mask(key, op.batch_first, k) & _token_mask(value, op.batch_first, v)
     any_key = keys.any(1)
-    ignored = ~keys & any_key[:, None]  # a sample without visible keys attends to all, and is zeroed below
-    given = bound["key_padding_mask"]
-    if given is not None:  # a float mask is added to the scores: removed keys get -inf on top of it
-        ignored = ignored | given if given.dtype == torch.bool else given.masked_fill(ignored, -math.inf)
+    removed = ~keys & any_key[:, None]  # a sample without visible keys attends to all, and is zeroed below
     out, weights = op(
         q,
         k,
         v,
-        key_padding_mask=ignored,
+        key_padding_mask=_without_keys(bound["key_padding_mask"], removed, true_ignores=True),
         need_weights=bound["need_weights"],
         attn_mask=bound["attn_mask"],
         average_attn_weights=bound["average_attn_weights"],
@@ -527,14 +535,8 @@ def scaled_dot_product_attention(op: Any, query: Any, key: Any, value: Any, *arg
     if keys is None:
         keys = torch.ones_like(k[..., :1], dtype=torch.bool).transpose(-2, -1)
     any_key = keys.any(-1, keepdim=True)
-    attend = keys | ~any_key  # a query without visible keys attends to all, and is zeroed below
-    given = bound["attn_mask"]
-    if given is None:
-        given = attend
-    elif given.dtype == torch.bool:
-        given = given & attend
-    else:
-        given = given.masked_fill(~attend, -math.inf)
+    removed = ~keys & any_key  # a query without visible keys attends to all, and is zeroed below
+    given = _without_keys(bound["attn_mask"], removed, true_ignores=False)
     out = op(
         q, k, v, attn_mask=given, dropout_p=bound["dropout_p"], scale=bound["scale"], enable_gqa=bound["enable_gqa"]
     )
@@ -551,7 +553,7 @@ def _operand_masks(operands: Sequence[Any]) -> List[Optional[Tensor]]:
     return [align_rank(x.mask, x.value.ndim) if isinstance(x, Masked) else None for x in operands]
 
 
-def _contraction(op: Any, operands: Sequence[Any], labels: Sequence[str], output: str, call: Any) -> Masked:
+def _contraction(operands: Sequence[Any], labels: Sequence[str], output: str, call: Any) -> Masked:
     """A sum of products over the labels missing from ``output`` (``labels[i]`` names operand i's dimensions).
 
     A contracted dimension that is spatial (a token dimension) in one operand must be spatial in every operand
@@ -599,7 +601,7 @@ def matmul(op: Any, a: Any, b: Any, **kwargs: Any) -> Masked:
         raise UnsupportedLayerError("a matrix product with a 1-D operand; reshape it to 2-D first.")
     batch = _LETTERS[: max(ranks) - 2]
     left, right = batch[len(batch) - ranks[0] + 2 :] + "ik", batch[len(batch) - ranks[1] + 2 :] + "kj"
-    return _contraction(op, [a, b], [left, right], batch + "ij", lambda x, y: torch.matmul(x, y))
+    return _contraction([a, b], [left, right], batch + "ij", torch.matmul)
 
 
 def _einsum_labels(equation: str, operands: Sequence[Any]) -> Tuple[List[str], str]:
@@ -626,7 +628,7 @@ def einsum(op: Any, equation: str, *operands: Any) -> Masked:
         operands = tuple(operands[0])
     labels, output = _einsum_labels(equation, operands)
     equation = ",".join(labels) + "->" + output
-    return _contraction(op, operands, labels, output, lambda *xs: torch.einsum(equation, *xs))
+    return _contraction(operands, labels, output, functools.partial(torch.einsum, equation))
 
 
 def _masked_group_norm(x: Masked, groups: int, weight: Any, bias: Any, eps: float) -> Masked:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -48,6 +48,33 @@ class Settings:
         get_segmenter(self.segments)
         if self.samples < 1 or self.size < 1:
             raise ValueError("samples and size must be positive.")
+
+
+def captum_attribution(
+    method: str,
+    forward: nn.Module,
+    x: Tensor,
+    segments: Tensor,
+    target: int,
+    baseline: Any,
+    samples: int,
+    per_eval: int,
+    show_progress: bool = False,
+) -> Tensor:
+    """One Captum attribution of ``x`` ``(1, C, H, W)``: Lime or KernelShap (``samples`` samples) or
+    FeatureAblation over ``segments`` ``(1, 1, H, W)``, or Occlusion with 16x16 windows at stride 8 (what
+    ``layermask explain`` computes, for one image or for a dataset)."""
+    from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
+
+    common = dict(target=target, baselines=baseline, perturbations_per_eval=per_eval, show_progress=show_progress)
+    if method == "lime":
+        return Lime(forward).attribute(x, feature_mask=segments, n_samples=samples, **common)
+    if method == "kernelshap":
+        return KernelShap(forward).attribute(x, feature_mask=segments, n_samples=samples, **common)
+    if method == "ablation":
+        return FeatureAblation(forward).attribute(x, feature_mask=segments, **common)
+    channels = x.shape[1]
+    return Occlusion(forward).attribute(x, sliding_window_shapes=(channels, 16, 16), strides=(channels, 8, 8), **common)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -114,8 +141,6 @@ class ImageExplainer:
         return record
 
     def _attribute(self, x: Tensor, ids: Tensor, target: int, masking: str, position: int) -> Tensor:
-        from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
-
         black = self.normalize(torch.zeros(1, x.shape[1], 1, 1, device=x.device))
         baseline = {"black": black, "grey": 0.0, "layer": LayerMask()}[masking]
         forward = self.masked if masking == "layer" else self.model
@@ -123,20 +148,7 @@ class ImageExplainer:
 
         def run(per_eval: int) -> Tensor:
             torch.manual_seed(settings.seed * 1_000_003 + position)  # the same samples for every masking
-            common = dict(target=target, baselines=baseline, perturbations_per_eval=per_eval)
-            if settings.method == "lime":
-                return Lime(forward).attribute(x, feature_mask=ids, n_samples=settings.samples, **common)
-            if settings.method == "kernelshap":
-                return KernelShap(forward).attribute(x, feature_mask=ids, n_samples=settings.samples, **common)
-            if settings.method == "ablation":
-                return FeatureAblation(forward).attribute(x, feature_mask=ids, **common)
-            window = max(1, x.shape[-1] // 14)
-            return Occlusion(forward).attribute(
-                x,
-                sliding_window_shapes=(x.shape[1], window, window),
-                strides=(x.shape[1], window // 2 or 1, window // 2 or 1),
-                **common,
-            )
+            return captum_attribution(settings.method, forward, x, ids, target, baseline, settings.samples, per_eval)
 
         def halved(per_eval: int) -> None:
             self.per_eval = per_eval
@@ -170,9 +182,3 @@ def _activation_bytes(model: nn.Module, *inputs: Tensor) -> float:
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         model(*inputs)
     return float(sum(max(event.self_cpu_memory_usage, 0) for event in profiler.events()))
-
-
-def settings_from(method: str, maskings: Sequence[str], segments: str, **options: Any) -> Settings:
-    settings = Settings(method=method, maskings=tuple(maskings), segments=segments, **options)
-    settings.check()
-    return settings

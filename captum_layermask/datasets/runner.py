@@ -17,7 +17,7 @@ from torch import nn
 from ..evaluation.images import UnreadableImageError
 from ..evaluation.normalization import IMAGENET_MEAN, IMAGENET_STD
 from ..evaluation.segmentation import get_segmenter, segment_images
-from .explain import ImageExplainer, per_eval_for_budget, settings_from
+from .explain import ImageExplainer, Settings, per_eval_for_budget
 from .sources import ImageSource, ImagesSpec, image_source
 from .store import ResultStore
 
@@ -151,17 +151,8 @@ def explain_dataset(
     Raises:
         OutputMismatchError: if ``out`` holds a run with other arguments, or other files.
     """
-    settings = settings_from(
-        method,
-        maskings,
-        segments,
-        size=size,
-        mean=tuple(mean),
-        std=tuple(std),
-        target=target,
-        samples=samples,
-        seed=seed,
-    )
+    settings = Settings(method, tuple(maskings), segments, size, tuple(mean), tuple(std), target, samples, seed)
+    settings.check()
     device = "cuda" if torch.cuda.is_available() and engine == "local" else "cpu"
     per_eval = perturbations_per_eval or per_eval_for_budget(model, settings, memory_budget or 2 * 2**30, device)
     source, errors = run_dataset(
