@@ -40,7 +40,7 @@ demo: setup
 	$(VENV)/bin/layermask explain --target 1 --out $(DEMO_OUT)/square
 	$(PY) -m captum_layermask.demo.fill --out $(DEMO_OUT)/fill
 
-# Removal curves, shape bias, LIME metrics and diagnostics of the demo model on 64 held-out scenes (about 7 minutes).
+# Removal curves, shape bias, LIME metrics and diagnostics of the demo model on 64 held-out scenes (about 5 minutes).
 evaluate: setup
 	$(VENV)/bin/layermask evaluate --segments patches,slic,quickshift --out $(EVALUATE_OUT)
 
@@ -55,6 +55,7 @@ benchmark: setup
 	$(PY) benchmarks/engine_speed.py --model vit_b_16
 	$(PY) benchmarks/captum_lime.py --model vit_b_16 --rounds 1
 	$(PY) benchmarks/dataset_engines.py
+	$(PY) benchmarks/tool_scores.py
 	$(PY) benchmarks/onnx_speed.py
 	$(PY) benchmarks/guard_overhead.py
 	$(PY) benchmarks/vanishing_regions.py

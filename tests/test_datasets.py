@@ -46,6 +46,19 @@ def folder(tmp_path):
     return tmp_path / "images"
 
 
+@pytest.fixture
+def object_masks(folder):
+    """An object mask per image of ``folder`` (<masks>/<class>/<image name>.png): a rectangle, other per image."""
+    generator = torch.Generator().manual_seed(1)
+    for path in sorted(folder.glob("*/*.png")):
+        top, left = torch.randint(0, SIZE // 2, (2,), generator=generator).tolist()
+        mask = torch.zeros(1, SIZE, SIZE)
+        mask[:, top : top + SIZE // 2, left : left + SIZE // 3] = 1
+        (folder.parent / "masks" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        torchvision.utils.save_image(mask, folder.parent / "masks" / path.parent.name / path.name)
+    return folder.parent / "masks"
+
+
 def records(results):
     return {key: results.record(key) for key in results.keys}
 
@@ -169,7 +182,7 @@ def ray_local():
     ray.shutdown()
 
 
-def test_the_ray_engine_gives_the_local_engines_explanations_and_tables(folder, tmp_path, ray_local):
+def test_the_ray_engine_gives_the_local_engines_explanations_and_tables(folder, object_masks, tmp_path, ray_local):
     model = small_cnn()
     local = explain_dataset(model, folder, tmp_path / "local", **OPTIONS)
     distributed = explain_dataset(model, folder, tmp_path / "ray", engine="ray", workers=2, **OPTIONS)
@@ -177,11 +190,14 @@ def test_the_ray_engine_gives_the_local_engines_explanations_and_tables(folder, 
     assert_same(records(distributed), records(local))
     from captum_layermask.datasets import evaluate_dataset
 
-    tables = [
-        evaluate_dataset(model, folder, tmp_path / f"evaluation-{engine}", engine=engine, **EVALUATION).table()
+    reports = [
+        evaluate_dataset(
+            model, folder, tmp_path / f"evaluation-{engine}", object_masks=object_masks, engine=engine, **EVALUATION
+        ).report()
         for engine in ("local", "ray")
     ]
-    assert tables[0] == tables[1]
+    assert reports[0].rows() == reports[1].rows()
+    assert {row["section"] for row in reports[0].rows()} == {"removal AUC", "shape bias", "LIME (k=1)"}
 
 
 def test_a_worker_node_removed_mid_run_and_every_image_still_done_once(folder, tmp_path):
@@ -242,7 +258,7 @@ def test_the_command_explains_a_folder_and_resumes(folder, tmp_path, capsys):
 
 EVALUATION = dict(
     maskers=("layer", "grey"), segments="patches", fractions=(0.0, 0.5, 1.0), size=SIZE, mean=(0.5, 0.5, 0.5),
-    std=(0.25, 0.25, 0.25), batch_size=4, threads=1, show_progress=False,
+    std=(0.25, 0.25, 0.25), lime_images=4, samples=16, batch_size=4, threads=1, show_progress=False,
 )  # fmt: skip
 
 
@@ -268,3 +284,77 @@ def test_removal_curves_over_a_dataset_are_those_of_removal_curve_per_image(fold
     assert [row["masker"] for row in evaluation.table()] == ["layer", "grey"]
     with pytest.raises(OutputMismatchError, match="kind"):  # an explanation run against an evaluation's folder
         explain_dataset(model, folder, tmp_path / "out", **OPTIONS)
+
+
+def test_a_dataset_evaluation_reports_what_evaluate_reports_in_memory(folder, object_masks, tmp_path):
+    """Salient-order curves, shape bias and LIME metrics from per-image records equal the in-memory evaluation."""
+    from captum_layermask.datasets import evaluate_dataset
+    from captum_layermask.evaluation import EvaluationData, evaluate
+    from captum_layermask.evaluation.images import read_image, read_object_mask
+
+    model = small_cnn()
+    options = {**EVALUATION, "batch_size": 16, "top_k": 2}
+    report = evaluate_dataset(model, folder, tmp_path / "out", object_masks=object_masks, **options).report()
+    keys = sorted(path.relative_to(folder).as_posix() for path in folder.glob("*/*.png"))
+    images = torch.cat([(read_image(folder / key, SIZE) - 0.5) / 0.25 for key in keys])
+    masks = torch.stack([read_object_mask(object_masks / key, SIZE) for key in keys])
+    labels = torch.tensor([CLASSES.index(key.split("/")[0]) for key in keys])
+    direct = evaluate(
+        model,
+        EvaluationData(images, labels, masks, (0.5,) * 3, (0.25,) * 3),
+        maskers=("layer", "grey"),
+        fractions=(0.0, 0.5, 1.0),
+        lime_images=4,
+        diagnostic_images=0,
+        n_samples=16,
+        k=2,
+        batch_size=16,
+        show_progress=False,
+    )
+    salient = [(c.order, c.masker, c.predictions) for c in report.removal if c.order != "random"]
+    expected = [(c.order, c.masker, c.predictions) for c in direct.removal if c.order != "random"]
+    assert [s[:2] for s in salient] == [e[:2] for e in expected] and len(salient) == 4
+    assert all(torch.equal(s[2], e[2]) for s, e in zip(salient, expected))
+    assert [vars(s) for s in report.shape] == [vars(s) for s in direct.shape]
+    assert report.lime_images == 4
+    for masker in ("layer", "grey"):
+        ours, theirs = report.lime["patches"][masker], direct.lime["patches"][masker]
+        assert torch.allclose(ours.attributions, theirs.attributions.float(), atol=1e-5)
+        for metric in ("topk_ablation_accuracy", "alignment_score", "topk_jaccard"):
+            assert getattr(ours, metric) == pytest.approx(getattr(theirs, metric), abs=1e-6), (masker, metric)
+
+
+def test_a_missing_object_mask_or_missing_labels_are_refused_before_any_work(folder, object_masks, tmp_path):
+    from captum_layermask.datasets import evaluate_dataset
+
+    (object_masks / "b" / "01.png").unlink()
+    with pytest.raises(FileNotFoundError, match="no object mask .*01.png"):
+        evaluate_dataset(small_cnn(), folder, tmp_path / "out", object_masks=object_masks, **EVALUATION)
+    with pytest.raises(ValueError, match="needs labels"):
+        evaluate_dataset(small_cnn(), folder / "a", tmp_path / "out", **EVALUATION)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_evaluate_command_runs_on_ray_as_locally_and_resumes(folder, object_masks, tmp_path, ray_local, capsys):
+    from captum_layermask.cli import main
+
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r18.pth")
+    argv = [
+        "evaluate", "--model", "resnet18", "--weights", str(tmp_path / "r18.pth"), "--num-classes", "3",
+        "--images", str(folder), "--object-masks", str(object_masks), "--size", str(SIZE), "--maskers", "grey,layer",
+        "--segments", "patches,slic", "--fractions", "3", "--lime-images", "2", "--samples", "8",
+        "--diagnostic-images", "2",
+    ]  # fmt: skip
+    for engine in ("local", "ray"):
+        assert main([*argv, "--engine", engine, "--out", str(tmp_path / engine)]) == 0
+    tables = [(tmp_path / engine / "results.csv").read_text() for engine in ("local", "ray")]
+    assert tables[0] == tables[1] and "LIME (k=" in tables[0] and "linearity" in tables[0]
+    assert len(list((tmp_path / "local" / "runs" / "slic" / "images").glob("*.npz"))) == 16
+    (tmp_path / "local" / "results.md").unlink()  # as if interrupted before the report: it resumes
+    assert main([*argv, "--out", str(tmp_path / "local")]) == 0
+    assert (tmp_path / "local" / "results.csv").read_text() == tables[0]
+    capsys.readouterr()
+    assert main([*argv[:-2], "--diagnostic-images", "0", "--samples", "9", "--out", str(tmp_path / "local")]) == 2
+    assert "samples differ" in capsys.readouterr().err
+    assert main([*argv, "--address", "auto", "--out", str(tmp_path / "x")]) == 2
+    assert "give --engine ray" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from ..evaluation.maskers import MASKER_NAMES
 from ..evaluation.segmentation import SEGMENTER_NAMES
 from ..weights import load_classifier
 from .evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
-from .evaluate import evaluate_command, load_evaluation_data
+from .evaluate import evaluate_command, evaluation_source
 from .explain import explain_image
 from .io import CommandError, check_output_folder
 
@@ -78,6 +78,16 @@ def _add_common_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
     )
 
 
+def _add_engine_arguments(parser: argparse.ArgumentParser, scope: str) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help=f"{scope}this process, or Ray Data (default local; docs/datasets.md)",
+    )
+    parser.add_argument("--address", help="with --engine ray: an existing Ray cluster (default: a local Ray instance)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layermask", description="Perturbation-based explanations of CNNs with layer masking."
@@ -122,13 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--top", type=_at_least(1), default=5, help="segments highlighted each way")
     ex.add_argument("--seed", type=int, default=0, help="seed of the perturbation samples")
-    ex.add_argument(
-        "--engine",
-        choices=("local", "ray"),
-        default="local",
-        help="with --images: this process, or Ray (default local)",
-    )
-    ex.add_argument("--address", help="with --engine ray: an existing Ray cluster (default: a local Ray instance)")
+    _add_engine_arguments(ex, "with --images: ")
     _add_common_arguments(ex, Path("explain-output"))
     ex.set_defaults(run=_explain)
 
@@ -180,11 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--top-k",
         type=_at_least(1),
-        help="segments taken by the top-k LIME metrics (default: a tenth of the segments, as the paper's 20 of 196)",
+        help="segments taken by the top-k LIME metrics (default: a tenth of each image's segments, as the paper's 20 of 196)",
     )
     ev.add_argument("--batch-size", type=_at_least(1), default=64, help="images per forward pass")
     ev.add_argument("--seed", type=int, default=0, help="seed of the random removal order and of LIME's samples")
     ev.add_argument("--data-seed", type=int, default=1000, help="seed of the demo scenes and of the --limit subset")
+    _add_engine_arguments(ev, "")
     _add_common_arguments(ev, Path("evaluate-output"))
     ev.set_defaults(run=_evaluate)
     return parser
@@ -227,6 +232,7 @@ def _explain(args: argparse.Namespace) -> Path:
 def _explain_dataset(args: argparse.Namespace) -> Path:
     from ..datasets import OutputMismatchError, explain_dataset
 
+    _check_engine(args)
     if args.segments_file is not None:
         raise CommandError("--segments-file is for one image; with --images use --segments.")
     if args.residual != "intersection":
@@ -257,21 +263,26 @@ def _explain_dataset(args: argparse.Namespace) -> Path:
     return args.out
 
 
+def _check_engine(args: argparse.Namespace) -> None:
+    if args.address and args.engine != "ray":
+        raise CommandError("--address names a Ray cluster: give --engine ray with it.")
+
+
 def _evaluate(args: argparse.Namespace) -> Path:
+    _check_engine(args)
     check_output_folder(args.out)  # before any work
     classifier = load_classifier(args.model, args.weights, args.num_classes)
-    data = load_evaluation_data(
+    source = evaluation_source(
         classifier,
         args.images,
         args.object_masks,
         demo=args.model == "demo",
         limit=args.limit,
-        size=args.size,
         data_seed=args.data_seed,
     )
     return evaluate_command(
         classifier,
-        data,
+        source,
         args.out,
         maskers=args.maskers,
         segmenters=args.segments,
@@ -283,6 +294,9 @@ def _evaluate(args: argparse.Namespace) -> Path:
         batch_size=args.batch_size,
         seed=args.seed,
         residual=args.residual,
+        engine=args.engine,
+        address=args.address,
+        size=args.size,
     )
 
 

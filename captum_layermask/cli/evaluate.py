@@ -1,37 +1,45 @@
-"""``layermask evaluate``: missingness bias of a model under several maskers, written as tables and figures."""
+"""``layermask evaluate``: missingness bias of a model under several maskers, written as tables and figures.
+
+The per-image part (removal curves, shape bias, LIME metrics) runs through the dataset runner
+(:func:`~captum_layermask.datasets.evaluate_dataset`, one run per segmenter in ``<out>/runs/<segmenter>``), in
+this process or on Ray, and resumes where an interrupted run stopped; the diagnostics, on a few images, run here.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from ..datasets import OutputMismatchError, evaluate_dataset
+from ..datasets.sources import ImageSource, image_source
+from ..evaluation.maskers import get_masker
 from ..evaluation.normalization import normalizer
-from ..evaluation.report import EvaluationData, evaluate
+from ..evaluation.report import EvaluationReport, diagnose
 from ..weights import Classifier
-from .io import CommandError, image_folder, read_image, read_object_mask, staged_output
+from .io import MANIFEST, CommandError, check_output_folder
 
 DESCRIPTION = (
     "Measures how much each masking method distorts the model (paper section 4): removal curves of accuracy, class "
     "entropy and unchanged predictions with their AUC, shape bias, and LIME's top-k ablation accuracy, alignment "
-    "score and top-k Jaccard. Writes results.md, results.csv and figures. With no arguments it evaluates the bundled "
-    "demo model on held-out demo scenes, offline."
+    "score and top-k Jaccard. Writes results.md, results.csv and figures; per-image results stay in <out>/runs, so "
+    "an interrupted run resumes. With no arguments it evaluates the bundled demo model on held-out demo scenes, "
+    "offline."
 )
 
 
-def load_evaluation_data(
+def evaluation_source(
     classifier: Classifier,
     images: Optional[Path],
     object_masks: Optional[Path],
     *,
     demo: bool,
     limit: Optional[int],
-    size: Optional[int],
     data_seed: int,
-) -> EvaluationData:
-    """The images of ``images`` (or held-out demo scenes), their labels and optional object masks."""
-    mean, std, classes = classifier.mean, classifier.std, classifier.classes
+) -> ImageSource:
+    """The images of ``images`` (with their labels and optional object masks), or held-out demo scenes."""
     if images is None:
         if not demo:
             raise CommandError(
@@ -40,27 +48,40 @@ def load_evaluation_data(
         from ..demo import shapes
 
         scenes = shapes.render(limit or 64, torch.Generator().manual_seed(data_seed), objects=1)
-        return EvaluationData(
-            shapes.normalize(scenes.images), scenes.labels[:, 0], scenes.object_masks[:, 0], mean, std, classes
-        )
-    files = image_folder(images)
-    if limit and limit < len(files):
-        chosen = torch.randperm(len(files), generator=torch.Generator().manual_seed(data_seed))[:limit]
-        files = [files[i] for i in sorted(chosen.tolist())]
-    side = size or classifier.size
-    pixels = torch.cat([read_image(path, side) for path, _ in files])
-    labels = torch.tensor([label for _, label in files])
-    masks = None
-    if object_masks is not None:
-        masks = torch.stack(
-            [read_object_mask(object_masks / path.parent.name / f"{path.stem}.png", side) for path, _ in files]
-        )
-    return EvaluationData(normalizer(mean, std)(pixels), labels, masks, mean, std, classes)
+        dataset = torch.utils.data.TensorDataset(scenes.images, scenes.labels[:, 0], scenes.object_masks[:, 0])
+        return image_source(dataset)
+    try:
+        source = image_source(images, object_masks)
+    except FileNotFoundError as error:
+        message = str(error)
+        if not images.is_dir():
+            message = f"--images {images} is not a folder; give a folder with one subfolder of images per class."
+        raise CommandError(message) from None
+    if source.labels is None:
+        raise CommandError(f"--images {images} holds no images in class subfolders (<folder>/<class>/<image>).")
+    if limit and limit < len(source.keys):
+        chosen = torch.randperm(len(source.keys), generator=torch.Generator().manual_seed(data_seed))[:limit]
+        source = source.subset(sorted(chosen.tolist()))
+    return source
+
+
+def _labels(source: ImageSource) -> Sequence[int]:
+    if source.labels is not None:
+        return source.labels
+    return [int(source.dataset[index][1]) for index in range(len(source.keys))]
+
+
+def _start_output(out: Path) -> None:
+    """Refuses an ``--out`` holding other files; marks it as this command's, so that an interrupted run resumes."""
+    check_output_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MANIFEST).exists():
+        (out / MANIFEST).write_text(json.dumps({"command": "evaluate", "files": ["runs"]}, indent=1) + "\n")
 
 
 def evaluate_command(
     classifier: Classifier,
-    data: EvaluationData,
+    source: ImageSource,
     out: Path,
     *,
     maskers: Sequence[str],
@@ -73,33 +94,61 @@ def evaluate_command(
     batch_size: int,
     seed: int,
     residual: str = "intersection",
+    engine: str = "local",
+    address: Optional[str] = None,
+    size: Optional[int] = None,
 ) -> Path:
-    """Runs :func:`~captum_layermask.evaluation.evaluate` and writes ``results.md``, ``results.csv`` and figures."""
+    """Evaluates ``source`` with :func:`~captum_layermask.datasets.evaluate_dataset` per segmenter and the
+    diagnostics on its first ``diagnostic_images`` images, then writes ``results.md``, ``results.csv`` and
+    figures into ``out``."""
+    side = size or classifier.size
     with torch.no_grad():
-        width = classifier.model(data.images[:1]).shape[1]
-    if int(data.labels.max()) >= width:
+        width = classifier.model(torch.zeros(1, 3, side, side)).shape[1]
+    if max(_labels(source)) >= width:
         raise CommandError(
-            f"labels go up to {int(data.labels.max())}, but the model has {width} classes: check the class folders or --num-classes."
+            f"labels go up to {max(_labels(source))}, but the model has {width} classes: check the class folders or --num-classes."
         )
-    points = [i / (fractions - 1) for i in range(fractions)]
-    report = evaluate(
-        classifier.model,
-        data,
-        maskers=maskers,
-        segmenters=segmenters,
-        fractions=points,
-        lime_images=lime_images,
-        diagnostic_images=diagnostic_images,
-        n_samples=samples,
-        k=top_k,
-        batch_size=batch_size,
-        seed=seed,
-        residual=residual,
-    )
-    with staged_output(out, "evaluate") as staging:
-        (staging / "results.md").write_text(report.to_markdown())
-        report.to_csv(staging / "results.csv")
-        report.save_figures(staging, classifier.classes)
+    _start_output(out)
+    report = EvaluationReport()
+    for segmenter in segmenters:
+        try:
+            run = evaluate_dataset(
+                classifier.model,
+                source,
+                out / "runs" / segmenter,
+                maskers=maskers,
+                segments=segmenter,
+                fractions=[i / (fractions - 1) for i in range(fractions)],
+                lime_images=lime_images,
+                samples=samples,
+                top_k=top_k,
+                size=side,
+                mean=classifier.mean,
+                std=classifier.std,
+                residual=residual,
+                seed=seed,
+                batch_size=batch_size,
+                engine=engine,
+                address=address,
+            )
+        except OutputMismatchError as error:
+            raise CommandError(f"{error} (give a new --out, or remove {out})") from None
+        part = run.report()
+        report.images, report.lime_images = part.images, max(report.lime_images, part.lime_images)
+        report.removal += part.removal
+        report.lime.update(part.lime)
+        report.shape = report.shape or part.shape
+    if diagnostic_images > 0:
+        normalize = normalizer(classifier.mean, classifier.std)
+        readable = [i for i, key in enumerate(source.keys) if key not in run.errors][:diagnostic_images]
+        first = [source.load(i, side)[0] for i in readable]
+        maskers_ = [get_masker(name, classifier.mean, classifier.std, residual) for name in maskers]
+        diagnose(report, classifier.model, normalize(torch.stack(first)), maskers_, batch_size=batch_size)
+    (out / "results.md").write_text(report.to_markdown())
+    report.to_csv(out / "results.csv")
+    figures = report.save_figures(out, classifier.classes)
+    files = ["runs", "results.md", "results.csv", *(path.name for path in figures)]
+    (out / MANIFEST).write_text(json.dumps({"command": "evaluate", "files": files}, indent=1) + "\n")
     print(report.to_markdown())
     print(f"wrote {out}/results.md, results.csv and figures")
     return out

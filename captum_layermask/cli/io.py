@@ -39,15 +39,14 @@ def read_image(path: Path, size: int) -> Tensor:
 
 def read_object_mask(path: Path, size: int) -> Tensor:
     """An object mask image (non-zero on the object) as ``(size, size)`` bool, cropped like :func:`read_image`."""
-    if not path.exists():
+    try:
+        return images.read_object_mask(path, size)
+    except FileNotFoundError:
         raise CommandError(
             f"no object mask {path}: --object-masks needs <masks>/<class>/<image name>.png for every image."
-        )
-    try:
-        pixels = torch.from_numpy(images.pixels(path).max(2) > 0)
+        ) from None
     except images.UnreadableImageError as error:
         raise CommandError(str(error)) from None
-    return images.center_square(pixels[None, None].float(), size, "nearest")[0, 0] > 0
 
 
 def read_segments(path: Path, height: int, width: int) -> Tensor:

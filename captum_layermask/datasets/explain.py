@@ -118,9 +118,16 @@ class ImageExplainer:
         self.settings, self.per_eval, self.device = settings, per_eval, torch.device(device)
         self.normalize = normalizer(settings.mean, settings.std)
 
-    def compute(self, position: int, image: Tensor, segments: Tensor, label: Optional[int]) -> Dict[str, np.ndarray]:
+    def compute(
+        self,
+        position: int,
+        image: Tensor,
+        segments: Tensor,
+        label: Optional[int],
+        object_mask: Optional[Tensor] = None,
+    ) -> Dict[str, np.ndarray]:
         """The record of one image: its segment ids, target, label and per-masking scores (per segment; for
-        occlusion, whose windows do not follow segments, the per-pixel map)."""
+        occlusion, whose windows do not follow segments, the per-pixel map). ``object_mask`` is not used."""
         x = self.normalize(image[None].to(self.device))
         ids = segments[None, None].to(self.device)
         with torch.no_grad():

@@ -27,14 +27,22 @@ def _prepare_row(row: Dict[str, Any], source: ImageSource, size: int, segments: 
     position = int(row["position"])
     prepared = prepare(source, size, image_segmenter(segments), position)
     if "error" in prepared:
-        return {"position": position, "error": prepared["error"], "image": None, "segments": None, "label": -1}
-    label = prepared["label"]
+        return {
+            "position": position,
+            "error": prepared["error"],
+            "image": None,
+            "segments": None,
+            "label": -1,
+            "object_mask": None,
+        }
+    label, object_mask = prepared["label"], prepared["object_mask"]
     return {
         "position": position,
         "error": "",
         "image": prepared["image"].numpy(),
         "segments": prepared["segments"].numpy(),
         "label": -1 if label is None else label,
+        "object_mask": None if object_mask is None else object_mask.numpy(),
     }
 
 
@@ -59,11 +67,14 @@ class _Explain:
             if error:
                 prepared: Dict[str, Any] = {"error": error}
             else:
-                label = int(batch["label"][i])
+                label, object_mask = int(batch["label"][i]), batch["object_mask"][i]
                 prepared = {
                     "image": torch.from_numpy(np.asarray(batch["image"][i], dtype=np.float32)),
                     "segments": torch.from_numpy(np.asarray(batch["segments"][i])),
                     "label": None if label < 0 else label,
+                    "object_mask": None
+                    if object_mask is None
+                    else torch.from_numpy(np.asarray(object_mask, dtype=bool)),
                 }
             finish(self.store, self.worker, int(position), prepared)
         return {"position": np.asarray(batch["position"])}

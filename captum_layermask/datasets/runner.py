@@ -185,12 +185,15 @@ def run_dataset(
     index; returns the source and ``{key: error}`` of the images that could not be read."""
     if options.engine not in ENGINES:
         raise ValueError(f"unknown engine {options.engine!r}; use 'local' or 'ray'.")
+    if options.address and options.engine != "ray":
+        raise ValueError(f"address={options.address!r} names a Ray cluster: pass engine='ray' with it.")
     source = image_source(images)
     arguments = {
         "kind": description,
         **{key: list(value) if isinstance(value, tuple) else value for key, value in asdict(settings).items()},
         "model": _model_fingerprint(model),
         "images": hashlib.sha256(json.dumps(source.keys).encode()).hexdigest(),
+        "object_masks": source.object_masks is not None,
     }
     store = ResultStore(Path(out), arguments)
     finished = store.finished()
@@ -220,13 +223,14 @@ def _progress(total: int, done: int, show: bool, description: str) -> Any:
 
 
 def prepare(source: ImageSource, size: int, segmenter: Any, position: int) -> Dict[str, Any]:
-    """Reads and segments one image (the CPU-bound part): ``{"image", "segments", "label"}`` or ``{"error"}``."""
+    """Reads and segments one image (the CPU-bound part): ``{"image", "segments", "label", "object_mask"}`` or
+    ``{"error"}``."""
     try:
-        image, label = source.load(position, size)
+        image, label, object_mask = source.load(position, size)
     except UnreadableImageError as error:
         return {"error": str(error)}
     ids = segment_images(image[None], segmenter)[0]
-    return {"image": image, "segments": ids, "label": label}
+    return {"image": image, "segments": ids, "label": label, "object_mask": object_mask}
 
 
 def finish(store: ResultStore, worker: Any, position: int, prepared: Dict[str, Any]) -> None:
@@ -234,7 +238,9 @@ def finish(store: ResultStore, worker: Any, position: int, prepared: Dict[str, A
     if "error" in prepared:
         store.write_failure(position, prepared["error"])
         return
-    record = worker.compute(position, prepared["image"], prepared["segments"], prepared["label"])
+    record = worker.compute(
+        position, prepared["image"], prepared["segments"], prepared["label"], prepared.get("object_mask")
+    )
     store.write(position, record)
 
 

@@ -13,9 +13,9 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..evaluation.images import read_image
+from ..evaluation.images import read_image, read_object_mask
 
-ImagesSpec = Union[str, Path, Sequence[Union[str, Path]], "torch.utils.data.Dataset"]
+ImagesSpec = Union[str, Path, Sequence[Union[str, Path]], "torch.utils.data.Dataset", "ImageSource"]
 
 
 @dataclass(frozen=True)
@@ -28,33 +28,82 @@ class ImageSource:
         labels: the class index of each image where the source has one (an image folder, a dataset yielding
             ``(image, label)``), else None.
         dataset: the ``Dataset`` (None for files).
+        object_masks: one object mask file per image (an image folder with ``object_masks``), else None.
     """
 
     keys: List[str]
     files: Optional[List[Path]]
     labels: Optional[List[int]]
     dataset: Any = None
+    object_masks: Optional[List[Path]] = None
 
-    def load(self, index: int, size: int) -> Tuple[Tensor, Optional[int]]:
-        """Image ``index`` as ``(3, size, size)`` in [0, 1] (center crop, then resize) and its label.
+    def subset(self, positions: Sequence[int]) -> ImageSource:
+        """The images at ``positions`` (their keys unchanged)."""
+
+        def pick(values: Optional[List[Any]]) -> Optional[List[Any]]:
+            return None if values is None else [values[p] for p in positions]
+
+        if self.files is None:
+            dataset = torch.utils.data.Subset(self.dataset, list(positions))
+            return ImageSource(pick(self.keys), None, None, dataset)  # type: ignore[arg-type]
+        return ImageSource(pick(self.keys), pick(self.files), pick(self.labels), None, pick(self.object_masks))  # type: ignore[arg-type]
+
+    def load(self, index: int, size: int) -> Tuple[Tensor, Optional[int], Optional[Tensor]]:
+        """Image ``index`` as ``(3, size, size)`` in [0, 1] (center crop, then resize), its label and its object
+        mask ``(size, size)`` bool (cropped alike), each None where the source has none.
 
         Raises:
-            UnreadableImageError: if the file cannot be decoded.
+            UnreadableImageError: if the image or its mask cannot be decoded.
         """
         if self.files is None:
-            item = self.dataset[index]
-            image, label = item if isinstance(item, (tuple, list)) else (item, None)
-            image = torch.as_tensor(image, dtype=torch.float32)
-            if image.ndim != 3:
-                raise ValueError(f"dataset item {index} is not a (C, H, W) image but has shape {tuple(image.shape)}.")
-            return image, None if label is None else int(label)
+            return _dataset_item(self.dataset[index], index)
         image = read_image(self.files[index], size)[0]
-        return image, None if self.labels is None else self.labels[index]
+        label = None if self.labels is None else self.labels[index]
+        mask = None if self.object_masks is None else read_object_mask(self.object_masks[index], size)
+        return image, label, mask
 
 
-def image_source(images: ImagesSpec) -> ImageSource:
+def _dataset_item(item: Any, index: int) -> Tuple[Tensor, Optional[int], Optional[Tensor]]:
+    """A dataset's ``image``, ``(image, label)`` or ``(image, label, object_mask)`` as those three."""
+    parts = list(item) if isinstance(item, (tuple, list)) else [item]
+    if not 1 <= len(parts) <= 3:
+        raise ValueError(
+            f"dataset item {index} has {len(parts)} parts; give image, (image, label) or (image, label, object_mask)."
+        )
+    image, label, mask = (parts + [None, None])[:3]
+    image = torch.as_tensor(image, dtype=torch.float32)
+    if image.ndim != 3:
+        raise ValueError(f"dataset item {index} is not a (C, H, W) image but has shape {tuple(image.shape)}.")
+    if mask is not None:
+        mask = torch.as_tensor(mask).bool()
+        if tuple(mask.shape) != tuple(image.shape[-2:]):
+            raise ValueError(
+                f"dataset item {index} has an object mask of shape {tuple(mask.shape)} for an image of {tuple(image.shape[-2:])}; give (H, W)."
+            )
+    return image, None if label is None else int(label), mask
+
+
+def image_source(images: ImagesSpec, object_masks: Optional[Union[str, Path]] = None) -> ImageSource:
     """An :class:`ImageSource` from an ImageFolder-layout folder (``<folder>/<class>/<image>``; labels are the
-    sorted class subfolders), a folder of images without classes, a list of image files, or a ``Dataset``."""
+    sorted class subfolders), a folder of images without classes, a list of image files, or a ``Dataset``.
+
+    ``object_masks`` (with an image folder): a folder laid out like it, ``<masks>/<class>/<image name>.png``,
+    non-zero on the labelled object.
+
+    Raises:
+        FileNotFoundError: for a missing folder, a folder without images, or an image without its object mask.
+    """
+    if isinstance(images, ImageSource):
+        return images
+    if object_masks is not None:
+        if not isinstance(images, (str, Path)):
+            raise ValueError("object_masks go with an image folder; a Dataset yields (image, label, object_mask).")
+        source = image_source(images)
+        masks = [Path(object_masks) / Path(key).with_suffix(".png") for key in source.keys]
+        missing = next((path for path in masks if not path.exists()), None)
+        if missing is not None:
+            raise FileNotFoundError(f"no object mask {missing}: give <masks>/<class>/<image name>.png for every image.")
+        return ImageSource(source.keys, source.files, source.labels, object_masks=masks)
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     if isinstance(images, torch.utils.data.Dataset):

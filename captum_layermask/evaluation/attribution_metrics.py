@@ -190,35 +190,69 @@ def lime_attributions(
     Returns:
         ``(N, H, W)`` float: each pixel holds its segment's LIME coefficient.
     """
-    from captum._utils.models.linear_model import SkLearnRidge
-    from captum.attr import LimeBase
-
     check_images(images)
     check_segment_ids(segments, (len(images), *images.shape[-2:]))
     masker_ = get_masker(masker)
     forward, device = masker_.bind(model), model_device(model)
     segments = torch.stack([consecutive_ids(ids) for ids in segments]).to(device)
-    surrogate = interpretable_model or SkLearnRidge(alpha=1.0)
+    maps = []
+    with progress_bar(len(images), f"lime ({masker_.name})", show_progress) as bar:
+        for index in range(len(images)):
+            coefficients = lime_coefficients(
+                forward,
+                images[index : index + 1].to(device),
+                int(targets[index]),
+                segments[index],
+                n_samples=n_samples,
+                perturbations_per_eval=perturbations_per_eval,
+                interpretable_model=interpretable_model,
+                kernel_width=kernel_width,
+                seed=seed * 1_000_003 + index,
+            )
+            maps.append(coefficients.to(device)[segments[index]].cpu())
+            bar.update()
+    return torch.stack(maps)
+
+
+def lime_coefficients(
+    forward: Callable[[Tensor, Tensor], Any],
+    image: Tensor,
+    target: int,
+    segments: Tensor,
+    *,
+    n_samples: int = 500,
+    perturbations_per_eval: int = 16,
+    interpretable_model: Optional[Any] = None,
+    kernel_width: float = 0.25,
+    seed: int = 0,
+) -> Tensor:
+    """One image's LIME coefficients, one per segment (what :func:`lime_attributions` computes per image).
+
+    Args:
+        forward: a bound masker, ``forward(x, mask)`` (see :meth:`Masker.bind`).
+        image (Tensor): ``(1, C, H, W)`` model input.
+        target (int): the class explained.
+        segments (Tensor): ``(H, W)`` ids, consecutive from 0, on the image's device.
+        n_samples, perturbations_per_eval, interpretable_model, kernel_width: as in :func:`lime_attributions`.
+        seed (int): of this image's samples.
+
+    Returns:
+        ``(S,)`` float coefficients.
+    """
+    from captum._utils.models.linear_model import SkLearnRidge
+    from captum.attr import LimeBase
 
     def probabilities(x: Tensor, mask: Tensor) -> Tensor:
         return F.softmax(logits_of(forward(x, mask)).float(), dim=1)
 
-    maps = []
-    with progress_bar(len(images), f"lime ({masker_.name})", show_progress) as bar:
-        for index in range(len(images)):
-            ids = segments[index]
-            sample, to_input = _lime_sampling(ids, torch.Generator().manual_seed(seed * 1_000_003 + index))
-            lime = LimeBase(probabilities, surrogate, binary_cosine_kernel(kernel_width), sample, True, to_input, None)
-            with torch.no_grad():
-                coefficients = lime.attribute(
-                    images[index : index + 1].to(device),
-                    target=int(targets[index]),
-                    n_samples=n_samples,
-                    perturbations_per_eval=perturbations_per_eval,
-                )
-            maps.append(coefficients.flatten().to(device)[ids].cpu())
-            bar.update()
-    return torch.stack(maps)
+    sample, to_input = _lime_sampling(segments, torch.Generator().manual_seed(seed))
+    surrogate = interpretable_model or SkLearnRidge(alpha=1.0)
+    lime = LimeBase(probabilities, surrogate, binary_cosine_kernel(kernel_width), sample, True, to_input, None)
+    with torch.no_grad():
+        coefficients = lime.attribute(
+            image, target=target, n_samples=n_samples, perturbations_per_eval=perturbations_per_eval
+        )
+    return coefficients.flatten()
 
 
 def _lime_sampling(ids: Tensor, generator: torch.Generator) -> tuple:
@@ -245,7 +279,7 @@ class LimeMetrics:
         topk_ablation_accuracy: lower is better.
         alignment_score: higher is better.
         topk_jaccard: higher is better.
-        attributions: ``(N, H, W)`` the LIME maps.
+        attributions: ``(N, H, W)`` the LIME maps (None from a dataset run whose images differ in size).
     """
 
     masker: str
@@ -253,7 +287,7 @@ class LimeMetrics:
     topk_ablation_accuracy: float
     alignment_score: float
     topk_jaccard: float
-    attributions: Tensor = field(repr=False)
+    attributions: Optional[Tensor] = field(repr=False)
 
 
 def lime_metrics(

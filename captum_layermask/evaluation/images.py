@@ -42,3 +42,16 @@ def read_image(path: Path, size: int) -> Tensor:
     """An RGB image file as ``(1, 3, size, size)`` in [0, 1] (center crop to a square, then resize)."""
     image = torch.from_numpy(pixels(path)).permute(2, 0, 1)[None].float()
     return center_square(image, size, "bilinear")
+
+
+def read_object_mask(path: Path, size: int) -> Tensor:
+    """An object mask image (non-zero on the object) as ``(size, size)`` bool, cropped like :func:`read_image`.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        UnreadableImageError: if it cannot be decoded.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"no object mask {path}: give <masks>/<class>/<image name>.png for every image.")
+    mask = torch.from_numpy(pixels(path).max(2) > 0)
+    return center_square(mask[None, None].float(), size, "nearest")[0, 0] > 0

@@ -248,6 +248,20 @@ def shape_bias(
             name: predict(forward, device, images, lambda part, m=m: m[part], batch_size, bar)[0] == labels
             for name, m in visible.items()
         }
+    return shape_bias_of(masker_.name, labels, clean, correct["object"], correct["broken"], only_correct)
+
+
+def shape_bias_of(
+    masker: str,
+    labels: Tensor,
+    clean: Tensor,
+    object_correct: Tensor,
+    broken_correct: Tensor,
+    only_correct: bool = True,
+) -> ShapeBias:
+    """A :class:`ShapeBias` from per-image results: ``labels`` and ``clean`` (unmasked) predictions ``(N,)``, and
+    bool ``(N,)`` whether the prediction is right with the object removed and with the broken mask removed."""
+    correct = {"object": object_correct, "broken": broken_correct}
     chosen = clean == labels if only_correct else torch.ones_like(labels, dtype=torch.bool)
     per_class = {}
     for label in labels[chosen].unique().tolist():
@@ -259,4 +273,4 @@ def shape_bias(
         )
     count = int(chosen.sum())
     accuracy = {name: float(c[chosen].double().mean()) if count else math.nan for name, c in correct.items()}
-    return ShapeBias(masker_.name, accuracy["object"], accuracy["broken"], count, per_class)
+    return ShapeBias(masker, accuracy["object"], accuracy["broken"], count, per_class)

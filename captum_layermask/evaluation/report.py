@@ -327,19 +327,28 @@ def evaluate(
             for name in maskers
         ]
     if diagnostic_images > 0:
-        _diagnose(
+        diagnose(
             report,
             model,
             data.images[:diagnostic_images],
             [_masker_for(name, data, residual) for name in maskers],
-            common,
+            **common,
         )
     return report
 
 
-def _diagnose(
-    report: EvaluationReport, model: nn.Module, images: Tensor, maskers: Sequence[Masker], common: dict
+def diagnose(
+    report: EvaluationReport,
+    model: nn.Module,
+    images: Tensor,
+    maskers: Sequence[Masker],
+    *,
+    batch_size: int = 64,
+    show_progress: bool = True,
 ) -> None:
+    """Adds to ``report`` the linearity (patches of 1/2, 1/4 and 1/8 of the side), output collapse and feature
+    magnitude of ``images`` ``(N, C, H, W)`` under each masker (supplementary section 7)."""
+    common = dict(batch_size=batch_size, show_progress=show_progress)
     side = min(images.shape[-2:])
     patches, sizes = [side // 2, side // 4, side // 8], [side // 8, side // 4, side // 2, 3 * side // 4, side]
     report.diagnostic_images = len(images)
