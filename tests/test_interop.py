@@ -88,7 +88,7 @@ def test_shap_calls_the_layer_masked_model_on_each_mask_it_builds(pixels, explai
     masker = RecordingMasker((12, 12, 3))
     kind = shap.explainers.Partition if explainer == "partition" else shap.explainers.Permutation
     values = kind(model, masker)(pixels, max_evals=60 if explainer == "partition" else 300, batch_size=50)
-    assert values.values.shape == (2, 12, 12, 3)  # (images, H, W, classes): one value per pixel
+    assert values.values.shape == (2, 12, 12, 1, 3)  # (images, H, W, 1, classes): one value per pixel
     images = np.concatenate([c[0] for c in model.calls])
     keeps = np.concatenate([c[1] for c in model.calls])
     outputs = np.concatenate([c[2] for c in model.calls])
@@ -97,7 +97,11 @@ def test_shap_calls_the_layer_masked_model_on_each_mask_it_builds(pixels, explai
     assert np.allclose(outputs, direct(masked, normalize(images), keeps).numpy(), atol=1e-5)
     if explainer == "permutation":  # shap's efficiency: values sum to f(x) - f(nothing visible)
         full = direct(masked, normalize(pixels), np.ones((2, 12, 12), bool)).numpy()
-        assert np.allclose(values.values.sum((1, 2)) + values.base_values, full, atol=1e-4)
+        assert np.allclose(values.values.sum((1, 2, 3)) + values.base_values, full, atol=1e-4)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        shap.image_plot(values, show=False)  # shap's own plot takes the values as they are
 
 
 def test_shap_elementwise_masks_that_split_pixels_are_refused(pixels):

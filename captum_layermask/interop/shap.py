@@ -7,10 +7,12 @@ and the mask of kept pixels, and the model function is a layer-masked model that
 
     masked = layer_masked(model)
     explainer = shap.Explainer(ArrayModel(masked, mean=MEAN, std=STD), LayerMaskImage((224, 224, 3)))
-    values = explainer(images, max_evals=500, batch_size=50)      # images (N, 224, 224, 3); values (N, 224, 224, K)
+    values = explainer(images, max_evals=500, batch_size=50)   # images (N, 224, 224, 3); values (N, 224, 224, 1, K)
+    shap.image_plot(values)
 
 Its features are pixels, all channels of a pixel together (layer masking removes whole pixels), split by the
-same axis-aligned partition tree as ``shap.maskers.Image``; shap's values come out ``(H, W)`` per output.
+same axis-aligned partition tree as ``shap.maskers.Image``; shap's values come out ``(H, W, 1)`` per output (one
+channel: the value of the whole pixel), the layout ``shap.image_plot`` draws.
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ class LayerMaskImage(shap.maskers.Masker):
             raise MaskShapeError(f"expected a mask of {height * width} pixels, got shape {keep.shape}.")
         return x[None].copy(), keep.reshape(1, height, width)
 
-    def mask_shapes(self, x: Any) -> List[Tuple[int, int]]:
-        """The features are the ``(H, W)`` pixels."""
-        return [self.input_shape[:2]]
+    def mask_shapes(self, x: Any) -> List[Tuple[int, int, int]]:
+        """The features are the pixels, ``(H, W, 1)``: all channels of a pixel are one feature."""
+        return [(*self.input_shape[:2], 1)]
 
     def __repr__(self) -> str:
         return f"LayerMaskImage({self.input_shape})"
