@@ -68,8 +68,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_common_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
-    parser.add_argument("--out", type=Path, default=out, help="output folder (replaced if it holds an earlier output)")
+def _add_common_arguments(parser: argparse.ArgumentParser, out: Path, out_help: str) -> None:
+    parser.add_argument("--out", type=Path, default=out, help=out_help)
     parser.add_argument(
         "--residual",
         choices=("intersection", "union"),
@@ -133,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--top", type=_at_least(1), default=5, help="segments highlighted each way")
     ex.add_argument("--seed", type=int, default=0, help="seed of the perturbation samples")
     _add_engine_arguments(ex, "with --images: ")
-    _add_common_arguments(ex, Path("explain-output"))
+    _add_common_arguments(
+        ex,
+        Path("explain-output"),
+        "output folder: replaced if it holds an earlier output; with --images, a resumable run folder",
+    )
     ex.set_defaults(run=_explain)
 
     ev = commands.add_parser(
@@ -190,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the random removal order and of LIME's samples")
     ev.add_argument("--data-seed", type=int, default=1000, help="seed of the demo scenes and of the --limit subset")
     _add_engine_arguments(ev, "")
-    _add_common_arguments(ev, Path("evaluate-output"))
+    _add_common_arguments(
+        ev, Path("evaluate-output"), "output folder: resumed with the same arguments, refused with others"
+    )
     ev.set_defaults(run=_evaluate)
     return parser
 
