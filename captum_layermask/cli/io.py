@@ -1,4 +1,4 @@
-"""Files the command reads and writes: images, object masks, segment ids, and output folders."""
+"""Files the command reads and writes: images, segment ids, and output folders."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -37,18 +37,6 @@ def read_image(path: Path, size: int) -> Tensor:
         raise CommandError(str(error)) from None
 
 
-def read_object_mask(path: Path, size: int) -> Tensor:
-    """An object mask image (non-zero on the object) as ``(size, size)`` bool, cropped like :func:`read_image`."""
-    try:
-        return images.read_object_mask(path, size)
-    except FileNotFoundError:
-        raise CommandError(
-            f"no object mask {path}: --object-masks needs <masks>/<class>/<image name>.png for every image."
-        ) from None
-    except images.UnreadableImageError as error:
-        raise CommandError(str(error)) from None
-
-
 def read_segments(path: Path, height: int, width: int) -> Tensor:
     """Segment ids ``(H, W)`` from a ``.npy`` file of non-negative integers.
 
@@ -69,24 +57,6 @@ def read_segments(path: Path, height: int, width: int) -> Tensor:
     if array.size and array.min() < 0:
         raise CommandError(f"segments in {path} hold negative ids; segment ids must be 0 or more.")
     return torch.from_numpy(array.astype(np.int64))
-
-
-def image_folder(folder: Path) -> List[Tuple[Path, int]]:
-    """``(path, class index)`` of an ImageNet-style folder: one subfolder per class, in sorted order."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    if not folder.is_dir():
-        raise CommandError(f"--images {folder} is not a folder; give a folder with one subfolder of images per class.")
-    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
-    files = [
-        (path, index)
-        for index, name in enumerate(classes)
-        for path in sorted((folder / name).iterdir())
-        if path.suffix.lower() in IMG_EXTENSIONS
-    ]
-    if not files:
-        raise CommandError(f"--images {folder} holds no images in class subfolders (<folder>/<class>/<image>).")
-    return files
 
 
 def check_output_folder(out: Path) -> None:

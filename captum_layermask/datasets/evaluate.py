@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..evaluation._common import class_entropy
 from ..evaluation.attribution_metrics import (
     LimeMetrics,
     alignment_score,
@@ -38,6 +37,8 @@ from ..evaluation.removal import (
     RemovalCurve,
     ShapeBias,
     broken_mask,
+    check_fractions,
+    curve_of,
     removal_order,
     shape_bias_of,
 )
@@ -68,13 +69,7 @@ class EvaluationSettings:
         for masker in self.maskers:
             get_masker(masker, self.mean, self.std, self.residual)
         get_segmenter(self.segments)
-        fractions = self.fractions
-        if (
-            not fractions
-            or any(not 0 <= f <= 1 for f in fractions)
-            or any(a >= b for a, b in zip(fractions, fractions[1:]))
-        ):
-            raise ValueError(f"fractions must increase within [0, 1], got {list(fractions)}.")
+        check_fractions(self.fractions)
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {self.top_k}.")
 
@@ -186,21 +181,19 @@ def removal_curves(
     labels = torch.tensor([int(r["label"]) for r in records])
     clean = torch.tensor([int(r["predicted"]) for r in records])
     classes = int(max(int(r["classes"]) for r in records))
-    curves = {}
-    for name in settings.maskers:
-        predictions = torch.from_numpy(np.stack([r[f"predictions_{order}_{name}"] for r in records]))
-        columns = range(len(settings.fractions))
-        curves[name] = RemovalCurve(
-            fractions=list(settings.fractions),
-            accuracy=[float((predictions[:, j] == labels).double().mean()) for j in columns],
-            entropy=[class_entropy(predictions[:, j], classes) for j in columns],
-            unchanged=[float((predictions[:, j] == clean).double().mean()) for j in columns],
-            masker=name,
-            order=order,
-            segmenter=settings.segments,
-            predictions=predictions,
+    return {
+        name: curve_of(
+            torch.from_numpy(np.stack([r[f"predictions_{order}_{name}"] for r in records])),
+            labels,
+            clean,
+            classes,
+            settings.fractions,
+            name,
+            order,
+            settings.segments,
         )
-    return curves
+        for name in settings.maskers
+    }
 
 
 def shape_biases(records: Sequence[Dict[str, np.ndarray]], settings: EvaluationSettings) -> List[ShapeBias]:

@@ -64,6 +64,43 @@ class RemovalCurve:
         }
 
 
+def check_fractions(fractions: Sequence[float]) -> None:
+    """Raises ``ValueError`` unless ``fractions`` increase within [0, 1] (a removal curve's x axis)."""
+    if (
+        not fractions
+        or any(not 0 <= f <= 1 for f in fractions)
+        or any(a >= b for a, b in zip(fractions, fractions[1:]))
+    ):
+        raise ValueError(
+            f"fractions must increase within [0, 1] (the curve's x axis, for its AUC), got {list(fractions)}."
+        )
+
+
+def curve_of(
+    predictions: Tensor,
+    labels: Tensor,
+    clean: Tensor,
+    num_classes: int,
+    fractions: Sequence[float],
+    masker: str,
+    order: str,
+    segmenter: str,
+) -> RemovalCurve:
+    """A :class:`RemovalCurve` from the predictions ``(N, len(fractions))``, the labels and the predictions with
+    nothing removed ``(N,)``."""
+    columns = range(len(fractions))
+    return RemovalCurve(
+        fractions=list(fractions),
+        accuracy=[float((predictions[:, j] == labels).double().mean()) for j in columns],
+        entropy=[class_entropy(predictions[:, j], num_classes) for j in columns],
+        unchanged=[float((predictions[:, j] == clean).double().mean()) for j in columns],
+        masker=masker,
+        order=order,
+        segmenter=segmenter,
+        predictions=predictions,
+    )
+
+
 def removal_order(segments: Tensor, order: str, saliency: Optional[Tensor] = None, seed: int = 0) -> List[Tensor]:
     """The order in which each image's segments are removed.
 
@@ -134,14 +171,7 @@ def removal_curve(
         A :class:`RemovalCurve`; ``.auc`` holds the areas under the curves.
     """
     check_inputs(images, labels)
-    if (
-        not fractions
-        or any(not 0 <= f <= 1 for f in fractions)
-        or any(a >= b for a, b in zip(fractions, fractions[1:]))
-    ):
-        raise ValueError(
-            f"fractions must increase within [0, 1] (the curve's x axis, for its AUC), got {list(fractions)}."
-        )
+    check_fractions(fractions)
     labels = torch.as_tensor(labels).cpu()
     segments = segment_images(images, segmenter).cpu()
     orders = removal_order(segments, order, saliency, seed)
@@ -163,16 +193,7 @@ def removal_curve(
         predictions = torch.stack(
             [predict(forward, device, images, masks_at(f), batch_size, bar)[0] for f in fractions], 1
         )
-    return RemovalCurve(
-        fractions=list(fractions),
-        accuracy=[float((predictions[:, j] == labels).double().mean()) for j in range(len(fractions))],
-        entropy=[class_entropy(predictions[:, j], num_classes) for j in range(len(fractions))],
-        unchanged=[float((predictions[:, j] == clean).double().mean()) for j in range(len(fractions))],
-        masker=masker_.name,
-        order=order,
-        segmenter=segmenter_name(segmenter),
-        predictions=predictions,
-    )
+    return curve_of(predictions, labels, clean, num_classes, fractions, masker_.name, order, segmenter_name(segmenter))
 
 
 def broken_mask(object_masks: Tensor) -> Tensor:

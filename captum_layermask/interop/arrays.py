@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..core import LayerMaskedModel
 from ..core.errors import LayerMaskError, MaskShapeError
+from ..evaluation.normalization import normalizer
 
 
 class ChannelSplitError(MaskShapeError):
@@ -170,8 +171,12 @@ class ArrayModel:
         if output not in ("probabilities", "logits"):
             raise ValueError(f"output is 'probabilities' or 'logits', got {output!r}.")
         self.channels_last, self.scale, self.output, self.batch_size = channels_last, scale, output, batch_size
-        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.normalize = None
+        if mean is not None or std is not None:
+            channels = len(mean if mean is not None else std)  # type: ignore[arg-type]
+            self.normalize = normalizer(
+                (0.0,) * channels if mean is None else mean, (1.0,) * channels if std is None else std
+            )
         self.device = next(iter(masked.parameters()), torch.empty(0)).device
 
     def inputs(self, images: Any) -> Tensor:
@@ -181,11 +186,7 @@ class ArrayModel:
             raise MaskShapeError(f"expected a batch of images, got an array of shape {tuple(x.shape)}.")
         x = x.permute(0, 3, 1, 2) if self.channels_last else x
         x = x / self.scale
-        if self.mean is not None:
-            x = x - self.mean
-        if self.std is not None:
-            x = x / self.std
-        return x
+        return x if self.normalize is None else self.normalize(x)
 
     def __call__(self, images: Any, keep: Any = None) -> np.ndarray:
         x = self.inputs(images)
