@@ -159,6 +159,45 @@ def test_a_feature_mask_that_splits_a_pixels_channels_is_refused():
         )
 
 
+@pytest.mark.parametrize("per_eval", [1, 7])
+def test_feature_ablation_of_single_values_is_refused_not_evaluated_as_grey_fill(per_eval):
+    """Without a feature_mask each value is its own feature: one channel of one pixel per ablation, too few split
+    pixels for the decoder to tell from chance, so it must be refused where the baseline is applied."""
+    masked, x = layer_masked(small_cnn()), torch.randn(1, 3, 8, 8)
+    with pytest.raises(MaskShapeError, match="some channels of a pixel but not others"):
+        FeatureAblation(masked).attribute(x, target=0, baselines=LayerMask(), perturbations_per_eval=per_eval)
+    pairs = torch.arange(32).repeat_interleave(2).view(1, 1, 8, 8).expand(1, 3, 8, 8) * 3 + torch.arange(3).view(
+        1, 3, 1, 1
+    )  # per-channel segments of 2 pixels each
+    with pytest.raises(MaskShapeError, match="some channels of a pixel but not others"):
+        FeatureAblation(masked).attribute(x, target=0, feature_mask=pairs, baselines=LayerMask())
+
+
+class ScaledWithFeatures(nn.Module):
+    """An optional second input and a dict output, as many models have."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = small_cnn()
+
+    def forward(self, x, scale=1.0):
+        return {"logits": self.net(x) * scale, "first": self.net[0](x)}
+
+
+def test_additional_forward_args_and_a_selected_output_reach_captum():
+    torch.manual_seed(1)
+    model, x = ScaledWithFeatures().eval(), torch.randn(1, 3, 16, 16)
+    masked = layer_masked(model, output="logits")
+    attr = FeatureAblation(masked).attribute(
+        x, target=2, feature_mask=patches(), baselines=LayerMask(), additional_forward_args=(3.0,)
+    )
+    with torch.no_grad():
+        full = masked(x, scale=3.0)[0, 2]
+        expected = torch.stack([full - masked(x, patches() != i, scale=3.0)[0, 2] for i in range(16)])
+    assert torch.allclose(attr[0, 0], expected[patches()[0, 0]], atol=1e-6)
+    assert torch.allclose(masked(x, 3.0), 3 * masked(x), atol=1e-6)
+
+
 def test_a_visible_channel_equal_to_the_sentinel_by_chance_stays_visible():
     x = torch.randn(1, 3, 16, 16)
     x[0, 1, 5, 5] = float(LayerMask())  # happens about once in 1e7 values of continuous data

@@ -244,3 +244,55 @@ def test_help_is_plain_text_and_complete():
         text = sub.format_help()
         assert "``" not in text
         assert all(action.help for action in sub._actions if action.dest != "help"), command
+
+
+def _scenes(folder, count=2):
+    for index in range(count):
+        (folder / "a").mkdir(parents=True, exist_ok=True)
+        torchvision.utils.save_image(torch.rand(3, 32, 32), folder / "a" / f"{index}.png")
+    return folder
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from captum_layermask.datasets import store
+
+    images, out = _scenes(tmp_path / "images"), tmp_path / "out"
+    written = []
+    real_savez = np.savez
+
+    def savez(file, **arrays):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(file.name))
+        written.append(file.name)
+        real_savez(file, **arrays)
+
+    monkeypatch.setattr(store.np, "savez", savez)
+    args = ["explain", "--images", str(images), "--out", str(out), "--method", "ablation", "--segments", "patches"]
+    assert main([*args, "--size", "32"]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and error.strip().splitlines()[-1].startswith("layermask: error: no space left")
+    assert len(list((out / "images").glob("*.npz"))) == 1  # the finished image is kept
+
+
+def test_a_ray_address_where_no_cluster_listens_fails_fast(tmp_path, capsys):
+    import time
+
+    pytest.importorskip("ray")
+    images = _scenes(tmp_path / "images")
+    start = time.monotonic()
+    args = ["explain", "--images", str(images), "--out", str(tmp_path / "out"), "--size", "32", "--engine", "ray"]
+    assert main([*args, "--address", "127.0.0.1:1"]) == 2
+    assert time.monotonic() - start < 30
+    error = capsys.readouterr().err
+    assert "no Ray cluster answers at '127.0.0.1:1'" in error and "ray start --head" in error
+
+
+def test_an_evaluation_without_one_readable_image_is_one_line(tmp_path, capsys):
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    (tmp_path / "images" / "a" / "0.png").write_bytes(b"not an image")
+    args = ["evaluate", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--segments", "patches"]
+    for diagnostics in ("16", "0"):
+        assert main([*args, "--diagnostic-images", diagnostics, "--lime-images", "0"]) == 2
+        assert "none of the 1 image(s) of the run could be read" in capsys.readouterr().err

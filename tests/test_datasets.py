@@ -182,6 +182,15 @@ def ray_local():
     ray.shutdown()
 
 
+def test_ray_started_by_a_run_is_shut_down_when_it_returns(folder, tmp_path):
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    files = sorted(folder.glob("*/*.png"))[:2]
+    results = explain_dataset(small_cnn(), files, tmp_path / "out", engine="ray", workers=1, **OPTIONS)
+    assert len(results) == 2 and not results.errors
+    assert not ray.is_initialized()
+
+
 def test_the_ray_engine_gives_the_local_engines_explanations_and_tables(folder, object_masks, tmp_path, ray_local):
     model = small_cnn()
     local = explain_dataset(model, folder, tmp_path / "local", **OPTIONS)

@@ -48,7 +48,7 @@ def test_nan_pixels_are_the_mask_and_a_split_pixel_is_refused():
     with torch.no_grad():
         assert torch.allclose(NaNMasked(masked)(x), masked(torch.nan_to_num(x), keep), atol=1e-6)
     x[1, 0, 3, 3] = float("nan")
-    with pytest.raises(ChannelSplitError, match="some channels of 1 pixel"):
+    with pytest.raises(ChannelSplitError, match=r"1 pixel\(s\) are NaN in some channels.*hold NaN values of their own"):
         NaNMasked(masked)(x)
     for adapter in (NaNMasked, ArrayModel):
         with pytest.raises(LayerMaskError, match="pass layer_masked"):
@@ -299,3 +299,24 @@ def test_the_road_imputer_removes_exactly_the_absent_pixels():
         assert torch.allclose(NaNMasked(masked)(normalized), expected, atol=1e-6)
     with pytest.raises(LayerMaskError, match=r"mask \(H, W\)"):
         imputer(images[0], present)
+
+
+def test_an_images_own_nan_is_refused_where_the_tool_shows_the_unperturbed_image(pixels):
+    from captum_layermask.interop.road import LayerMaskImputer
+    from captum_layermask.interop.shap import LayerMaskImage
+
+    image = pixels[0].copy()
+    image[3, 4, :] = np.nan  # a real pixel, NaN in every channel: it would read as removed
+    with pytest.raises(LayerMaskError, match="holds NaN values"):
+        LayerMaskImage(image.shape)(np.ones(144, dtype=bool), image)
+    with pytest.raises(LayerMaskError, match="holds NaN values"):
+        LayerMaskImputer()(torch.from_numpy(image).permute(2, 0, 1), torch.ones(12, 12))
+
+
+def test_uint8_images_need_a_scale(pixels):
+    model = ArrayModel(layer_masked(small_cnn()), mean=MEAN, std=STD)
+    eight_bit = (pixels * 255).round().astype(np.uint8)
+    with pytest.raises(ValueError, match="pass scale=255"):
+        model(eight_bit)
+    scaled = ArrayModel(layer_masked(small_cnn()), mean=MEAN, std=STD, scale=255)
+    assert np.allclose(scaled(eight_bit), model(eight_bit.astype(np.float32) / 255), atol=1e-6)

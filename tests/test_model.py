@@ -122,13 +122,38 @@ class OptionalInput(nn.Module):
         return self.conv(x).mean((2, 3)) * scale
 
 
-def test_a_number_where_the_mask_goes_is_told_what_to_do():
+def test_a_number_after_the_image_is_the_models_optional_input():
+    """Captum passes additional_forward_args positionally: a number there binds to the model's own input."""
     masked = layer_masked(OptionalInput().eval())
-    x, _ = inputs()
-    with pytest.raises(MaskShapeError, match="optional inputs by keyword"):
-        masked(x, 2.0)
+    x, mask = inputs()
     with torch.no_grad():
+        assert torch.equal(masked(x, 2.0), masked(x, scale=2.0))
         assert torch.equal(masked(x, scale=2.0), 2 * masked(x))
+        assert torch.equal(masked(x, 2.0, mask=mask), 2 * masked(x, mask))
+    with pytest.raises(MaskShapeError, match="mask must be a torch.Tensor"):
+        layer_masked(nn.Conv2d(3, 4, 3).eval())(x, 2.0)  # no optional input: the place of the mask
+
+
+class TupleOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        features = self.conv(x)
+        return {"logits": features.mean((2, 3)), "features": features}
+
+
+def test_output_selects_a_part_of_a_dict_or_tuple_output():
+    model = TupleOutput().eval()
+    x, mask = inputs()
+    whole = layer_masked(model)
+    with torch.no_grad():
+        expected = whole(x, mask)["logits"]
+        assert torch.equal(layer_masked(model, output="logits")(x, mask), expected)
+    with pytest.raises(LayerMaskError, match=r"output='scores'.*keys \['logits', 'features'\]"):
+        layer_masked(model, output="scores")(x, mask)
+    assert "output='logits'" in repr(layer_masked(model, output="logits"))
 
 
 def test_mask_shape_errors_name_the_shape_given(resnet):

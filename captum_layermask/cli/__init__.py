@@ -10,12 +10,14 @@ demo model, offline.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from ..core.errors import LayerMaskError
 from ..datasets.explain import MASKINGS, METHODS
+from ..datasets.ray_engine import ClusterUnreachableError
 from ..evaluation.maskers import MASKER_NAMES
 from ..evaluation.segmentation import SEGMENTER_NAMES
 from ..weights import load_classifier
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layermask", description="Perturbation-based explanations of CNNs with layer masking."
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     ex = commands.add_parser(
         "explain", help="explain one image under black, grey and layer masking", description=EXPLAIN_DESCRIPTION
@@ -314,7 +319,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     matplotlib.use("Agg")  # figures go to files only
     try:
         args.run(args)
-    except (CommandError, LayerMaskError) as error:
+    except (CommandError, LayerMaskError, ClusterUnreachableError) as error:
         print(f"layermask: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(
+            f"layermask: error: no space left on the device{where}; free some space (results written so far are "
+            "kept, and the same command resumes a dataset run) or give --out on another disk.",
+            file=sys.stderr,
+        )
+        return 1
     return 0

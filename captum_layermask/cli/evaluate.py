@@ -133,7 +133,12 @@ def evaluate_command(
             )
         except OutputMismatchError as error:
             raise CommandError(f"{error} (give a new --out, or remove {out})") from None
-        part = run.report()
+        except (FileNotFoundError, ValueError) as error:
+            raise CommandError(str(error)) from None
+        try:
+            part = run.report()
+        except ValueError as error:
+            raise CommandError(str(error)) from None
         report.images, report.lime_images = part.images, max(report.lime_images, part.lime_images)
         report.removal += part.removal
         report.lime.update(part.lime)

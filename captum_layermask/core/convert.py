@@ -7,7 +7,7 @@ new module that shares the model's submodules and parameters. The model itself i
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -200,6 +200,7 @@ def layer_masked(
     rules: Optional[Mapping[Any, Any]] = None,
     prune_padding: bool = True,
     gather_tokens: bool = True,
+    output: Union[None, int, str] = None,
 ) -> LayerMaskedModel:
     """Turns a CNN into a mask-aware model that runs on the visible pixels only (paper section 3).
 
@@ -220,6 +221,9 @@ def layer_masked(
         gather_tokens (bool): run chains of transformer blocks (torchvision's and timm's ViT blocks, and those
             declared with ``register_token_block``) on each sample's visible tokens only, instead of masking
             removed ones in attention: the same outputs, faster. False masks attention throughout.
+        output (int or str, optional): the part of the model's output to return, for a model that returns a
+            tuple, a dict or an output object: an index (``0``: the first tensor) or a key or attribute name
+            (``"logits"``, ``"out"``). Captum's methods need one tensor of scores. Default: the whole output.
 
     Returns:
         A :class:`LayerMaskedModel` called as ``masked(x, mask)``.
@@ -240,6 +244,7 @@ def layer_masked(
         rules=dict(rules) if rules else None,
         prune_padding=prune_padding,
         gather_tokens=gather_tokens,
+        output=output,
     )
     if isinstance(model, LayerMaskedModel):
         if options == model.options:
@@ -247,6 +252,8 @@ def layer_masked(
         raise LayerMaskError("this model is already layer-masked; pass the original model to layer_masked.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"layer_masked takes a torch.nn.Module, got {type(model).__name__}.")
+    if output is not None and not isinstance(output, (int, str)):
+        raise TypeError(f"output is an index or a key of the model's output, got {type(output).__name__}.")
     load_rule_sets(model)
     registry = conversion_registry(padding, residual, rules)  # checks the options
     traced = trace(model, registry)

@@ -85,13 +85,16 @@ def _prepare_call(
             f"the first input of a layer-masked model is the image batch (N, C, H, W), got {type(x).__name__}."
         )
     further_required = model.required_inputs - 1
-    if mask is None and len(args) == further_required + 1:
+    # One positional argument after the required ones is the mask; a non-tensor there is the model's own
+    # optional input (Captum passes additional_forward_args positionally).
+    takes_it = model.positional_inputs > model.required_inputs and bool(args) and not isinstance(args[-1], Tensor)
+    if mask is None and len(args) == further_required + 1 and not takes_it:
         *rest, mask = args
         args = tuple(rest)
         if not isinstance(mask, Tensor):
             raise MaskShapeError(
                 f"mask must be a torch.Tensor (the positional argument after the model's {model.required_inputs} "
-                f"required input(s) is the mask), got {type(mask).__name__}; pass the model's optional inputs by keyword."
+                f"required input(s) is the mask), got {type(mask).__name__}."
             )
     elif mask is not None and len(args) == further_required + 1 and model.positional_inputs == model.required_inputs:
         raise LayerMaskError("the mask is given twice, as the last positional argument and as mask=; pass it once.")
@@ -105,6 +108,30 @@ def _prepare_call(
     if mask is not None:
         mask = format_mask(mask, x)
     return mask, args
+
+
+def select_output(output: Any, part: Any) -> Any:
+    """The ``output=`` part of a model's output: an index of a tuple or list, a key of a dict, or an attribute
+    (e.g. a Hugging Face output object's ``logits``); the whole output if ``part`` is None.
+
+    Raises:
+        LayerMaskError: if the output has no such part.
+    """
+    if part is None:
+        return output
+    if isinstance(output, (tuple, list)) and isinstance(part, int) and -len(output) <= part < len(output):
+        return output[part]
+    if isinstance(output, Mapping) and part in output:
+        return output[part]
+    if isinstance(part, str) and not isinstance(output, Mapping) and hasattr(output, part):
+        return getattr(output, part)
+    available = list(output.keys()) if isinstance(output, Mapping) else None
+    described = f"a dict with keys {available}" if available is not None else type(output).__name__
+    if isinstance(output, (tuple, list)):
+        described = f"a {type(output).__name__} of {len(output)}"
+    raise LayerMaskError(
+        f"output={part!r} does not name a part of the model's output ({described}); pass an index or key it has."
+    )
 
 
 class LayerMaskedModel(nn.Module):
@@ -140,8 +167,10 @@ class LayerMaskedModel(nn.Module):
 
         Args:
             x (Tensor): images, shape ``(N, C, H, W)``.
-            *args: the model's further inputs, passed on unmasked. One positional argument more than the model
-                requires is the mask: ``masked(x, mask)`` for a model that takes only images.
+            *args: the model's further inputs, passed on unmasked. One positional tensor more than the model
+                requires is the mask: ``masked(x, mask)`` for a model that takes only images; a number or other
+                non-tensor there is the model's own optional input (as Captum's ``additional_forward_args``
+                pass it). Give a model's optional *tensor* inputs by keyword.
             mask (Tensor, optional): 1 (True) for visible pixels, 0 for removed ones; shape ``(H, W)``,
                 ``(N, H, W)``, ``(N, 1, H, W)`` or ``(1, 1, H, W)``. Removed pixels have no influence on the
                 output, whatever their values. If None, the installed mask decoders are asked (pixels set to a
@@ -150,7 +179,8 @@ class LayerMaskedModel(nn.Module):
             **kwargs: further keyword inputs of the model.
 
         Returns:
-            The model's output, same structure, shapes and dtypes; outputs that receive nothing from any
+            The model's output (its ``output=`` part if the conversion named one), same structure, shapes and
+            dtypes; outputs that receive nothing from any
             visible pixel (e.g. the logits of an image whose mask is all 0) are 0.
 
         Raises:
@@ -163,9 +193,9 @@ class LayerMaskedModel(nn.Module):
         if torch.compiler.is_exporting():  # no data-dependent checks in an exported graph: the mask is given
             if mask is not None:
                 mask = (format_mask(mask, x) > 0).to(x.dtype)  # exported graphs take mask > 0 as visible
-            return self.graph_module(x, mask, *args, **kwargs)
+            return select_output(self.graph_module(x, mask, *args, **kwargs), self.options.get("output"))
         mask, args = _prepare_call(self, x, args, mask, kwargs)
-        return self.graph_module(x, mask, *args, **kwargs)
+        return select_output(self.graph_module(x, mask, *args, **kwargs), self.options.get("output"))
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise LayerMaskError(_JIT_MESSAGE)
@@ -179,7 +209,9 @@ class LayerMaskedModel(nn.Module):
         return self.options["padding"]
 
     def extra_repr(self) -> str:
-        return f"padding={self.padding!r}, residual={self.options['residual']!r}"
+        output = self.options.get("output")
+        selected = "" if output is None else f", output={output!r}"
+        return f"padding={self.padding!r}, residual={self.options['residual']!r}{selected}"
 
 
 _JIT_MESSAGE = (

@@ -248,8 +248,17 @@ class DatasetEvaluation(DatasetResults):
         """Everything the records hold, as an :class:`~captum_layermask.evaluation.EvaluationReport`: removal
         curves in every order all images have, shape bias where every image has an object mask, LIME metrics
         over the images explained (no diagnostics: add them with
-        :func:`~captum_layermask.evaluation.report.diagnose`)."""
+        :func:`~captum_layermask.evaluation.report.diagnose`).
+
+        Raises:
+            ValueError: if no image of the run could be read.
+        """
         records = self.records()
+        if not records:
+            raise ValueError(
+                f"none of the {len(self.keys)} image(s) of the run could be read ({len(self.errors)} skipped), so there "
+                "is nothing to report; check the images."
+            )
         report = EvaluationReport(images=len(records))
         first = self.settings.maskers[0]
         for order in ORDERS:

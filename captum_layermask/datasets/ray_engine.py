@@ -10,6 +10,7 @@ sees (a shared filesystem on a real cluster).
 
 from __future__ import annotations
 
+import socket
 import warnings
 from typing import Any, Dict, Optional
 
@@ -29,6 +30,7 @@ def _prepare_row(row: Dict[str, Any], source: ImageSource, size: int, segments: 
     if "error" in prepared:
         return {
             "position": position,
+            "fingerprint": prepared["fingerprint"],
             "error": prepared["error"],
             "image": None,
             "segments": None,
@@ -38,6 +40,7 @@ def _prepare_row(row: Dict[str, Any], source: ImageSource, size: int, segments: 
     label, object_mask = prepared["label"], prepared["object_mask"]
     return {
         "position": position,
+        "fingerprint": prepared["fingerprint"],
         "error": "",
         "image": prepared["image"].numpy(),
         "segments": prepared["segments"].numpy(),
@@ -76,20 +79,71 @@ class _Explain:
                     if object_mask is None
                     else torch.from_numpy(np.asarray(object_mask, dtype=bool)),
                 }
+            prepared["fingerprint"] = str(batch["fingerprint"][i])
             finish(self.store, self.worker, int(position), prepared)
         return {"position": np.asarray(batch["position"])}
 
 
+class ClusterUnreachableError(ConnectionError):
+    """A Ray cluster address that answers nothing (or ``"auto"`` with no cluster running)."""
+
+
+def _check_address(address: str, timeout: float = 5.0) -> None:
+    """Fails in seconds, not minutes, for an address where no Ray cluster listens."""
+    if address == "auto":
+        return  # ray.init finds it, or fails at once, below
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as error:
+        raise ClusterUnreachableError(
+            f"no Ray cluster answers at {address!r} ({error}); start one with `ray start --head` and pass the address it "
+            "prints, or leave address out to start Ray in this process."
+        ) from None
+
+
+def _connect(address: Optional[str]) -> bool:
+    """Connects to ``address`` (or starts Ray here without one); True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        _check_address(address)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as error:
+        raise ClusterUnreachableError(
+            f"cannot connect to a Ray cluster at {address!r} ({str(error).splitlines()[0]}); start one with "
+            "`ray start --head`, or leave address out to start Ray in this process."
+        ) from None
+    return True
+
+
 def run_ray(run: Any, address: Optional[str], workers: Optional[int], num_gpus: float) -> None:
-    """Runs the pending images through Ray Data, updating ``progress`` as results arrive."""
+    """Runs the pending images through Ray Data, updating ``progress`` as results arrive. Ray started here (no
+    cluster given, none connected) is shut down when the run ends.
+
+    Raises:
+        ClusterUnreachableError: if no cluster answers at ``address``.
+    """
     try:
         import ray
     except ImportError:
         raise ImportError("the Ray engine needs Ray: pip install 'captum-layermask[ray]'.") from None
     if not run.pending:
         return
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    started = _connect(address)
+    try:
+        _run_pipeline(run, workers, num_gpus)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_pipeline(run: Any, workers: Optional[int], num_gpus: float) -> None:
+    import ray
+
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one overall bar, below
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
@@ -105,8 +159,9 @@ def run_ray(run: Any, address: Optional[str], workers: Optional[int], num_gpus: 
         _prepare_row,
         fn_kwargs={"source": run.source, "size": run.size, "segments": run.segments},
         num_cpus=0.1,
-        concurrency=workers,
+        compute=ray.data.TaskPoolStrategy(size=workers),
     )
+    # Ray Data restarts the actors of a lost node and retries their tasks (its defaults for actor pools).
     dataset = dataset.map_batches(
         _Explain,
         fn_constructor_kwargs={"worker": worker_ref, "out": str(run.store.out), "threads": run.threads},
@@ -114,8 +169,6 @@ def run_ray(run: Any, address: Optional[str], workers: Optional[int], num_gpus: 
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=num_gpus,
         num_cpus=0.9,
-        max_restarts=-1,
-        max_task_retries=-1,
     )
     for batch in dataset.iter_batches(batch_size=1):
         run.progress.update(len(batch["position"]))

@@ -188,6 +188,7 @@ def run_dataset(
     if options.address and options.engine != "ray":
         raise ValueError(f"address={options.address!r} names a Ray cluster: pass engine='ray' with it.")
     source = image_source(images)
+    _check_outside(Path(out), source)
     arguments = {
         "kind": description,
         **{key: list(value) if isinstance(value, tuple) else value for key, value in asdict(settings).items()},
@@ -196,7 +197,7 @@ def run_dataset(
         "object_masks": source.object_masks is not None,
     }
     store = ResultStore(Path(out), arguments)
-    finished = store.finished()
+    finished = _unchanged(store, source)
     pending = [position for position in range(len(source.keys)) if position not in finished]
     progress = _progress(len(source.keys), len(source.keys) - len(pending), options.show_progress, description)
     run = Run(worker, source, settings.size, settings.segments, store, pending, options.threads, progress)
@@ -216,6 +217,28 @@ def run_dataset(
     return source, errors
 
 
+def _check_outside(out: Path, source: ImageSource) -> None:
+    """Refuses an output folder inside the folder of the images or of their object masks (a later listing of
+    that folder would take the results for images, or for a class)."""
+    for folder in source.folders:
+        if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
+            raise ValueError(f"the output folder {out} is inside the image folder {folder}; give a folder outside it.")
+
+
+def _unchanged(store: ResultStore, source: ImageSource) -> set:
+    """The finished positions whose image is the one their result was computed from; the results of images
+    changed since (another file under the same name, another dataset item) are removed, to be computed again."""
+    finished = store.finished()
+    changed = [position for position in sorted(finished) if store.fingerprint(position) != source.fingerprint(position)]
+    for position in changed:
+        store.discard(position)
+    if changed:
+        print(
+            f"{len(changed)} image(s) changed since their results were written: computing them again", file=sys.stderr
+        )
+    return finished - set(changed)
+
+
 def _progress(total: int, done: int, show: bool, description: str) -> Any:
     from tqdm.auto import tqdm
 
@@ -223,25 +246,28 @@ def _progress(total: int, done: int, show: bool, description: str) -> Any:
 
 
 def prepare(source: ImageSource, size: int, segmenter: Any, position: int) -> Dict[str, Any]:
-    """Reads and segments one image (the CPU-bound part): ``{"image", "segments", "label", "object_mask"}`` or
-    ``{"error"}``."""
+    """Reads and segments one image (the CPU-bound part): ``{"image", "segments", "label", "object_mask",
+    "fingerprint"}`` or ``{"error", "fingerprint"}``."""
+    fingerprint = source.fingerprint(position) if source.files is not None else None  # before reading the file
     try:
-        image, label, object_mask = source.load(position, size)
+        loaded = source.load(position, size)
     except UnreadableImageError as error:
-        return {"error": str(error)}
+        return {"error": str(error), "fingerprint": fingerprint or source.fingerprint(position)}
+    image, label, object_mask = loaded
     ids = segment_images(image[None], segmenter)[0]
-    return {"image": image, "segments": ids, "label": label, "object_mask": object_mask}
+    fingerprint = fingerprint or source.fingerprint(position, loaded)
+    return {"image": image, "segments": ids, "label": label, "object_mask": object_mask, "fingerprint": fingerprint}
 
 
 def finish(store: ResultStore, worker: Any, position: int, prepared: Dict[str, Any]) -> None:
     """Computes a prepared image's record with ``worker`` and writes it (or records why it could not be read)."""
     if "error" in prepared:
-        store.write_failure(position, prepared["error"])
+        store.write_failure(position, prepared["error"], prepared["fingerprint"])
         return
     record = worker.compute(
         position, prepared["image"], prepared["segments"], prepared["label"], prepared.get("object_mask")
     )
-    store.write(position, record)
+    store.write(position, record, prepared["fingerprint"])
 
 
 def _run_local(run: Run, device: str) -> None:

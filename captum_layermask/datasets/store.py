@@ -1,11 +1,13 @@
 """A dataset run's output folder: one small file per image, written atomically as it completes.
 
-``out/run.json`` holds the run's arguments; ``out/images/<position>.npz`` one image's result (its key, segment
-ids, target, label and, per masking, the per-segment scores); ``out/images/<position>.error.txt`` an image that
-could not be read. Each file is written to a temporary name and renamed, so a run killed at any moment leaves
-only whole files, and any number of workers on any node can write without coordinating. A restarted run skips
-the images that have a file; ``out/index.json`` is written when every image has one. Why not one Parquet
-file: Parquet cannot be appended to atomically, and a file per image makes "done" a question of existence.
+``out/run.json`` holds the run's arguments; ``out/images/<position>.npz`` one image's result (its segment ids,
+target, label, per masking the per-segment scores, and ``fingerprint``: what it was computed from);
+``out/images/<position>.error.json`` an image that could not be read (the message and the fingerprint). Each file
+is written to a temporary name (``.partial-*``) and renamed, so a run killed at any moment leaves only whole files,
+and any number of workers on any node can write without coordinating; temporary files left by a killed run are
+removed when the folder is opened again. A restarted run skips the images whose file has the image's present
+fingerprint; ``out/index.json`` is written when every image has one. Why not one Parquet file: Parquet cannot be
+appended to atomically, and a file per image makes "done" a question of existence.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Set
+from typing import Any, Dict, List, Optional, Set
 
 import numpy as np
 
 RUN_FILE = "run.json"
 INDEX_FILE = "index.json"
+PARTIAL_PREFIX = ".partial-"
 
 
 class OutputMismatchError(ValueError):
@@ -27,7 +30,7 @@ class OutputMismatchError(ValueError):
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    handle, staging = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
+    handle, staging = tempfile.mkstemp(prefix=PARTIAL_PREFIX, dir=path.parent)
     os.close(handle)
     try:
         write(staging)
@@ -52,6 +55,7 @@ class ResultStore:
         run_file = self.out / RUN_FILE
         if self.out.exists() and not self.out.is_dir():
             raise OutputMismatchError(f"{self.out} is a file; give a folder for the results.")
+        self._remove_partial_files()
         if run_file.exists():
             earlier = json.loads(run_file.read_text())
             changed = sorted(key for key in set(earlier) | set(arguments) if earlier.get(key) != arguments.get(key))
@@ -60,11 +64,19 @@ class ResultStore:
                     f"{self.out} holds a run with other arguments ({', '.join(changed)} differ); give a new output "
                     "folder, or the same arguments to finish that run."
                 )
-        elif self.out.is_dir() and any(self.out.iterdir()):
+        elif self.out.is_dir() and any(entry.name != "images" or any(entry.iterdir()) for entry in self.out.iterdir()):
             raise OutputMismatchError(f"{self.out} holds other files; give a new or empty folder for the results.")
-        self.images.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
         if not run_file.exists():
             _atomic_write(run_file, lambda path: Path(path).write_text(json.dumps(arguments, indent=1) + "\n"))
+        self.images.mkdir(exist_ok=True)
+
+    def _remove_partial_files(self) -> None:
+        """Removes the temporary files of writes that a killed run left unfinished."""
+        for folder in (self.out, self.images):
+            if folder.is_dir():
+                for entry in folder.glob(PARTIAL_PREFIX + "*"):
+                    entry.unlink(missing_ok=True)
 
     @classmethod
     def reader(cls, out: Path) -> ResultStore:
@@ -77,26 +89,42 @@ class ResultStore:
         return self.images / f"{position:06d}.npz"
 
     def error_path(self, position: int) -> Path:
-        return self.images / f"{position:06d}.error.txt"
+        return self.images / f"{position:06d}.error.json"
 
     def finished(self) -> Set[int]:
         """Positions that have a result or a recorded failure."""
         names = (entry.name for entry in self.images.iterdir() if not entry.name.startswith("."))
         return {int(name.split(".")[0]) for name in names}
 
-    def write(self, position: int, record: Dict[str, np.ndarray]) -> None:
+    def fingerprint(self, position: int) -> Optional[str]:
+        """The fingerprint of the image that a finished position's file was computed from."""
+        if self.error_path(position).exists():
+            return json.loads(self.error_path(position).read_text()).get("fingerprint")
+        with np.load(self.result_path(position), allow_pickle=False) as data:
+            return str(data["fingerprint"]) if "fingerprint" in data.files else None
+
+    def discard(self, position: int) -> None:
+        """Removes a position's result or failure (its image changed since)."""
+        self.result_path(position).unlink(missing_ok=True)
+        self.error_path(position).unlink(missing_ok=True)
+
+    def write(self, position: int, record: Dict[str, np.ndarray], fingerprint: str) -> None:
         def save(path: str) -> None:
             with open(path, "wb") as file:
-                np.savez(file, **record)
+                np.savez(file, **record, fingerprint=np.str_(fingerprint))
 
         _atomic_write(self.result_path(position), save)
+        self.error_path(position).unlink(missing_ok=True)
 
-    def write_failure(self, position: int, message: str) -> None:
-        _atomic_write(self.error_path(position), lambda path: Path(path).write_text(message + "\n"))
+    def write_failure(self, position: int, message: str, fingerprint: str) -> None:
+        text = json.dumps({"error": message, "fingerprint": fingerprint}) + "\n"
+        _atomic_write(self.error_path(position), lambda path: Path(path).write_text(text))
+        self.result_path(position).unlink(missing_ok=True)
 
     def read(self, position: int) -> Dict[str, np.ndarray]:
+        """A result's arrays (without its fingerprint)."""
         with np.load(self.result_path(position), allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
+            return {name: data[name] for name in data.files if name != "fingerprint"}
 
     def write_index(self, keys: List[str]) -> Dict[str, Any]:
         """``index.json``: each image's key and file, or its error; written once every image is finished."""
@@ -105,7 +133,7 @@ class ResultStore:
             if self.result_path(position).exists():
                 entries.append({"key": key, "file": f"images/{self.result_path(position).name}"})
             else:
-                entries.append({"key": key, "error": self.error_path(position).read_text().strip()})
+                entries.append({"key": key, "error": json.loads(self.error_path(position).read_text())["error"]})
         index = {"images": entries}
         _atomic_write(self.out / INDEX_FILE, lambda path: Path(path).write_text(json.dumps(index, indent=1) + "\n"))
         return index

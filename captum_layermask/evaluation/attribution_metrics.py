@@ -29,6 +29,8 @@ def _check_attributions(attributions: Tensor, segments: Tensor) -> Tensor:
         raise MaskShapeError(
             f"attributions must be (N, H, W) or (N, C, H, W), got {shape}; add the batch dimension to a single map."
         )
+    if attributions.shape[0] == 0:
+        raise ValueError("the attributions hold no image (an empty batch); give at least one.")
     if attributions.ndim == 4:
         attributions = attributions.mean(1)
     check_segment_ids(segments, attributions.shape)

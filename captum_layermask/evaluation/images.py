@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,18 +16,52 @@ class UnreadableImageError(ValueError):
     """An image file that cannot be decoded."""
 
 
-def pixels(path: Path) -> np.ndarray:
-    """An image file as ``(H, W, 3)`` float64 in [0, 1], at its own bit depth (8 or 16 bits per channel)."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+"""The file suffixes read as images (torchvision's ``IMG_EXTENSIONS`` and GIF, read at its first frame)."""
+
+
+def pixels(path: Path, size: Optional[int] = None) -> np.ndarray:
+    """An image file as ``(H, W, 3)`` float64 in [0, 1], at its own bit depth (8 or 16 bits per channel, or 32-bit
+    float images whose values lie in [0, 1]).
+
+    A JPEG larger than needed is decoded at reduced scale (PIL's draft mode, a power-of-two DCT scaling) when
+    ``size`` is given: both sides stay at least ``size``, so that a center crop resized to ``size`` loses nothing,
+    and a 36-megapixel photo is never held whole in memory.
+
+    Raises:
+        UnreadableImageError: if the file cannot be decoded, is a decompression bomb (PIL's pixel limit), or is a
+            float image outside [0, 1].
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as file:
+            if size is not None and file.format == "JPEG":
+                file.draft("RGB", (size, size))
+            if file.mode == "F":
+                values = np.asarray(file, dtype=np.float64)
+                low, high = float(np.nanmin(values)), float(np.nanmax(values))
+                if not (0.0 <= low and high <= 1.0):
+                    raise ValueError(f"it is a float image with values in [{low:g}, {high:g}]; give values in [0, 1]")
+                return np.repeat(values[..., None], 3, axis=2)
             if file.mode.startswith("I"):  # 16-bit grey (PNG, TIFF): PIL's RGB conversion would clip it at 255
                 grey = np.asarray(file, dtype=np.float64) / 65535.0
                 return np.repeat(grey[..., None], 3, axis=2).clip(0, 1)
             return np.asarray(file.convert("RGB"), dtype=np.float64) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
         raise UnreadableImageError(f"cannot read image {path}: {error}") from None
+
+
+def image_size(path: Path) -> Optional[Tuple[int, int]]:
+    """``(height, width)`` from an image file's header, without decoding it; None if the header cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as file:
+            width, height = file.size
+    except Exception:  # an unreadable image is recorded as such when it is read
+        return None
+    return height, width
 
 
 def center_square(image: Tensor, size: int, mode: str) -> Tensor:
@@ -40,7 +75,7 @@ def center_square(image: Tensor, size: int, mode: str) -> Tensor:
 
 def read_image(path: Path, size: int) -> Tensor:
     """An RGB image file as ``(1, 3, size, size)`` in [0, 1] (center crop to a square, then resize)."""
-    image = torch.from_numpy(pixels(path)).permute(2, 0, 1)[None].float()
+    image = torch.from_numpy(pixels(path, size)).permute(2, 0, 1)[None].float()
     return center_square(image, size, "bilinear")
 
 

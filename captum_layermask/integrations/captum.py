@@ -78,13 +78,22 @@ def mask_from_baseline(x: Tensor) -> Optional[Tensor]:
     removed = hit_channels == channels
     partial = ((hit_channels != 0) & ~removed).flatten(1).sum(1)
     if bool((partial >= _PARTIAL_PIXELS_REFUSED).any()):
-        raise MaskShapeError(
-            "LayerMask() removed some channels of a pixel but not others, and layer masking removes whole pixels: "
-            "give every channel of a pixel the same feature id, i.e. pass feature_mask of shape (N, 1, H, W) to "
-            "Lime, KernelShap or FeatureAblation (without one, each value is its own feature), and "
-            "sliding_window_shapes=(C, h, w) spanning all channels to Occlusion."
-        )
+        raise MaskShapeError(_SPLIT_CHANNELS_MESSAGE)
     return ~removed if bool(removed.any()) else None
+
+
+_SPLIT_CHANNELS_MESSAGE = (
+    "LayerMask() removed some channels of a pixel but not others, and layer masking removes whole pixels: "
+    "give every channel of a pixel the same feature id, i.e. pass feature_mask of shape (N, 1, H, W) to "
+    "Lime, KernelShap or FeatureAblation (without one, each value is its own feature), and "
+    "sliding_window_shapes=(C, h, w) spanning all channels to Occlusion."
+)
+
+
+def _splits_channels(selection: Tensor) -> bool:
+    """Whether a 0/1 selection of image features, ``(..., C, H, W)``, selects some channels of a pixel and not
+    others (a feature mask or occlusion window that does not span all channels)."""
+    return selection.ndim >= 4 and selection.shape[-3] > 1 and bool((selection != selection[..., :1, :, :]).any())
 
 
 def check_no_baseline(value: Any, what: str) -> None:
@@ -265,6 +274,8 @@ class LayerMask(float):
                     what=f"here it was combined with an image by {getattr(func, '__name__', func)}"
                 )
             )
+        if any(_splits_channels(t) for t in tensors):  # refused here whatever the number of split pixels
+            raise MaskShapeError(_SPLIT_CHANNELS_MESSAGE)
         args = tuple(float(a) if isinstance(a, LayerMask) else a for a in args)
         return func(*args, **kwargs)
 

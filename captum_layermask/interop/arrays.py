@@ -57,11 +57,27 @@ def visible_from_nan(x: Tensor) -> Tensor:
     split = nan.any(1, keepdim=True) & ~removed
     if bool(split.any()):
         raise ChannelSplitError(
-            f"the tool removed some channels of {int(split.sum())} pixel(s) and kept others, and layer masking removes "
-            "whole pixels: give it one attribution per pixel, shape (N, 1, H, W), and steps that remove whole pixels "
-            "(e.g. PixelFlipping's features_in_step a multiple of the channels)."
+            f"{int(split.sum())} pixel(s) are NaN in some channels and not in others, and layer masking removes whole "
+            "pixels: either the images hold NaN values of their own (give finite images), or the tool removed single "
+            "channels (give it one attribution per pixel, shape (N, 1, H, W), and steps that remove whole pixels, e.g. "
+            "PixelFlipping's features_in_step a multiple of the channels)."
         )
     return ~removed
+
+
+def check_no_nan(image: Any, what: str) -> None:
+    """Refuses an unperturbed image that holds NaN: the adapters mark removed pixels with NaN, so a NaN of the
+    image's own would be taken for a removed pixel.
+
+    Raises:
+        LayerMaskError: if ``image`` (a tensor or array) holds a NaN.
+    """
+    values = image if isinstance(image, Tensor) else torch.as_tensor(np.asarray(image))
+    if values.is_floating_point() and bool(torch.isnan(values).any()):
+        raise LayerMaskError(
+            f"{what} holds NaN values, and NaN marks the pixels that layer masking removes: replace them (e.g. "
+            "np.nan_to_num) or remove those pixels explicitly."
+        )
 
 
 class NaNMasked(nn.Module):
@@ -154,6 +170,7 @@ class ArrayModel:
 
     Raises:
         LayerMaskError: for a plain model.
+        ValueError: when called with uint8 images and ``scale`` 1.
     """
 
     def __init__(
@@ -180,8 +197,18 @@ class ArrayModel:
         self.device = next(iter(masked.parameters()), torch.empty(0)).device
 
     def inputs(self, images: Any) -> Tensor:
-        """Model inputs ``(N, C, H, W)`` float32 from the tool's images (NaN pixels stay NaN)."""
-        x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+        """Model inputs ``(N, C, H, W)`` float32 from the tool's images (NaN pixels stay NaN).
+
+        Raises:
+            ValueError: for 8-bit images (uint8) with ``scale`` 1, which would reach the model as values 0..255.
+        """
+        array = np.asarray(images)
+        if array.dtype == np.uint8 and self.scale == 1.0:
+            raise ValueError(
+                "the images are uint8 (values 0..255) but ArrayModel's scale is 1: pass scale=255 so that they reach "
+                "the model in [0, 1] before mean and std."
+            )
+        x = torch.as_tensor(array, dtype=torch.float32)
         if x.ndim != 4:
             raise MaskShapeError(f"expected a batch of images, got an array of shape {tuple(x.shape)}.")
         x = x.permute(0, 3, 1, 2) if self.channels_last else x

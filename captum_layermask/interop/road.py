@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..core.errors import MaskShapeError
-from .arrays import PLAIN_MODEL_GUARD, NaNMasked
+from .arrays import PLAIN_MODEL_GUARD, NaNMasked, check_no_nan
 
 __all__ = ["LayerMaskImputer", "NaNMasked"]
 
@@ -45,6 +45,7 @@ class LayerMaskImputer:
             raise MaskShapeError(
                 f"expected img (B, C, H, W) and mask (B, H, W), got {tuple(img.shape)} and {tuple(mask.shape)}."
             )
+        check_no_nan(img, "the image ROAD imputes")
         present = (mask != 0)[:, None].to(img.device)
         img = img if img.is_floating_point() else img.float()
         return img.masked_fill(~present, float("nan"))

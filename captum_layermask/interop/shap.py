@@ -20,9 +20,14 @@ from __future__ import annotations
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
-import shap
+
+try:
+    import shap
+except ImportError:
+    raise ImportError("the shap adapter needs shap: pip install 'captum-layermask[tools]'.") from None
 
 from ..core.errors import MaskShapeError
+from .arrays import check_no_nan
 
 
 class LayerMaskImage(shap.maskers.Masker):
@@ -54,6 +59,7 @@ class LayerMaskImage(shap.maskers.Masker):
                 f"LayerMaskImage was built for images of shape {self.input_shape}, got {x.shape}; build it with "
                 "the (H, W, C) shape of the images you explain."
             )
+        check_no_nan(x, "the image shap explains")
         height, width, _ = self.input_shape
         keep = np.zeros(height * width, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         if keep.shape != (height * width,):
