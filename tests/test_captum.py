@@ -11,7 +11,7 @@ from torch import nn
 from captum_layermask import LayerMask, LayerMaskError, MaskShapeError, layer_masked
 from captum_layermask.integrations.captum import mask_from_baseline
 
-from .conftest import randomize_batchnorm
+from .helpers import randomize_batchnorm
 
 
 def small_cnn():

@@ -9,7 +9,7 @@ from captum_layermask import layer_masked, neighbor_pad, propagate_mask, registe
 from captum_layermask.core.masked import Masked
 from captum_layermask.core.masking import pad_for_convolution
 
-from .conftest import demanded_rings, layer_masked_full_padding, patch_masks, randomize_batchnorm
+from .helpers import demanded_rings, layer_masked_full_padding, patch_masks, randomize_batchnorm
 
 
 def rings_of(model):

@@ -19,7 +19,8 @@ from captum_layermask.evaluation.maskers import (
 )
 from captum_layermask.evaluation.segmentation import SLIC, Patches, segment_images
 
-from .conftest import patch_masks
+from .helpers import patch_masks
+from .helpers import small_classifier as small_cnn
 
 
 def pixelwise_model(channels=3, classes=4):
@@ -32,22 +33,6 @@ def pixelwise_model(channels=3, classes=4):
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(8, classes),
-    ).eval()
-
-
-def small_cnn(classes=5):
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 12),
-        nn.ReLU(),
-        nn.Linear(12, classes),
     ).eval()
 
 

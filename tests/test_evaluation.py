@@ -28,7 +28,7 @@ from captum_layermask.evaluation.plots import plot_lime_metrics, plot_removal_cu
 from captum_layermask.evaluation.report import EvaluationData, evaluate
 from captum_layermask.evaluation.segmentation import segment_images
 
-from .test_diagnostics import small_cnn
+from .helpers import small_classifier as small_cnn
 
 
 @pytest.fixture

@@ -15,15 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")  # the set-up's local wheels (Makefile)
 
-# What the README's Python examples leave to the reader: random weights instead of downloaded ones, a small batch.
+# What the README's Python examples leave to the reader: random weights instead of downloaded ones, two images.
 PREAMBLE = """
 import torch, torchvision
 from captum_layermask import patch_segments, random_patch_masks
 torch.manual_seed(0)
-images, mask = torch.rand(2, 3, 64, 64), random_patch_masks(2, 64, 64, 16, seed=0)
-image, label, segments = images[:1], 3, patch_segments(64, 64, 16)
-labels, object_masks = torch.tensor([1, 2]), torch.zeros(2, 64, 64, dtype=torch.bool)
-object_masks[:, 16:48, 16:48] = True
+images, mask = torch.rand(2, 3, 224, 224), random_patch_masks(2, 224, 224, 16, seed=0)
+image, label, segments = images[:1], 3, patch_segments(224, 224, 16)
 """
 
 

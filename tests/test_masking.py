@@ -5,7 +5,7 @@ import torch
 
 from captum_layermask import neighbor_pad, propagate_mask
 
-from .reference import paper_neighbor_pad, visible_any
+from .helpers import paper_neighbor_pad, visible_any
 
 
 def row(*values):

@@ -20,7 +20,7 @@ from captum_layermask import (
     random_patch_masks,
 )
 
-from .conftest import randomize_batchnorm
+from .helpers import randomize_batchnorm
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ from onnx_export import DOMAIN, ExportError, export_masked
 from onnx_export.__main__ import main
 from onnx_export.export import verification_masks
 
-from .conftest import demanded_rings, randomize_batchnorm
-from .test_torchvision import FAMILIES, size_for
+from .helpers import FAMILIES, demanded_rings, randomize_batchnorm, size_for
 
 
 def padded_convolutions(model, masked):
@@ -178,7 +177,7 @@ def check_transformer_export(model, size, tmp_path):
 
 @pytest.mark.parametrize("name", ["vit", "swin", "maxvit"])
 def test_small_transformers_export_with_masked_attention(name, tmp_path):
-    from .test_transformers import small_torchvision_transformers, small_vit
+    from .helpers import small_torchvision_transformers, small_vit
 
     torch.manual_seed(0)
     model = small_vit() if name == "vit" else small_torchvision_transformers()[name]().eval()

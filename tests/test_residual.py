@@ -12,8 +12,7 @@ from torch import nn
 
 from captum_layermask import layer_masked, neighbor_pad, patch_segments
 
-from .conftest import demanded_rings
-from .test_torchvision import FAMILIES, MEAN, STD, build
+from .helpers import FAMILIES, MEAN, STD, build, demanded_rings
 
 
 class StridedBlock(nn.Module):

@@ -10,7 +10,7 @@ from captum_layermask import UnsupportedLayerError, layer_masked
 from captum_layermask.core import rules
 from captum_layermask.core.masked import Masked
 
-from .reference import paper_neighbor_pad, visible_any, windows
+from .helpers import paper_neighbor_pad, visible_any, windows
 
 
 def random_mask(n, h, w, keep=0.3):
@@ -89,7 +89,7 @@ def test_max_pool_takes_the_maximum_over_visible_cells_only(layout, samples_per_
     x, mask = torch.randn(3, 3, 9, 9, dtype=torch.float64), random_mask(3, 9, 9)
     x = torch.where(mask > 0, x, 1e6).contiguous(memory_format=layout)  # a removed cell would win its windows
     if samples_per_slice:  # the fill copy is made in batch slices of this many samples
-        monkeypatch.setattr(rules, "_SLICE_BYTES", samples_per_slice * x[0].numel() * x.element_size())
+        monkeypatch.setattr(rules.common, "_SLICE_BYTES", samples_per_slice * x[0].numel() * x.element_size())
     out = layer_masked(nn.Sequential(pool))(x, mask)
     assert out.is_contiguous(memory_format=layout)
     for i, j, cells in windows(9, 9, (3, 3), (2, 2), (1, 1)):

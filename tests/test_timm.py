@@ -12,7 +12,7 @@ from torch import nn
 
 from captum_layermask import UnsupportedLayerError, layer_masked
 
-from .reference import paper_neighbor_pad, visible_any
+from .helpers import paper_neighbor_pad, visible_any
 
 timm = pytest.importorskip("timm")
 from timm.layers import CondConv2d, Conv2dSame, EcaModule  # noqa: E402

@@ -9,16 +9,9 @@ import torchvision
 from torch import nn
 
 from captum_layermask import layer_masked
+from captum_layermask.testing import check_layer_masking
 
-
-def small_vit(seed=0):
-    torch.manual_seed(seed)
-    model = torchvision.models.VisionTransformer(
-        image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
-    ).eval()
-    nn.init.normal_(model.heads.head.weight)  # torchvision initialises the head to zeros
-    nn.init.normal_(model.encoder.pos_embedding, std=0.5)
-    return model
+from .helpers import small_torchvision_transformers, small_vit
 
 
 def patch_mask(visible_per_sample, grid=4, patch=16):
@@ -53,13 +46,7 @@ def test_vit_has_the_properties_of_layer_masking():
     model, x = small_vit(), torch.randn(2, 3, 64, 64)
     masked, mask = layer_masked(model), patch_mask([[0, 3, 9], [2, 5, 6, 7, 14]])
     mask[:, :, 3:9, 20:30] = 0  # and a hole inside a visible patch: neighbor-padded by the patch embedding
-    with torch.no_grad():
-        assert torch.allclose(masked(x, torch.ones_like(mask)), model(x), atol=1e-6)
-        out = masked(x, mask)
-        for fill in (float("nan"), float("inf")):
-            assert torch.equal(masked(torch.where(mask > 0, x, fill), mask), out)
-        empty = masked(x, torch.zeros_like(mask))  # the class token alone: finite, image-independent
-        assert empty.isfinite().all() and torch.equal(empty, masked(x.flip(0), torch.zeros_like(mask)))
+    check_layer_masking(model, x, mask, masked)  # nothing visible: the class token alone
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -331,47 +318,18 @@ def test_swin_patch_merging_follows_the_convolution_rule():
     assert torch.allclose(merged[visible], convolved[visible], atol=1e-12)
 
 
-def small_torchvision_transformers():
-    from torchvision.models import MaxVit, SwinTransformer
-    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
-
-    swin = {"patch_size": [4, 4], "embed_dim": 16, "depths": [2, 2], "num_heads": [2, 2], "window_size": [3, 3]}
-    return {
-        "swin": lambda: SwinTransformer(**swin, num_classes=5),
-        "swin_v2": lambda: SwinTransformer(
-            **swin, num_classes=5, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2
-        ),
-        "maxvit": lambda: MaxVit(
-            input_size=(64, 64),
-            stem_channels=8,
-            partition_size=4,
-            block_channels=[16, 32],
-            block_layers=[1, 1],
-            head_dim=8,
-            stochastic_depth_prob=0.0,
-            num_classes=5,
-        ),
-    }
-
-
 @pytest.mark.parametrize("name", ["swin", "swin_v2", "maxvit"])
 def test_small_swin_and_maxvit_have_the_properties_of_layer_masking(name):
-    from .conftest import randomize_batchnorm
+    from .helpers import randomize_batchnorm
 
     torch.manual_seed(0)
     model = randomize_batchnorm(small_torchvision_transformers()[name]().eval())
     x = torch.randn(2, 3, 56 if name != "maxvit" else 64, 56 if name != "maxvit" else 64)
     mask = patch_mask_grid(x, 8)
     masked = layer_masked(model)
+    check_layer_masking(model, x, mask, masked)
     with torch.no_grad():
-        reference = model(x)
-        assert (masked(x, torch.ones_like(mask)) - reference).abs().max() <= 1e-5 * reference.abs().max()
-        out = masked(x, mask)
-        assert out.isfinite().all() and not torch.equal(out, reference)
-        for fill in (float("nan"), float("inf"), 0.0):
-            assert torch.equal(masked(torch.where(mask > 0, x, fill), mask), out)
-        empty = masked(x, torch.zeros_like(mask))
-        assert empty.isfinite().all() and torch.equal(empty, masked(x.flip(0), torch.zeros_like(mask)))
+        assert not torch.equal(masked(x, mask), model(x))
 
 
 def patch_mask_grid(x, patch, seed=1):

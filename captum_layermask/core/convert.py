@@ -13,12 +13,12 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from .composite import conversion_registry, ring_rules
 from .dependence import image_dependence
 from .errors import LayerMaskError, TracingError, UnsupportedLayerError
 from .gathering import insert_gathering, mark_token_blocks, token_regions
 from .masked import Masked, align_rank, map_masked
 from .model import LayerMaskedModel, input_signature
-from .options import conversion_registry, ring_rules
 from .registry import LEAVES, RuleCall, RuleEntry, RuleRegistry, call_method, leaf_functions, load_rule_sets
 
 

@@ -103,7 +103,7 @@ def padding_rings(walk: ImageDependence, convolutions: Dict[fx.Node, nn.Conv2d])
         walk (ImageDependence): the image-dependent nodes of the traced model and their rules
             (:func:`~captum_layermask.core.dependence.image_dependence`).
         convolutions: the convolution nodes whose rule is the built-in neighbor padding (see
-            :func:`~captum_layermask.core.options.neighbor_convolutions`); only these are considered.
+            :func:`~captum_layermask.core.composite.neighbor_convolutions`); only these are considered.
 
     Returns:
         ``{conv node: rings}`` with ``rings`` smaller than the kernel's reach; every other convolution pads its

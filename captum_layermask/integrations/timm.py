@@ -46,7 +46,7 @@ from ..core.gathering import register_token_block
 from ..core.masked import Masked, is_masked, unwrap
 from ..core.masking import pad_for_convolution
 from ..core.registry import RuleRegistry, builtin_rule, register_leaf
-from ..core.rules import _bind, _require_feature_dims, _require_masked, avg_pool2d, max_pool2d, pointwise
+from ..core.rules import avg_pool2d, bind_arguments, max_pool2d, pointwise, require_feature_dims, require_masked
 
 TRACED_INTO = (BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct, NormFreeBlock)
 """timm leaves whose forward is traceable in eval mode: traced into instead of kept whole."""
@@ -64,7 +64,7 @@ def _is_dynamic(op: nn.Module) -> bool:
 
 def _convolution_mask(op: nn.Module, x: Masked) -> Tuple[Tensor, Tensor]:
     """The neighbor-padded input of a (possibly "same"-padded) convolution module and its output mask."""
-    _require_feature_dims(x, [1], "a convolution")
+    require_feature_dims(x, [1], "a convolution")
     padding = _same_padding(op, tuple(x.value.shape[-2:])) if _is_dynamic(op) else op.padding
     return pad_for_convolution(
         x.value, x.mask, op.kernel_size, op.stride, padding, op.dilation, getattr(op, "padding_mode", "zeros")
@@ -76,7 +76,7 @@ def same_padded_conv2d(op: nn.Module, x: Any) -> Masked:
     """A convolution with TensorFlow's "same" padding, computed from the input size at run time (the ``tf_*``
     ports): the convolution rule with that asymmetric zero padding. The visible region is neighbor-padded
     (Algorithm 1) and the layer pads the image border with zeros, as ``nn.Conv2d`` does."""
-    padded, mask = _convolution_mask(op, _require_masked(x, "a convolution"))
+    padded, mask = _convolution_mask(op, require_masked(x, "a convolution"))
     return Masked(op(padded), mask)
 
 
@@ -85,7 +85,7 @@ def conditional_conv2d(op: CondConv2d, x: Any, routing_weights: Any) -> Masked:
     """CondConv: a convolution whose kernel mixes experts by per-sample routing weights (computed from a pooled,
     hence visible-only, summary of the image). The input is neighbor-padded as for any convolution; an output
     is visible where its window sees a visible cell and the sample's routing weights are visible."""
-    x = _require_masked(x, "a conditional convolution")
+    x = require_masked(x, "a conditional convolution")
     padded, mask = _convolution_mask(op, x)
     if not isinstance(routing_weights, Masked):
         return Masked(op(padded, routing_weights), mask)
@@ -102,7 +102,7 @@ builtin_rule(AvgPool2dSame)(avg_pool2d)
 def vgg_conv_mlp(op: ConvMlp, x: Any, *, rules: RuleRegistry) -> Masked:
     """timm's VGG head: two convolutions (the classifier's fully connected layers) with activations, after
     enlarging an input smaller than the first kernel by adaptive average pooling. Each part takes its own rule."""
-    x = _require_masked(x, "VGG's ConvMlp")
+    x = require_masked(x, "VGG's ConvMlp")
     height, width = x.value.shape[-2:]
     if height < op.input_kernel_size or width < op.input_kernel_size:
         size = (max(op.input_kernel_size, height), max(op.input_kernel_size, width))
@@ -138,7 +138,7 @@ def rearrangement(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     The mask's batch is expanded first (windows are the batch of window attention); its channel dimension
     stays size 1, since these functions read the channel count from their input.
     """
-    x = _require_masked(x, "a rearrangement")
+    x = require_masked(x, "a rearrangement")
     if is_masked((args, kwargs)):
         raise UnsupportedLayerError(f"{getattr(op, '__name__', op)} with image-dependent arguments besides its input.")
     value = op(x.value, *args, **kwargs)
@@ -158,7 +158,7 @@ builtin_rule(maybe_add_mask, per_cell="intersection")(pointwise)  # scores + an 
 def self_attention_bias(op: Any, seq_len: int, scores: Any, *args: Any, **kwargs: Any) -> Any:
     """The additive attention mask timm builds from the model's own mask: it reads only the scores' dtype and
     device, never the image. Causal attention is refused, as for ``F.scaled_dot_product_attention``."""
-    if _bind(args, kwargs, ("attn_mask", "is_causal"), {"attn_mask": None, "is_causal": False})["is_causal"]:
+    if bind_arguments(args, kwargs, ("attn_mask", "is_causal"), {"attn_mask": None, "is_causal": False})["is_causal"]:
         raise UnsupportedLayerError("causal attention (is_causal=True), which vision classifiers do not use.")
     if is_masked((args, kwargs)):
         raise UnsupportedLayerError("attention whose attn_mask depends on the image.")

@@ -23,7 +23,7 @@ from ..core.gathering import register_token_block
 from ..core.masked import Masked, align_rank
 from ..core.masking import neighbor_pad
 from ..core.registry import builtin_rule
-from ..core.rules import _bind, _lowest, _require_feature_dims, _require_masked
+from ..core.rules import bind_arguments, lowest_value, require_feature_dims, require_masked
 
 _WINDOW_ARGS = (
     "qkv_weight",
@@ -73,9 +73,9 @@ def window_attention(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     shift's own attention mask and the window padding stay as in the model. A token keeps its mask (its own key
     is in its window); a window with no visible token gives finite values that its removed tokens carry unread.
     """
-    x = _require_masked(x, "window attention")
-    _require_feature_dims(x, [-1], "window attention")
-    bound = _bind(args, kwargs, _WINDOW_ARGS, {"attention_dropout": 0.0, "dropout": 0.0, "training": True})
+    x = require_masked(x, "window attention")
+    require_feature_dims(x, [-1], "window attention")
+    bound = bind_arguments(args, kwargs, _WINDOW_ARGS, {"attention_dropout": 0.0, "dropout": 0.0, "training": True})
     if bound["training"]:
         raise UnsupportedLayerError("window attention in training mode (dropout); call .eval() on the model.")
     if any(isinstance(item, Masked) for item in bound.values()):
@@ -83,7 +83,7 @@ def window_attention(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     batch = x.value.shape[0]
     tokens = align_rank(x.mask, 4)[..., 0].expand(batch, *x.value.shape[1:3]) > 0
     keys = _windowed_keys(tokens, bound["window_size"], bound["shift_size"])
-    removed = torch.zeros(keys.shape, dtype=x.value.dtype, device=keys.device).masked_fill(~keys, _lowest(x.value))
+    removed = torch.zeros(keys.shape, dtype=x.value.dtype, device=keys.device).masked_fill(~keys, lowest_value(x.value))
     bound["relative_position_bias"] = bound["relative_position_bias"] + removed
     return Masked(op(x.value, **bound), x.mask)
 
@@ -100,8 +100,8 @@ def patch_merging(op: Any, x: Any) -> Masked:
     before a linear layer): a 2x2, stride-2 convolution, under the convolution rule. A merged token is visible
     if any of its four tokens is; removed ones among them are neighbor-padded from the visible ones
     (Algorithm 1, one ring reaches every cell of a block); the odd-size padding stays zeros, as in the model."""
-    x = _require_masked(x, "patch merging")
-    _require_feature_dims(x, [-1], "patch merging")
+    x = require_masked(x, "patch merging")
+    require_feature_dims(x, [-1], "patch merging")
     mask = align_rank(x.mask, 4)[..., 0]
     filled = neighbor_pad(x.value.permute(0, 3, 1, 2), mask[:, None], 1).permute(0, 2, 3, 1)
     return Masked(op(filled), _merged_mask(mask)[..., None])

@@ -1,4 +1,8 @@
-"""The conversion's options and the rules each one selects, in one place.
+"""The composite: which rule applies to which operation in one conversion (zennit's term), in one place.
+
+A conversion looks rules up in this order: its own ``rules=``, the rules registered with ``register_rule``,
+the convolution and addition rules that its options select, then the built-in rules
+(:mod:`~captum_layermask.core.rules`). The options:
 
 - ``padding``: how convolutions see removed cells next to visible ones (:data:`PADDING_RULES`).
 - ``residual``: how a sum of two masked activations (a residual connection) combines their masks:
