@@ -41,7 +41,7 @@ def main() -> None:
         torchvision.utils.save_image(image, root / f"{index:03d}.png")
     model = load_demo_model()
     options = dict(
-        method="lime", maskings=("layer", "grey"), segments="patches", size=128, mean=shapes.MEAN, std=shapes.STD,
+        method="lime", maskers=("layer", "grey"), segments="patches", size=128, mean=shapes.MEAN, std=shapes.STD,
         samples=SAMPLES, perturbations_per_eval=PER_EVAL, show_progress=False,
     )  # fmt: skip
 
@@ -70,7 +70,7 @@ def main() -> None:
         start = time.perf_counter()
         run()
         times[name] = time.perf_counter() - start
-    print(f"Lime on the demo model, {args.images} images, {SAMPLES} samples, 2 maskings, {args.threads} CPU threads")
+    print(f"Lime on the demo model, {args.images} images, {SAMPLES} samples, 2 maskers, {args.threads} CPU threads")
     for name, seconds in times.items():
         print(f"  {name:18s} {seconds:7.1f} s  {args.images / seconds:6.2f} images/s")
     print(f"  local engine / hand-written loop, throughput: {times['hand-written loop'] / times['local engine']:.2f}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from captum_layermask import LayerMaskedModel, layer_masked, random_patch_masks
+from captum_layermask.files import staged
 
 from .functions import add_neighbor_pad_function, neighbor_pad_translation
 
@@ -113,31 +113,18 @@ def export_masked(
     _check_input_shape(masked, input_shape)
     try:
         program = _to_onnx(masked, input_shape, opset, dynamic_batch, dynamic_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(suffix=".onnx", dir=path.parent)  # beside the target: an atomic rename
-        os.close(handle)
         try:
-            program.save(staging)
-            onnx.checker.check_model(onnx.load(staging), full_check=True)
-            batch = verify_batch or (max(input_shape[0], 2) + 1 if dynamic_batch else input_shape[0])
-            verify(Path(staging), masked, input_shape, batch)
-            os.chmod(staging, 0o666 & ~_umask())  # mkstemp made it private; the export is an ordinary file
-            os.replace(staging, path)
+            with staged(path, suffix=".onnx") as staging:  # beside the target: an atomic rename
+                program.save(staging)
+                onnx.checker.check_model(onnx.load(staging), full_check=True)
+                batch = verify_batch or (max(input_shape[0], 2) + 1 if dynamic_batch else input_shape[0])
+                verify(staging, masked, input_shape, batch)
         except onnx.checker.ValidationError as error:
             raise ExportError(f"the exported model fails onnx.checker: {error}") from None
-        finally:
-            if os.path.exists(staging):
-                os.remove(staging)
     finally:
         for module, training in modes.items():
             module.training = training
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _check_target(path: Path) -> None:

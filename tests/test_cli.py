@@ -36,9 +36,7 @@ def test_explain_the_demo_scene_writes_the_figure_and_the_attributions(tmp_path)
 
 
 def test_explain_computes_what_captum_computes_with_layer_masking(tmp_path):
-    assert (
-        main(["explain", "--method", "ablation", "--maskings", "layer", "--target", "1", "--out", str(tmp_path)]) == 0
-    )
+    assert main(["explain", "--method", "ablation", "--maskers", "layer", "--target", "1", "--out", str(tmp_path)]) == 0
     model = demo_model.load_demo_model()
     image = read_image(demo_model.SCENE, 128)
     segments = segment(image, "patches", None)
@@ -72,7 +70,7 @@ def test_explain_a_torchvision_model_from_a_weights_file(tmp_path):
                 "slic",
                 "--samples",
                 "8",
-                "--maskings",
+                "--maskers",
                 "grey,layer",
                 "--out",
                 str(tmp_path / "out"),
@@ -114,7 +112,7 @@ def test_bad_input_is_one_line_on_stderr_and_leaves_nothing(files, capsys, args,
     assert main(["explain", "--samples", "4", "--out", str(out)] + [a.format(dir=files) for a in args]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("layermask: error:") and message in error[0]
-    assert not out.exists() and not list(files.glob(".layermask-*"))
+    assert not out.exists() and not list(files.glob(".partial-*"))
 
 
 def test_python_dash_m_runs_the_command():
@@ -127,7 +125,7 @@ def test_python_dash_m_runs_the_command():
 def test_a_second_run_replaces_the_first_and_never_mixes_them(tmp_path):
     out = tmp_path / "out"
     assert main(["explain", "--method", "ablation", "--out", str(out)]) == 0
-    assert main(["explain", "--method", "ablation", "--maskings", "layer", "--out", str(out)]) == 0
+    assert main(["explain", "--method", "ablation", "--maskers", "layer", "--out", str(out)]) == 0
     assert not (out / "attributions_black.npy").exists() and (out / "attributions_layer.npy").exists()
 
 

@@ -17,7 +17,7 @@ from captum_layermask.evaluation import alignment_score, topk_jaccard
 SIZE = 32
 OPTIONS = dict(
     method="ablation",
-    maskings=("layer", "grey"),
+    maskers=("layer", "grey"),
     segments="patches",
     size=SIZE,
     mean=(0.5, 0.5, 0.5),

@@ -15,7 +15,7 @@ from captum_layermask.datasets import OutputMismatchError, explain_dataset, with
 SIZE, CLASSES = 32, ("a", "b", "c")
 OPTIONS = dict(
     method="lime",
-    maskings=("layer", "grey"),
+    maskers=("layer", "grey"),
     segments="patches",
     size=SIZE,
     mean=(0.5, 0.5, 0.5),
@@ -257,12 +257,12 @@ def test_the_command_explains_a_folder_and_resumes(folder, tmp_path, capsys):
         str(tmp_path / "out"),
         "--samples",
         "8",
-        "--maskings",
+        "--maskers",
         "layer",
     ]
     assert main(argv) == 0 and "explained 2 of 2 images" in capsys.readouterr().out
     assert main(argv) == 0  # finished: nothing recomputed
-    assert main([*argv[:-2], "--maskings", "grey"]) == 2 and "maskings differ" in capsys.readouterr().err
+    assert main([*argv[:-2], "--maskers", "grey"]) == 2 and "maskers differ" in capsys.readouterr().err
 
 
 EVALUATION = dict(

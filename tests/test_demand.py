@@ -7,7 +7,7 @@ from torch import nn
 
 from captum_layermask import layer_masked, neighbor_pad, propagate_mask, register_rule
 from captum_layermask.core.masked import Masked
-from captum_layermask.core.masking import pad_for_convolution
+from captum_layermask.core.primitives import pad_for_convolution
 
 from .helpers import demanded_rings, layer_masked_full_padding, patch_masks, randomize_batchnorm
 

@@ -320,3 +320,48 @@ def test_uint8_images_need_a_scale(pixels):
         model(eight_bit)
     scaled = ArrayModel(layer_masked(small_cnn()), mean=MEAN, std=STD, scale=255)
     assert np.allclose(scaled(eight_bit), model(eight_bit.astype(np.float32) / 255), atol=1e-6)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_the_nan_guard_survives_an_exception_in_a_forward(pixels, error):
+    """The same guard as LayerMask()'s (captum_layermask.core.guard): an interrupted call leaves no state that
+    would skip the check of a later plain model."""
+    from captum_layermask.interop.road import LayerMaskImputer
+
+    imputer, calls = LayerMaskImputer(), []
+    interrupted = small_cnn()
+
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+
+    interrupted[4].register_forward_pre_hook(hook)
+    x = imputer(torch.rand(3, 12, 12), torch.rand(12, 12) > 0.5)[None]
+    model = NaNMasked(layer_masked(interrupted))
+    model(x)
+    with pytest.raises(error):
+        model(x)
+    for plain in (small_cnn(), interrupted, interrupted[0]):  # another model, the same one, a part of it
+        with pytest.raises(LayerMaskError, match="not layer-masked"):
+            plain(x)
+
+
+def test_a_wrapper_that_changes_nan_pixels_before_nanmasked_is_refused(pixels):
+    from captum_layermask.interop.road import LayerMaskImputer
+
+    imputer = LayerMaskImputer()
+    x = imputer(torch.rand(3, 12, 12), torch.rand(12, 12) > 0.5)[None]
+    inner = NaNMasked(layer_masked(small_cnn()))
+
+    class FillsFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(torch.nan_to_num(x))
+
+    with pytest.raises(LayerMaskError, match="wrapper changed those pixels first"):
+        FillsFirst()(x)
+    assert torch.equal(nn.Sequential(inner)(x), inner(x))  # a wrapper that passes them on is fine

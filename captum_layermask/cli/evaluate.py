@@ -7,6 +7,7 @@ this process or on Ray, and resumes where an interrupted run stopped; the diagno
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,10 +16,12 @@ import torch
 
 from ..datasets import OutputMismatchError, evaluate_dataset
 from ..datasets.sources import ImageSource, image_source
-from ..evaluation.maskers import get_masker
+from ..evaluation.maskers import MASKER_NAMES, get_masker
 from ..evaluation.normalization import normalizer
 from ..evaluation.report import EvaluationReport, diagnose
-from ..weights import Classifier
+from ..evaluation.segmentation import SEGMENTER_NAMES
+from ..weights import Classifier, load_classifier
+from .arguments import add_common_arguments, add_engine_arguments, add_model_arguments, at_least, check_engine, subset
 from .io import MANIFEST, CommandError, check_output_folder
 
 DESCRIPTION = (
@@ -157,3 +160,97 @@ def evaluate_command(
     print(report.to_markdown())
     print(f"wrote {out}/results.md, results.csv and figures")
     return out
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Adds ``layermask evaluate`` to the command's subparsers."""
+    ev = commands.add_parser(
+        "evaluate",
+        help="measure missingness bias: removal curves, shape bias, LIME metrics",
+        description=DESCRIPTION,
+    )
+    add_model_arguments(ev)
+    ev.add_argument(
+        "--images", type=Path, help="ImageNet-style folder <images>/<class>/<image> (default: held-out demo scenes)"
+    )
+    ev.add_argument(
+        "--object-masks",
+        type=Path,
+        help="folder <masks>/<class>/<image name>.png, non-zero on the object (enables shape bias and LIME alignment)",
+    )
+    ev.add_argument(
+        "--limit",
+        type=at_least(1),
+        help="evaluate on this many images (a seeded random subset of --images; demo: 64 scenes)",
+    )
+    ev.add_argument("--size", type=at_least(1), help="input resolution of --images (default 224)")
+    ev.add_argument(
+        "--maskers",
+        type=subset(MASKER_NAMES, "maskers"),
+        default=["black", "grey", "layer"],
+        help="comma-separated subset of " + ",".join(MASKER_NAMES),
+    )
+    ev.add_argument(
+        "--segments",
+        type=subset(SEGMENTER_NAMES, "segmenters"),
+        default=["patches"],
+        help="comma-separated subset of patches,slic,quickshift",
+    )
+    ev.add_argument(
+        "--fractions", type=at_least(2), default=11, help="points of the removal curves, evenly spaced from 0 to 1"
+    )
+    ev.add_argument(
+        "--lime-images", type=at_least(0), default=32, help="images explained with LIME for its metrics (0: none)"
+    )
+    ev.add_argument(
+        "--diagnostic-images",
+        type=at_least(0),
+        default=16,
+        help="images for linearity, output collapse and feature magnitude (0: none)",
+    )
+    ev.add_argument("--samples", type=at_least(1), default=500, help="LIME samples per image (paper: 500)")
+    ev.add_argument(
+        "--top-k",
+        type=at_least(1),
+        help="segments taken by the top-k LIME metrics (default: a tenth of each image's segments, as the paper's 20 of 196)",
+    )
+    ev.add_argument("--batch-size", type=at_least(1), default=64, help="images per forward pass")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the random removal order and of LIME's samples")
+    ev.add_argument("--data-seed", type=int, default=1000, help="seed of the demo scenes and of the --limit subset")
+    add_engine_arguments(ev, "")
+    add_common_arguments(
+        ev, Path("evaluate-output"), "output folder: resumed with the same arguments, refused with others"
+    )
+    ev.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> Path:
+    check_engine(args)
+    check_output_folder(args.out)  # before any work
+    classifier = load_classifier(args.model, args.weights, args.num_classes)
+    source = evaluation_source(
+        classifier,
+        args.images,
+        args.object_masks,
+        demo=args.model == "demo",
+        limit=args.limit,
+        data_seed=args.data_seed,
+    )
+    return evaluate_command(
+        classifier,
+        source,
+        args.out,
+        maskers=args.maskers,
+        segmenters=args.segments,
+        fractions=args.fractions,
+        lime_images=args.lime_images,
+        diagnostic_images=args.diagnostic_images,
+        samples=args.samples,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        residual=args.residual,
+        engine=args.engine,
+        address=args.address,
+        size=args.size,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
@@ -11,14 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from ..core.convert import layer_masked
-from ..datasets.explain import captum_attribution
 from ..evaluation.attribution_metrics import segment_scores
+from ..evaluation.explanations import EXPLANATION_MASKERS, METHODS, captum_attribution, captum_baseline
 from ..evaluation.maskers import masker_title
 from ..evaluation.normalization import normalizer
-from ..evaluation.segmentation import get_segmenter, segment_images
-from ..integrations.captum import LayerMask
-from ..weights import Classifier
-from .io import CommandError, read_image, read_segments, staged_output
+from ..evaluation.segmentation import SEGMENTER_NAMES, get_segmenter, segment_images
+from ..weights import Classifier, load_classifier
+from .arguments import add_common_arguments, add_engine_arguments, add_model_arguments, at_least, check_engine, subset
+from .io import CommandError, check_output_folder, read_image, read_segments, staged_output
 
 
 def segment(image: Tensor, how: str, file: Optional[Path]) -> Tensor:
@@ -35,32 +36,32 @@ def attribute(
     target: int,
     *,
     method: str,
-    maskings: Sequence[str],
-    black: Tensor,
+    maskers: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
     samples: int,
     per_eval: int,
     seed: int,
     residual: str = "intersection",
 ) -> Dict[str, Tensor]:
-    """Attributions of the target class under each masking, with the same random samples.
+    """Attributions of the target class under each masker, with the same random samples.
 
     Args:
-        model: the plain classifier; ``layer`` masking explains ``layer_masked(model)`` with ``LayerMask()``.
-        x: the normalised image ``(1, C, H, W)``.
+        model: the plain classifier; the ``layer`` masker explains ``layer_masked(model)`` with ``LayerMask()``.
+        x: the image ``(1, C, H, W)``, normalised with ``mean`` and ``std``.
         segments: ``(1, 1, H, W)`` feature ids.
-        black: the normalised value of a black pixel, ``(1, C, 1, 1)``.
     """
-    fills = {"black": black, "grey": 0.0, "layer": LayerMask()}
     masked = layer_masked(model, residual=residual)
     results = {}
-    for masking in maskings:
-        forward = masked if masking == "layer" else model
+    for masker in maskers:
+        forward = masked if masker == "layer" else model
         torch.manual_seed(seed)
-        print(f"{method}, {masking} masking:", file=sys.stderr)
+        print(f"{method}, {masker_title(masker)}:", file=sys.stderr)
+        baseline = captum_baseline(masker, mean, std)
         result = captum_attribution(
-            method, forward, x, segments, target, fills[masking], samples, per_eval, show_progress=True
+            method, forward, x, segments, target, baseline, samples, per_eval, show_progress=True
         )
-        results[masking] = result.detach()
+        results[masker] = result.detach()
     return results
 
 
@@ -105,7 +106,7 @@ def explain_image(
     method: str,
     segments: str,
     segments_file: Optional[Path],
-    maskings: Sequence[str],
+    maskers: Sequence[str],
     samples: int,
     per_eval: int,
     top: int,
@@ -123,15 +124,15 @@ def explain_image(
     target = int(logits.argmax(1)) if target is None else target
     if not 0 <= target < classes:
         raise CommandError(f"target {target} is out of range: the model has {classes} classes (0 to {classes - 1}).")
-    black = normalize(torch.zeros(1, x.shape[1], 1, 1))
     results = attribute(
         classifier.model,
         x,
         ids,
         target,
         method=method,
-        maskings=maskings,
-        black=black,
+        maskers=maskers,
+        mean=classifier.mean,
+        std=classifier.std,
         samples=samples,
         per_eval=per_eval,
         seed=seed,
@@ -143,8 +144,8 @@ def explain_image(
         torch.save(
             {"attributions": results, "segments": ids, "target": target, "image": image}, staging / "attributions.pt"
         )
-        for masking, attribution in results.items():
-            np.save(staging / f"attributions_{masking}.npy", attribution[0].numpy())
+        for masker, attribution in results.items():
+            np.save(staging / f"attributions_{masker}.npy", attribution[0].numpy())
         np.save(staging / "segments.npy", ids[0, 0].numpy())
     print(
         f"predicted '{_class_name(classifier, int(logits.argmax(1)))}'; explained '{name}'; wrote {out}/explanation.png"
@@ -155,3 +156,129 @@ def explain_image(
 def _class_name(classifier: Classifier, index: int) -> str:
     classes = classifier.classes
     return classes[index] if classes is not None and index < len(classes) else str(index)
+
+
+EXPLAIN_DESCRIPTION = (
+    "Explains an image's prediction with Lime, KernelShap, FeatureAblation or Occlusion under black, grey and layer "
+    "masking side by side, and writes a figure in the style of the paper's Figure 8 (top segments for the class in "
+    "green, against it in red) with the raw attributions. With no arguments it explains the bundled demo scene with "
+    "the bundled demo model, offline."
+)
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Adds ``layermask explain`` to the command's subparsers."""
+    ex = commands.add_parser(
+        "explain", help="explain one image under black, grey and layer masking", description=EXPLAIN_DESCRIPTION
+    )
+    add_model_arguments(ex)
+    given = ex.add_mutually_exclusive_group()
+    given.add_argument("--image", type=Path, help="image file (default: the bundled demo scene)")
+    given.add_argument(
+        "--images",
+        type=Path,
+        nargs="+",
+        help="a whole dataset: an image folder (<folder>/<class>/<image>, or flat) or several image files; "
+        "results per image in --out, resumable (docs/datasets.md)",
+    )
+    ex.add_argument("--target", type=at_least(0), help="class index to explain (default: the top prediction)")
+    ex.add_argument("--method", choices=METHODS, default="lime", help="the Captum method (default: lime)")
+    ex.add_argument(
+        "--segments",
+        choices=SEGMENTER_NAMES,
+        default="patches",
+        help="16x16 patches, SLIC (196) or quickshift, as in the paper",
+    )
+    ex.add_argument(
+        "--segments-file", type=Path, help=".npy array of shape (H, W) with an integer segment id per pixel"
+    )
+    ex.add_argument(
+        "--maskers",
+        type=subset(EXPLANATION_MASKERS, "maskers"),
+        default=list(EXPLANATION_MASKERS),
+        help="comma-separated subset of black,grey,layer",
+    )
+    ex.add_argument(
+        "--samples", type=at_least(1), default=500, help="perturbed samples for Lime and KernelShap (paper: 500)"
+    )
+    ex.add_argument("--per-eval", type=at_least(1), default=16, help="perturbations per forward pass")
+    ex.add_argument(
+        "--size", type=at_least(1), help="input resolution (default: 128 for the demo model, 224 otherwise)"
+    )
+    ex.add_argument("--top", type=at_least(1), default=5, help="segments highlighted each way")
+    ex.add_argument("--seed", type=int, default=0, help="seed of the perturbation samples")
+    add_engine_arguments(ex, "with --images: ")
+    add_common_arguments(
+        ex,
+        Path("explain-output"),
+        "output folder: replaced if it holds an earlier output; with --images, a resumable run folder",
+    )
+    ex.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> Path:
+    if args.images:
+        return _run_on_dataset(args)
+    if args.engine != "local" or args.address:
+        raise CommandError("--engine and --address apply to a dataset: give --images.")
+    check_output_folder(args.out)  # before any work
+    classifier = load_classifier(args.model, args.weights, args.num_classes)
+    image = args.image
+    if image is None:
+        if args.model != "demo":
+            raise CommandError(
+                f"--image is needed with --model {args.model} (the bundled scene is for the demo model)."
+            )
+        from ..demo.model import SCENE
+
+        image = SCENE
+    return explain_image(
+        classifier,
+        image,
+        args.out,
+        size=args.size,
+        target=args.target,
+        method=args.method,
+        segments=args.segments,
+        segments_file=args.segments_file,
+        maskers=args.maskers,
+        samples=args.samples,
+        per_eval=args.per_eval,
+        top=args.top,
+        seed=args.seed,
+        residual=args.residual,
+    )
+
+
+def _run_on_dataset(args: argparse.Namespace) -> Path:
+    from ..datasets import OutputMismatchError, explain_dataset
+
+    check_engine(args)
+    if args.segments_file is not None:
+        raise CommandError("--segments-file is for one image; with --images use --segments.")
+    if args.residual != "intersection":
+        raise CommandError("--residual is for one image; dataset runs use the paper's residual rule.")
+    classifier = load_classifier(args.model, args.weights, args.num_classes)
+    images = args.images[0] if len(args.images) == 1 and args.images[0].is_dir() else args.images
+    try:
+        results = explain_dataset(
+            classifier.model,
+            images,
+            args.out,
+            method=args.method,
+            maskers=args.maskers,
+            segments=args.segments,
+            size=args.size or classifier.size,
+            mean=classifier.mean,
+            std=classifier.std,
+            target=args.target,
+            samples=args.samples,
+            perturbations_per_eval=args.per_eval,
+            seed=args.seed,
+            engine=args.engine,
+            address=args.address,
+        )
+    except (OutputMismatchError, FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    print(f"explained {len(results) - len(results.errors)} of {len(results)} images; results in {args.out}")
+    return args.out

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..evaluation import images
+from ..files import staged
 
 
 class CommandError(Exception):
@@ -91,21 +90,7 @@ def staged_output(out: Path, command: str) -> Iterator[Path]:
     two runs; on failure nothing changes.
     """
     check_output_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".layermask-", dir=out.parent))
-    try:
+    with staged(out, folder=True) as staging:
         yield staging
         files = sorted(entry.name for entry in staging.iterdir())
         (staging / MANIFEST).write_text(json.dumps({"command": command, "files": files}, indent=1) + "\n")
-        os.chmod(staging, 0o777 & ~_umask())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -8,9 +8,9 @@ from .convert import add_mask_stream, layer_masked, trace
 from .errors import LayerMaskError, MaskShapeError, TracingError, UnsupportedLayerError
 from .gathering import register_token_block
 from .masked import Masked
-from .masking import neighbor_pad, propagate_mask
 from .model import LayerMaskedModel, register_mask_decoder
 from .patches import patch_segments, random_patch_masks
+from .primitives import neighbor_pad, propagate_mask
 from .registry import RuleHandle, register_leaf, register_rule, register_rule_set
 
 __all__ = [

@@ -7,6 +7,7 @@ new module that shares the model's submodules and parameters. The model itself i
 
 from __future__ import annotations
 
+import copyreg
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
@@ -259,3 +260,20 @@ def layer_masked(
     traced = trace(model, registry)
     graph_module = add_mask_stream(traced, registry, prune_padding=prune_padding, gather_tokens=gather_tokens)
     return LayerMaskedModel(graph_module, model, options, input_signature(traced))
+
+
+def _rebuild(
+    source: nn.Module, options: Mapping[str, Any], state: Mapping[str, Any], training: bool
+) -> LayerMaskedModel:
+    masked = layer_masked(source, **options)
+    masked.load_state_dict(state)
+    return masked.train(training)
+
+
+def _reduce(masked: LayerMaskedModel) -> tuple:
+    """How a layer-masked model pickles (and deep-copies): the original model and the conversion's options, so
+    that loading converts again."""
+    return (_rebuild, (masked._source, masked.options, masked.state_dict(), masked.training))
+
+
+copyreg.pickle(LayerMaskedModel, _reduce)

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from .dependence import ImageDependence
-from .masking import centred_radius, receptive_reach
+from .primitives import centred_radius, receptive_reach
 
 
 @dataclass(frozen=True)

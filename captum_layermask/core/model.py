@@ -200,9 +200,6 @@ class LayerMaskedModel(nn.Module):
     def __prepare_scriptable__(self) -> nn.Module:
         raise LayerMaskError(_JIT_MESSAGE)
 
-    def __reduce__(self) -> tuple:
-        return (_rebuild, (self._source, self.options, self.state_dict(), self.training))
-
     @property
     def padding(self) -> str:
         """The conversion's ``padding`` option."""
@@ -218,16 +215,6 @@ _JIT_MESSAGE = (
     "torch.jit cannot trace or script a layer-masked model (its mask stream is Python); use torch.export.export"
     "(masked, (x,), {'mask': mask}) or onnx_export.export_masked for a deployable graph."
 )
-
-
-def _rebuild(
-    source: nn.Module, options: Mapping[str, Any], state: Mapping[str, Any], training: bool
-) -> LayerMaskedModel:
-    from .convert import layer_masked
-
-    masked = layer_masked(source, **options)
-    masked.load_state_dict(state)
-    return masked.train(training)
 
 
 def _strip_graph_prefix(module: nn.Module, state: Dict[str, Any], prefix: str, local_metadata: Any) -> None:

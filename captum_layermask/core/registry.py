@@ -194,7 +194,7 @@ def register_rule(*targets: Target, rule: Optional[Rule] = None, metadata: bool 
     Args:
         *targets: module classes (``MyBlur``), functions as ``torch.fx`` records them (``torch.roll``), or
             tensor method names (``"roll"``).
-        rule: ``rule(op, *args, **kwargs)`` (see :mod:`captum_layermask.registry`); if omitted, a decorator is
+        rule: ``rule(op, *args, **kwargs)`` (see :mod:`captum_layermask.core.registry`); if omitted, a decorator is
             returned.
         metadata: the operation reads only shapes/dtypes, never pixel values.
 

@@ -26,6 +26,7 @@ from ..evaluation.attribution_metrics import (
     LimeMetrics,
     alignment_score,
     lime_coefficients,
+    top_k_for,
     top_segments_mask,
     topk_jaccard,
 )
@@ -43,8 +44,9 @@ from ..evaluation.removal import (
     shape_bias_of,
 )
 from ..evaluation.report import EvaluationReport
+from ..evaluation.seeding import image_seed
 from ..evaluation.segmentation import get_segmenter
-from .runner import DatasetResults, EngineOptions, run_dataset
+from .engine import DatasetResults, EngineOptions, run_dataset
 from .sources import ImagesSpec, image_source
 from .store import ResultStore
 
@@ -57,8 +59,8 @@ class EvaluationSettings:
     segments: str = "patches"
     fractions: Tuple[float, ...] = tuple(DEFAULT_FRACTIONS)
     size: int = 224
-    mean: Tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: Tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: Tuple[float, ...] = IMAGENET_MEAN
+    std: Tuple[float, ...] = IMAGENET_STD
     seed: int = 0
     lime_images: int = 32
     samples: int = 500
@@ -75,7 +77,7 @@ class EvaluationSettings:
 
     def k_for(self, segments: int) -> int:
         """Segments taken by the top-k LIME metrics: ``top_k``, or a tenth of the image's (the paper's 20 of 196)."""
-        return self.top_k or max(1, round(0.1 * segments))
+        return self.top_k or top_k_for(segments)
 
 
 class ImageEvaluator:
@@ -116,7 +118,7 @@ class ImageEvaluator:
                 "an evaluation needs labels: give an image folder with class subfolders or a Dataset of (image, label)."
             )
         x = self.normalize(image[None].to(self.device))
-        orders = {"random": removal_order(segments[None], "random", seed=self.settings.seed * 1_000_003 + position)[0]}
+        orders = {"random": removal_order(segments[None], "random", seed=image_seed(self.settings.seed, position))[0]}
         if object_mask is not None:
             for order in ORDERS[1:]:
                 orders[order] = removal_order(segments[None], order, object_mask[None].float())[0]
@@ -163,7 +165,7 @@ class ImageEvaluator:
             segments.to(self.device),
             n_samples=self.settings.samples,
             perturbations_per_eval=self.per_eval,
-            seed=self.settings.seed * 1_000_003 + position,
+            seed=image_seed(self.settings.seed, position),
         ).cpu()
         attribution, ids, objects = scores[segments][None], segments[None], mask[None]
         return {

@@ -1,15 +1,17 @@
-"""One image's explanation under each masking, as a dataset run computes it (both engines call this).
+"""One image's explanation under each masker, as a dataset run computes it (both engines call this).
 
 The perturbation samples are seeded per image (``seed`` and the image's position), and are the same for every
-masking, so that maskings differ only in what happens to removed segments; a run gives the same results
+masker, so that maskers differ only in what happens to removed segments; a run gives the same results
 whichever engine, worker or attempt computes an image.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,12 +19,13 @@ from torch import Tensor, nn
 
 from ..core.convert import layer_masked
 from ..evaluation.attribution_metrics import segment_scores
-from ..evaluation.normalization import normalizer
+from ..evaluation.explanations import EXPLANATION_MASKERS, METHODS, captum_attribution, captum_baseline
+from ..evaluation.normalization import IMAGENET_MEAN, IMAGENET_STD, normalizer
+from ..evaluation.seeding import image_seed
 from ..evaluation.segmentation import get_segmenter
-from ..integrations.captum import LayerMask
-
-METHODS = ("lime", "kernelshap", "ablation", "occlusion")
-MASKINGS = ("black", "grey", "layer")
+from .engine import DatasetResults, EngineOptions, run_dataset
+from .sources import ImagesSpec
+from .store import ResultStore
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,11 @@ class Settings:
     """What a run computes for each image (everything but the model and the images)."""
 
     method: str = "lime"
-    maskings: Tuple[str, ...] = ("layer", "grey")
+    maskers: Tuple[str, ...] = ("layer", "grey")
     segments: str = "slic"
     size: int = 224
-    mean: Tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: Tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: Tuple[float, ...] = IMAGENET_MEAN
+    std: Tuple[float, ...] = IMAGENET_STD
     target: Optional[int] = None
     samples: int = 500
     seed: int = 0
@@ -42,39 +45,14 @@ class Settings:
     def check(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}.")
-        unknown = sorted(set(self.maskings) - set(MASKINGS))
-        if unknown or not self.maskings:
-            raise ValueError(f"maskings must be a non-empty subset of {', '.join(MASKINGS)}, got {self.maskings}.")
+        unknown = sorted(set(self.maskers) - set(EXPLANATION_MASKERS))
+        if unknown or not self.maskers:
+            raise ValueError(
+                f"maskers must be a non-empty subset of {', '.join(EXPLANATION_MASKERS)}, got {self.maskers}."
+            )
         get_segmenter(self.segments)
         if self.samples < 1 or self.size < 1:
             raise ValueError("samples and size must be positive.")
-
-
-def captum_attribution(
-    method: str,
-    forward: nn.Module,
-    x: Tensor,
-    segments: Tensor,
-    target: int,
-    baseline: Any,
-    samples: int,
-    per_eval: int,
-    show_progress: bool = False,
-) -> Tensor:
-    """One Captum attribution of ``x`` ``(1, C, H, W)``: Lime or KernelShap (``samples`` samples) or
-    FeatureAblation over ``segments`` ``(1, 1, H, W)``, or Occlusion with 16x16 windows at stride 8 (what
-    ``layermask explain`` computes, for one image or for a dataset)."""
-    from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
-
-    common = dict(target=target, baselines=baseline, perturbations_per_eval=per_eval, show_progress=show_progress)
-    if method == "lime":
-        return Lime(forward).attribute(x, feature_mask=segments, n_samples=samples, **common)
-    if method == "kernelshap":
-        return KernelShap(forward).attribute(x, feature_mask=segments, n_samples=samples, **common)
-    if method == "ablation":
-        return FeatureAblation(forward).attribute(x, feature_mask=segments, **common)
-    channels = x.shape[1]
-    return Occlusion(forward).attribute(x, sliding_window_shapes=(channels, 16, 16), strides=(channels, 8, 8), **common)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -114,7 +92,7 @@ class ImageExplainer:
 
     def __init__(self, model: nn.Module, settings: Settings, per_eval: int, device: Any = "cpu") -> None:
         self.model = model.eval().to(device)
-        self.masked = layer_masked(self.model) if "layer" in settings.maskings else None
+        self.masked = layer_masked(self.model) if "layer" in settings.maskers else None
         self.settings, self.per_eval, self.device = settings, per_eval, torch.device(device)
         self.normalize = normalizer(settings.mean, settings.std)
 
@@ -126,7 +104,7 @@ class ImageExplainer:
         label: Optional[int],
         object_mask: Optional[Tensor] = None,
     ) -> Dict[str, np.ndarray]:
-        """The record of one image: its segment ids, target, label and per-masking scores (per segment; for
+        """The record of one image: its segment ids, target, label and per-masker scores (per segment; for
         occlusion, whose windows do not follow segments, the per-pixel map). ``object_mask`` is not used."""
         x = self.normalize(image[None].to(self.device))
         ids = segments[None, None].to(self.device)
@@ -139,22 +117,22 @@ class ImageExplainer:
             "predicted": np.int64(predicted),
             "label": np.int64(-1 if label is None else label),
         }
-        for masking in self.settings.maskings:
-            attribution = self._attribute(x, ids, target, masking, position)
+        for masker in self.settings.maskers:
+            attribution = self._attribute(x, ids, target, masker, position)
             if self.settings.method == "occlusion":
-                record[f"map_{masking}"] = attribution[0].mean(0).cpu().numpy().astype(np.float32)
+                record[f"map_{masker}"] = attribution[0].mean(0).cpu().numpy().astype(np.float32)
             else:
-                record[f"scores_{masking}"] = segment_scores(attribution, ids[:, 0])[0].numpy().astype(np.float32)
+                record[f"scores_{masker}"] = segment_scores(attribution, ids[:, 0])[0].numpy().astype(np.float32)
         return record
 
-    def _attribute(self, x: Tensor, ids: Tensor, target: int, masking: str, position: int) -> Tensor:
-        black = self.normalize(torch.zeros(1, x.shape[1], 1, 1, device=x.device))
-        baseline = {"black": black, "grey": 0.0, "layer": LayerMask()}[masking]
-        forward = self.masked if masking == "layer" else self.model
+    def _attribute(self, x: Tensor, ids: Tensor, target: int, masker: str, position: int) -> Tensor:
+        baseline = captum_baseline(masker, self.settings.mean, self.settings.std)
+        baseline = baseline.to(x.device) if isinstance(baseline, Tensor) else baseline
+        forward = self.masked if masker == "layer" else self.model
         settings = self.settings
 
         def run(per_eval: int) -> Tensor:
-            torch.manual_seed(settings.seed * 1_000_003 + position)  # the same samples for every masking
+            torch.manual_seed(image_seed(settings.seed, position))  # the same samples for every masker
             return captum_attribution(settings.method, forward, x, ids, target, baseline, settings.samples, per_eval)
 
         def halved(per_eval: int) -> None:
@@ -189,3 +167,98 @@ def _activation_bytes(model: nn.Module, *inputs: Tensor) -> float:
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         model(*inputs)
     return float(sum(max(event.self_cpu_memory_usage, 0) for event in profiler.events()))
+
+
+@dataclass
+class DatasetExplanations(DatasetResults):
+    """The results of :func:`explain_dataset`, read from its output folder."""
+
+    def record(self, key: str) -> Dict[str, np.ndarray]:
+        """One image's record: ``segments`` ``(H, W)``, ``target``, ``predicted``, ``label`` (-1 if none) and,
+        per masker, ``scores_<masker>`` ``(S,)`` (or ``map_<masker>`` ``(H, W)`` for occlusion)."""
+        return ResultStore.reader(self.out).read(self.keys.index(key))
+
+    def attribution(self, key: str, masker: str) -> torch.Tensor:
+        """The per-pixel attribution map ``(H, W)``, rebuilt exactly from the segments and their scores."""
+        record = self.record(key)
+        if f"map_{masker}" in record:
+            return torch.from_numpy(record[f"map_{masker}"])
+        return torch.from_numpy(record[f"scores_{masker}"][record["segments"]])
+
+
+def explain_dataset(
+    model: nn.Module,
+    images: ImagesSpec,
+    out: Union[str, Path],
+    *,
+    method: str = "lime",
+    maskers: Sequence[str] = ("layer", "grey"),
+    segments: str = "slic",
+    size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    target: Optional[int] = None,
+    samples: int = 500,
+    perturbations_per_eval: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    seed: int = 0,
+    engine: str = "local",
+    address: Optional[str] = None,
+    workers: Optional[int] = None,
+    num_gpus: float = 0.0,
+    threads: Optional[int] = None,
+    show_progress: bool = True,
+) -> DatasetExplanations:
+    """Explains every image of a dataset under each masker, writing each image's result as it completes.
+
+    Each image is explained as ``layermask explain`` explains one (Captum's Lime, KernelShap, FeatureAblation or
+    Occlusion; ``LayerMask()`` on the layer-masked model for ``"layer"``, a constant baseline on the plain model
+    for ``"black"``/``"grey"``), with samples seeded by ``seed`` and the image's position. Results are per-segment
+    scores (the segments and scores give the attribution map exactly). A run interrupted at any point and
+    started again with the same arguments computes only the missing images, and its output is the same as an
+    uninterrupted run's; other arguments against the same ``out`` are refused.
+
+    Args:
+        model (nn.Module): the plain classifier, taking images normalised with ``mean``/``std``.
+        images: an image folder (``<folder>/<class>/<image>``, labels from the sorted class names, or a flat
+            folder), a list of image files, or a ``torch.utils.data.Dataset`` of ``(3, H, W)`` images in [0, 1]
+            (or ``(image, label)`` pairs).
+        out: the output folder (see :mod:`captum_layermask.datasets.store`).
+        method: ``"lime"``, ``"kernelshap"``, ``"ablation"`` or ``"occlusion"``.
+        maskers: any of ``"layer"``, ``"grey"``, ``"black"``.
+        segments: ``"slic"``, ``"quickshift"`` or ``"patches"`` (16x16).
+        size: files are center-cropped and resized to ``size x size``.
+        target: the class to explain (default: each image's predicted class).
+        samples: Lime/KernelShap samples per image (the paper: 500).
+        perturbations_per_eval: samples per forward pass; by default chosen from ``memory_budget``. Halved
+            (and kept halved) after an out-of-memory error instead of failing the image.
+        memory_budget: bytes one forward pass may use (default: 2 GiB).
+        engine: ``"local"`` (this process) or ``"ray"`` (Ray Data: CPU stages read and segment, model actors
+            explain; ``pip install captum-layermask[ray]``).
+        address: an existing Ray cluster (``"auto"``, ``"ray://host:10001"``); default: a local Ray instance.
+        workers: model actors for the Ray engine (default: one per CPU, or per GPU with ``num_gpus``).
+        num_gpus: GPUs per model actor (Ray engine); the local engine uses CUDA when available.
+        threads: torch threads per worker (default: torch's); equal thread counts give bitwise-equal results
+            across engines.
+        show_progress: one progress bar over the images.
+
+    Returns:
+        :class:`DatasetExplanations`.
+
+    Raises:
+        OutputMismatchError: if ``out`` holds a run with other arguments, or other files.
+    """
+    settings = Settings(method, tuple(maskers), segments, size, tuple(mean), tuple(std), target, samples, seed)
+    settings.check()
+    device = "cuda" if torch.cuda.is_available() and engine == "local" else "cpu"
+    per_eval = perturbations_per_eval or per_eval_for_budget(model, settings, memory_budget or 2 * 2**30, device)
+    source, errors = run_dataset(
+        functools.partial(ImageExplainer, model, settings, per_eval),
+        model,
+        images,
+        out,
+        settings,
+        EngineOptions(engine, address, workers, num_gpus, threads, show_progress),
+        "explaining",
+    )
+    return DatasetExplanations(Path(out), source.keys, errors)

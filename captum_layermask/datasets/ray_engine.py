@@ -17,14 +17,13 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from .pipeline import finish, image_segmenter, prepare
 from .sources import ImageSource
 from .store import ResultStore
 
 
 def _prepare_row(row: Dict[str, Any], source: ImageSource, size: int, segments: str) -> Dict[str, Any]:
     """CPU stage: reads and segments one image."""
-    from .runner import image_segmenter, prepare
-
     position = int(row["position"])
     prepared = prepare(source, size, image_segmenter(segments), position)
     if "error" in prepared:
@@ -63,8 +62,6 @@ class _Explain:
         self.store = ResultStore.reader(out)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        from .runner import finish
-
         for i, position in enumerate(batch["position"]):
             error = str(batch["error"][i])
             if error:

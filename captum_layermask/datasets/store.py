@@ -1,7 +1,7 @@
 """A dataset run's output folder: one small file per image, written atomically as it completes.
 
 ``out/run.json`` holds the run's arguments; ``out/images/<position>.npz`` one image's result (its segment ids,
-target, label, per masking the per-segment scores, and ``fingerprint``: what it was computed from);
+target, label, per masker the per-segment scores, and ``fingerprint``: what it was computed from);
 ``out/images/<position>.error.json`` an image that could not be read (the message and the fingerprint). Each file
 is written to a temporary name (``.partial-*``) and renamed, so a run killed at any moment leaves only whole files,
 and any number of workers on any node can write without coordinating; temporary files left by a killed run are
@@ -13,16 +13,15 @@ appended to atomically, and a file per image makes "done" a question of existenc
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
 
 import numpy as np
 
+from ..files import PARTIAL_PREFIX, staged
+
 RUN_FILE = "run.json"
 INDEX_FILE = "index.json"
-PARTIAL_PREFIX = ".partial-"
 
 
 class OutputMismatchError(ValueError):
@@ -30,14 +29,8 @@ class OutputMismatchError(ValueError):
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    handle, staging = tempfile.mkstemp(prefix=PARTIAL_PREFIX, dir=path.parent)
-    os.close(handle)
-    try:
-        write(staging)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+    with staged(path) as staging:
+        write(str(staging))
 
 
 class ResultStore:

@@ -19,6 +19,7 @@ from ..core.errors import MaskShapeError
 from ._batching import model_device, progress_bar
 from ._common import check_images, check_inputs, check_object_masks, check_positive, logits_of, predict
 from .maskers import MaskerSpec, get_masker
+from .seeding import image_seed
 from .segmentation import SegmenterSpec, check_segment_ids, consecutive_ids, segment_images
 
 
@@ -123,6 +124,12 @@ def alignment_score(attributions: Tensor, segments: Tensor, object_masks: Tensor
     return torch.stack(out)
 
 
+def top_k_for(segments: float) -> int:
+    """The segments the top-k metrics take by default for an image of ``segments`` segments: a tenth of them (the
+    paper's top-20 of 196 patches), at least 1."""
+    return max(1, round(0.1 * segments))
+
+
 def topk_jaccard(attributions: Tensor, segments: Tensor, object_masks: Tensor, k: int = 20) -> Tensor:
     """Top-k Jaccard similarity (supplementary 6.2) of the object mask and the union of the ``k`` highest-scoring
     segments; 1 when they coincide.
@@ -209,7 +216,7 @@ def lime_attributions(
                 perturbations_per_eval=perturbations_per_eval,
                 interpretable_model=interpretable_model,
                 kernel_width=kernel_width,
-                seed=seed * 1_000_003 + index,
+                seed=image_seed(seed, index),
             )
             maps.append(coefficients.to(device)[segments[index]].cpu())
             bar.update()

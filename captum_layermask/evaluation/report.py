@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from torch import Tensor, nn
 
-from .attribution_metrics import LimeMetrics, lime_metrics
+from .attribution_metrics import LimeMetrics, lime_metrics, top_k_for
 from .diagnostics import SizeCurve, linearity, magnitude_curve, output_collapse
 from .maskers import Masker, get_masker, masker_title
 from .normalization import IMAGENET_MEAN, IMAGENET_STD
@@ -241,7 +241,7 @@ def _masker_for(name: str, data: EvaluationData, residual: str) -> Masker:
 def default_top_k(segments: Tensor) -> int:
     """A tenth of the median number of segments per image (the paper's top-20 of 196 patches), at least 1."""
     counts = segments.flatten(1).amax(1).double() + 1
-    return max(1, round(0.1 * float(counts.median())))
+    return top_k_for(float(counts.median()))
 
 
 def evaluate(

@@ -11,9 +11,8 @@ baseline.
 
 Two misuses would otherwise explain something else silently, and are refused:
 
-- a plain model given ``LayerMask()`` pixels would explain a grey fill: while any ``LayerMask`` exists, a
-  global forward pre-hook checks the input of every top-level module call (a call not nested in the forward of
-  the module called before it);
+- a plain model given ``LayerMask()`` pixels would explain a grey fill: while any ``LayerMask`` exists, the
+  core's :class:`~captum_layermask.core.guard.PlainModelGuard` checks the input of every top-level module call;
 - gradient methods (IntegratedGradients, DeepLift, ...) blend the baseline with the input under autograd, so the
   sentinel never reaches the model intact: ``LayerMask`` refuses tensor arithmetic while gradients are enabled
   (Captum's perturbation methods build their inputs under ``torch.no_grad()``).
@@ -21,17 +20,14 @@ Two misuses would otherwise explain something else silently, and are refused:
 
 from __future__ import annotations
 
-import sys
-import threading
-import weakref
-from types import FrameType
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..core import LayerMaskedModel, register_mask_decoder
 from ..core.errors import LayerMaskError, MaskShapeError
+from ..core.guard import PlainModelGuard
 
 SENTINEL = -1.5 * 2.0**-14
 """The value of ``LayerMask()``: a normal number in every float dtype (no flush-to-zero), and exact in each."""
@@ -123,109 +119,23 @@ def _refuse_gradients(x: Tensor) -> None:
         raise LayerMaskError(_GRADIENT_MESSAGE.format(what="it reached a model whose input requires gradients"))
 
 
-_CALL_CODE = nn.Module._call_impl.__code__
+def _holds_baseline(x: Tensor) -> bool:
+    return bool(_sentinel_hits(x).all(1).any())
 
 
-def _calling_frame() -> Optional[FrameType]:
-    """The frame of the ``nn.Module._call_impl`` that runs the hooks being called."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code is not _CALL_CODE:
-        frame = frame.f_back
-    return frame
-
-
-def _on_stack(target: FrameType) -> bool:
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame is target:
-            return True
-        frame = frame.f_back
-    return False
-
-
-class _PlainModelGuard:
-    """Refuses top-level module calls that receive ``LayerMask()`` pixels but do not decode them.
-
-    A call is top-level unless it runs inside the forward of the module of the last top-level call (whose frame
-    is then on the stack). Only calls whose first argument is an image batch (a 4-D tensor) are looked at, so
-    models of other data pay one global pre-hook call per module call, and nothing more. The module of a
-    top-level call gets a forward hook of its own for that call only (it releases the call's frame and checks
-    wrappers); a call that ends by an exception, ``KeyboardInterrupt`` included, leaves no state that skips later
-    checks: once its frame is gone, the next call is top-level, and its leftover hook is removed then.
-    """
-
-    def __init__(self) -> None:
-        self.live = 0
-        self.handle: Any = None
-        self.local = threading.local()
-        self.exits: dict = {}  # the per-call forward hooks not yet removed, by thread
-
-    def acquire(self, owner: object) -> None:
-        if self.live == 0:
-            self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self._enter)
-        self.live += 1
-        weakref.finalize(owner, self._release)
-
-    def _release(self) -> None:
-        self.live -= 1
-        if self.live == 0:
-            self.handle.remove()
-            for exit_hook in list(self.exits.values()):
-                exit_hook.remove()
-            self.exits.clear()
-            self.local = threading.local()
-
-    def _enter(self, module: nn.Module, args: tuple) -> None:
-        if not args or not isinstance(args[0], Tensor) or args[0].ndim != 4 or torch.compiler.is_compiling():
-            return  # calls inside a compiled region are nested in the compiled module's call, checked eagerly
-        local = self.local
-        frame = getattr(local, "frame", None)
-        if frame is not None and _on_stack(frame):
-            return
-        self._finish()
-        local.module, local.frame, local.pending = module, _calling_frame(), None
-        self.exits[threading.get_ident()] = module.register_forward_hook(self._leave, always_call=True)
-        x = args[0]
-        if isinstance(getattr(module, "_orig_mod", module), LayerMaskedModel):  # itself, or torch.compile of it
-            return  # it decodes LayerMask() pixels (decode_layer_mask)
-        if not x.is_floating_point() or not bool(_sentinel_hits(x).all(1).any()):
-            return
-        gradients = torch.is_grad_enabled() and x.requires_grad
-        if not gradients and any(isinstance(m, LayerMaskedModel) for m in module.modules()):
-            local.pending = module  # a wrapper: the layer-masked model inside must decode these pixels
-            return
-        self._finish()
-        _refuse_gradients(x)
-        raise LayerMaskError(
-            f"{type(module).__name__} received a LayerMask() baseline but is not layer-masked, so it would "
-            "explain a grey fill instead; pass layer_masked(model) to the Captum method."
-        )
-
-    def _finish(self) -> None:
-        """Forgets the last top-level call of this thread and removes its forward hook."""
-        exit_hook = self.exits.pop(threading.get_ident(), None)
-        if exit_hook is not None:
-            exit_hook.remove()
-        self.local.frame = self.local.module = self.local.pending = None
-
-    def decoded(self) -> None:
-        if not torch.compiler.is_compiling():
-            self.local.pending = None
-
-    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
-        local = self.local
-        if module is not getattr(local, "module", None) or _calling_frame() is not local.frame:
-            return  # a recursive call of the same module
-        pending = local.pending
-        self._finish()
-        if pending is module and output is not None:
-            raise LayerMaskError(
-                f"{type(module).__name__} received a LayerMask() baseline, but the layer-masked model inside it "
-                "did not: the wrapper changed those pixels first. Apply layer_masked to the whole model instead."
-            )
-
-
-_GUARD = _PlainModelGuard()
+_GUARD = PlainModelGuard(
+    marked=_holds_baseline,
+    decoder=LayerMaskedModel,
+    refusal=(
+        "{name} received a LayerMask() baseline but is not layer-masked, so it would explain a grey fill instead; "
+        "pass layer_masked(model) to the Captum method."
+    ),
+    altered=(
+        "{name} received a LayerMask() baseline, but the layer-masked model inside it did not: the wrapper changed "
+        "those pixels first. Apply layer_masked to the whole model instead."
+    ),
+    before_refusal=_refuse_gradients,
+)
 _DECODER = register_mask_decoder(decode_layer_mask)
 
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..core.errors import UnsupportedLayerError
 from ..core.gathering import register_token_block
 from ..core.masked import Masked, is_masked, unwrap
-from ..core.masking import pad_for_convolution
+from ..core.primitives import pad_for_convolution
 from ..core.registry import RuleRegistry, builtin_rule, register_leaf
 from ..core.rules import avg_pool2d, bind_arguments, max_pool2d, pointwise, require_feature_dims, require_masked
 

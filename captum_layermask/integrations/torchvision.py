@@ -21,7 +21,7 @@ from torchvision.models.vision_transformer import EncoderBlock
 from ..core.errors import UnsupportedLayerError
 from ..core.gathering import register_token_block
 from ..core.masked import Masked, align_rank
-from ..core.masking import neighbor_pad
+from ..core.primitives import neighbor_pad
 from ..core.registry import builtin_rule
 from ..core.rules import bind_arguments, lowest_value, require_feature_dims, require_masked
 

@@ -8,8 +8,6 @@ torch model (Quantus, ROAD).
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -19,6 +17,7 @@ from torch import Tensor, nn
 
 from ..core import LayerMaskedModel
 from ..core.errors import LayerMaskError, MaskShapeError
+from ..core.guard import PlainModelGuard
 from ..evaluation.normalization import normalizer
 
 
@@ -100,58 +99,31 @@ class NaNMasked(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         visible = visible_from_nan(x)
+        if not bool(visible.all()):
+            PLAIN_MODEL_GUARD.decoded()
         return self.masked(
             torch.where(visible, x, torch.zeros((), dtype=x.dtype, device=x.device)), *args, mask=visible, **kwargs
         )
 
 
-class _PlainModelGuard:
-    """Refuses top-level module calls that receive NaN pixels and are not (and do not contain) a
-    :class:`NaNMasked`: a plain model would turn them into NaN outputs, and a tool taking their argmax would go on
-    with class 0. Installed while an adapter that writes NaN pixels exists; it looks at the input of top-level
-    calls only (one ``isnan`` per forward pass)."""
-
-    def __init__(self) -> None:
-        self.live, self.handles, self.local = 0, (), threading.local()
-
-    def acquire(self, owner: object) -> None:
-        if self.live == 0:
-            register = torch.nn.modules.module
-            self.handles = (
-                register.register_module_forward_pre_hook(self._enter),
-                register.register_module_forward_hook(self._leave, always_call=True),
-            )
-        self.live += 1
-        weakref.finalize(owner, self._release)
-
-    def _release(self) -> None:
-        self.live -= 1
-        if self.live == 0:
-            for handle in self.handles:
-                handle.remove()
-            self.local = threading.local()
-
-    def _enter(self, module: nn.Module, args: tuple) -> None:
-        depth = getattr(self.local, "depth", 0)
-        self.local.depth = depth + 1
-        if depth or not args or not isinstance(args[0], Tensor) or args[0].ndim != 4 or torch.compiler.is_compiling():
-            return
-        x = args[0]
-        if not x.is_floating_point() or not bool(torch.isnan(x).all(1).any()):
-            return
-        if any(isinstance(m, NaNMasked) for m in module.modules()):
-            return
-        self.local.depth = 0
-        raise LayerMaskError(
-            f"{type(module).__name__} received pixels removed by captum-layermask (NaN) but is not layer-masked, so its "
-            "outputs would be NaN; give the tool NaNMasked(layer_masked(model)) as the model."
-        )
-
-    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.local.depth = max(0, getattr(self.local, "depth", 1) - 1)
+def _holds_removed_pixels(x: Tensor) -> bool:
+    return bool(torch.isnan(x).all(1).any())
 
 
-PLAIN_MODEL_GUARD = _PlainModelGuard()
+PLAIN_MODEL_GUARD = PlainModelGuard(
+    marked=_holds_removed_pixels,
+    decoder=NaNMasked,
+    refusal=(
+        "{name} received pixels removed by captum-layermask (NaN) but is not layer-masked, so its outputs would be "
+        "NaN; give the tool NaNMasked(layer_masked(model)) as the model."
+    ),
+    altered=(
+        "{name} received pixels removed by captum-layermask (NaN), but the NaNMasked model inside it did not: the "
+        "wrapper changed those pixels first. Give the tool NaNMasked(layer_masked(model)) itself."
+    ),
+)
+"""Installed while an adapter that writes NaN pixels exists (LayerMaskRemoval, LayerMaskImputer): a plain model
+would turn them into NaN outputs, and a tool taking their argmax would go on with class 0."""
 
 
 class ArrayModel:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedLayerError
 from ..masked import Masked, masks_of
-from ..masking import neighbor_pad, pad_for_convolution, propagate_mask
+from ..primitives import neighbor_pad, pad_for_convolution, propagate_mask
 from .common import (
     bind_arguments,
     require_feature_dims,
@@ -65,7 +65,7 @@ def _neighbor_padded_conv(op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str
 def conv2d_with_rings(rings: int) -> Any:
     """The ``conv2d`` rule padding only ``rings`` rings, for a convolution whose outer kept cells are never read.
 
-    :func:`~captum_layermask.demand.padding_rings` finds such convolutions when a model is converted; the
+    :func:`~captum_layermask.core.demand.padding_rings` finds such convolutions when a model is converted; the
     values of every cell that a later layer reads are those of ``conv2d``.
     """
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedLayerError
 from ..masked import Masked, align_rank
-from ..masking import neighbor_pad
+from ..primitives import neighbor_pad
 from ..registry import builtin_rule
 from .common import (
     bind_arguments,

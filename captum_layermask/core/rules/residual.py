@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..masked import Masked, is_masked
-from ..masking import neighbor_pad
+from ..primitives import neighbor_pad
 from .pointwise import pointwise
 
 SUM_TARGETS = (operator.add, torch.add, "add")

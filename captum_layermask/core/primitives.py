@@ -194,7 +194,7 @@ def pad_for_convolution(
     r"""A convolution's neighbor-padded input and its output mask (section 3.2), sharing the mask work.
 
     The padding width is the kernel's reach ``(k - 1) * dilation`` (see :func:`receptive_reach`), or ``rings``
-    when fewer are read: :func:`~captum_layermask.demand.padding_rings` finds convolutions whose outer kept
+    when fewer are read: :func:`~captum_layermask.core.demand.padding_rings` finds convolutions whose outer kept
     outputs are never read (the last convolution of a residual block), and with ``rings=0`` the input is used as
     it is. For the common centred kernel (odd, square, undilated, zero padding ``(k - 1) / 2``), the output mask
     is the input mask dilated ``(k - 1) / 2`` times and subsampled by the stride, a dilation the padding has
