@@ -20,7 +20,6 @@ from .core import (
     LayerMaskError,
     Masked,
     MaskShapeError,
-    RuleHandle,
     TracingError,
     UnsupportedLayerError,
     add_mask_stream,
@@ -35,6 +34,7 @@ from .core import (
     register_rule_set,
     register_token_block,
     trace,
+    unregister,
 )
 from .integrations.captum import LayerMask
 
@@ -47,7 +47,6 @@ __all__ = [
     "LayerMaskedModel",
     "Masked",
     "MaskShapeError",
-    "RuleHandle",
     "TracingError",
     "UnsupportedLayerError",
     "add_mask_stream",
@@ -61,6 +60,7 @@ __all__ = [
     "register_rule",
     "register_rule_set",
     "register_token_block",
+    "unregister",
     "trace",
 ]
 __version__ = "0.2.0"

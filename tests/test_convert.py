@@ -14,6 +14,7 @@ from captum_layermask import (
     neighbor_pad,
     propagate_mask,
     register_rule,
+    unregister,
 )
 
 
@@ -134,9 +135,12 @@ def test_register_rule_extends_the_registry_until_removed():
     def response_norm_rule(op, x):  # deliberately naive: enough to see the registry use it
         return Masked(op(x.value), x.mask)
 
-    with register_rule(nn.LocalResponseNorm, rule=response_norm_rule):
+    register_rule(nn.LocalResponseNorm, rule=response_norm_rule)
+    try:
         masked = layer_masked(GatedNet())
         assert masked(torch.randn(1, 3, 6, 6), torch.ones(6, 6)).shape == (1, 4)
+    finally:
+        unregister(response_norm_rule)
     with pytest.raises(UnsupportedLayerError, match="LocalResponseNorm"):
         layer_masked(GatedNet())
 
@@ -165,7 +169,7 @@ def test_register_rule_as_a_decorator_takes_precedence_over_builtins():
         model = nn.Sequential(nn.ReLU())
         assert torch.equal(layer_masked(model)(torch.zeros(1, 1, 2, 2), torch.ones(2, 2)), torch.ones(1, 1, 2, 2))
     finally:
-        relu_rule.handle.remove()
+        unregister(relu_rule)
     assert torch.equal(layer_masked(model)(torch.zeros(1, 1, 2, 2), torch.ones(2, 2)), torch.zeros(1, 1, 2, 2))
 
 

@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from captum_layermask import layer_masked, neighbor_pad, propagate_mask, register_rule
+from captum_layermask import layer_masked, neighbor_pad, propagate_mask, register_rule, unregister
 from captum_layermask.core.masked import Masked
 from captum_layermask.core.primitives import pad_for_convolution
 
@@ -79,8 +79,11 @@ def test_a_custom_convolution_rule_is_left_alone():
         return Masked(op(neighbor_pad(x.value, x.mask, 2), *args, **kwargs), propagate_mask(x.mask, 3, 1, 1))
 
     assert demanded_rings(nn.Sequential(Block()), rules={nn.Conv2d: rule}) == {}
-    with register_rule(nn.Conv2d, rule=rule):
+    register_rule(nn.Conv2d, rule=rule)
+    try:
         assert demanded_rings(nn.Sequential(Block())) == {}
+    finally:
+        unregister(rule)
     assert demanded_rings(nn.Sequential(Block())) != {}
 
 

@@ -14,8 +14,11 @@ from captum_layermask import (
     UnsupportedLayerError,
     layer_masked,
     register_leaf,
+    register_mask_decoder,
     register_rule,
     register_rule_set,
+    register_token_block,
+    unregister,
 )
 from captum_layermask.core import registry
 
@@ -49,10 +52,53 @@ def test_a_leaf_module_with_a_rule_converts_and_without_the_leaf_tracing_fails()
         layer_masked(model)
     reference = Net(nn.ReLU()).eval()
     reference.conv = model.conv
-    with register_leaf(SizeDependent), register_rule(SizeDependent, rule=relu_rule):
-        assert torch.equal(layer_masked(model)(x, mask), layer_masked(reference)(x, mask))
+    converted = layer_masked(model, leaves=[SizeDependent], rules={SizeDependent: relu_rule})  # this call only
+    assert torch.equal(converted(x, mask), layer_masked(reference)(x, mask))
     with pytest.raises(TracingError):
-        layer_masked(model)  # the handles removed both
+        layer_masked(model)
+    assert register_leaf(SizeDependent) is SizeDependent and register_rule(SizeDependent, rule=relu_rule) is relu_rule
+    try:
+        assert torch.equal(layer_masked(model)(x, mask), layer_masked(reference)(x, mask))  # registered for all
+    finally:
+        unregister(SizeDependent, relu_rule)
+    with pytest.raises(TracingError):
+        layer_masked(model)  # unregister undid both
+    with pytest.raises(KeyError, match="not registered"):
+        unregister(relu_rule)
+
+
+def test_every_register_function_is_a_decorator_that_returns_its_argument_and_unregister_undoes_it():
+    @register_leaf
+    class Leaf(SizeDependent):
+        pass
+
+    @register_rule(Leaf)
+    def leaf_rule(op, x):
+        return relu_rule(op, x)
+
+    @register_token_block(when=lambda module: True)
+    class Block(nn.Module):
+        pass
+
+    @register_mask_decoder
+    def decoder(x, others):
+        return None
+
+    @register_rule_set("fakelayers_decorated")
+    def load():
+        pass
+
+    assert isinstance(Leaf, type) and callable(leaf_rule) and isinstance(Block, type) and callable(load)
+    model = Net(Leaf()).eval()
+    layer_masked(model)
+    unregister(Leaf, leaf_rule, Block, decoder, load)
+    with pytest.raises(TracingError):
+        layer_masked(model)
+    from captum_layermask.core.gathering import TOKEN_BLOCKS
+    from captum_layermask.core.model import MASK_DECODERS
+
+    assert Block not in TOKEN_BLOCKS and id(decoder) not in MASK_DECODERS
+    assert "fakelayers_decorated" not in registry.RULE_SETS
 
 
 def position_table(height, width, table):
@@ -76,8 +122,7 @@ def test_a_leaf_function_that_reads_no_pixel_needs_no_rule():
     mask = (torch.rand(2, 1, 8, 8) > 0.5).float()
     with pytest.raises(TracingError):
         layer_masked(model)
-    with register_leaf(position_table):
-        masked = layer_masked(model)
+    masked = layer_masked(model, leaves=[position_table])
     with torch.no_grad():
         assert torch.equal(masked(x, mask), model(x) * mask)
 
@@ -92,8 +137,8 @@ class UsesImageFunction(nn.Module):
 
 
 def test_a_leaf_function_on_the_image_without_a_rule_is_named_in_the_refusal():
-    with register_leaf(blur_if_large), pytest.raises(UnsupportedLayerError, match="blur_if_large"):
-        layer_masked(UsesImageFunction())
+    with pytest.raises(UnsupportedLayerError, match="blur_if_large"):
+        layer_masked(UsesImageFunction(), leaves=[blur_if_large])
 
 
 def test_leaves_must_be_module_classes_or_python_functions():
@@ -111,10 +156,9 @@ def test_a_rule_set_loads_once_and_only_for_models_that_use_its_package(monkeypa
 
     def load():
         loads.append(1)
-        handles.append(register_leaf(Block))
-        handles.append(register_rule(Block, rule=relu_rule))
+        register_leaf(Block)
+        register_rule(Block, rule=relu_rule)
 
-    handles = []
     register_rule_set("fakelayers", load)
     try:
         layer_masked(nn.Sequential(nn.Conv2d(3, 3, 1)))
@@ -123,9 +167,9 @@ def test_a_rule_set_loads_once_and_only_for_models_that_use_its_package(monkeypa
         layer_masked(Net(Block()).eval())
         assert loads == [1]
     finally:
-        registry._RULE_SETS.pop("fakelayers", None)
-        for handle in handles:
-            handle.remove()
+        registry.RULE_SETS.pop("fakelayers", None)
+        if loads:
+            unregister(Block, relu_rule)
 
 
 class ConvThenScale(nn.Module):
@@ -147,8 +191,9 @@ def composite_rule(op, x, *, rules):
 def test_a_composite_rule_masks_its_parts_with_the_conversions_rules(padding):
     block, x = ConvThenScale().double(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
     mask = (torch.rand(2, 1, 8, 8) > 0.5).double()
-    with register_leaf(ConvThenScale), register_rule(ConvThenScale, rule=composite_rule):
-        masked = layer_masked(nn.Sequential(block), padding=padding)(x, mask)
+    masked = layer_masked(
+        nn.Sequential(block), padding=padding, leaves=[ConvThenScale], rules={ConvThenScale: composite_rule}
+    )(x, mask)
     expected = 2 * layer_masked(nn.Sequential(block.conv), padding=padding)(x, mask)
     assert torch.allclose(masked, expected, atol=1e-12)
 
@@ -161,7 +206,6 @@ def test_a_composite_rule_names_a_part_without_a_rule():
     def rule(op, x, *, rules):
         return rules.apply(Odd(), x)
 
-    with register_leaf(ConvThenScale), register_rule(ConvThenScale, rule=rule):
-        masked = layer_masked(nn.Sequential(ConvThenScale()))
-        with pytest.raises(UnsupportedLayerError, match="Odd has no masking rule"):
-            masked(torch.randn(1, 3, 4, 4), torch.ones(1, 1, 4, 4))
+    masked = layer_masked(nn.Sequential(ConvThenScale()), leaves=[ConvThenScale], rules={ConvThenScale: rule})
+    with pytest.raises(UnsupportedLayerError, match="Odd has no masking rule"):
+        masked(torch.randn(1, 3, 4, 4), torch.ones(1, 1, 4, 4))

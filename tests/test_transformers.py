@@ -399,7 +399,7 @@ def test_gathering_the_visible_tokens_gives_the_outputs_of_masked_attention(fami
 
 
 def test_only_declared_token_blocks_are_gathered():
-    from captum_layermask import register_token_block
+    from captum_layermask import register_token_block, unregister
 
     class Block(nn.Module):
         def __init__(self):
@@ -420,9 +420,14 @@ def test_only_declared_token_blocks_are_gathered():
     torch.manual_seed(0)
     model = Encoder().eval()
     assert gathering_nodes(layer_masked(model)) == []
-    register_token_block(Block)
-    gathered = layer_masked(model)
+    gathered = layer_masked(model, token_blocks={Block: None})  # for this conversion only
     assert gathering_nodes(gathered) == ["gather_tokens", "scatter_tokens"]
+    assert register_token_block(Block) is Block
+    try:
+        assert gathering_nodes(layer_masked(model)) == ["gather_tokens", "scatter_tokens"]
+    finally:
+        unregister(Block)
+    assert gathering_nodes(layer_masked(model)) == []
     x, mask = torch.randn(2, 8, 4, 4), (torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5)
     with torch.no_grad():
         expected = layer_masked(model, gather_tokens=False)(x, mask.float())

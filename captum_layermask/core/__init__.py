@@ -11,14 +11,14 @@ from .masked import Masked
 from .model import LayerMaskedModel, register_mask_decoder
 from .patches import patch_segments, random_patch_masks
 from .primitives import neighbor_pad, propagate_mask
-from .registry import RuleHandle, register_leaf, register_rule, register_rule_set
+from .registries import unregister
+from .registry import register_leaf, register_rule, register_rule_set
 
 __all__ = [
     "LayerMaskError",
     "LayerMaskedModel",
     "Masked",
     "MaskShapeError",
-    "RuleHandle",
     "TracingError",
     "UnsupportedLayerError",
     "add_mask_stream",
@@ -32,5 +32,6 @@ __all__ = [
     "register_rule",
     "register_rule_set",
     "register_token_block",
+    "unregister",
     "trace",
 ]

@@ -8,7 +8,7 @@ new module that shares the model's submodules and parameters. The model itself i
 from __future__ import annotations
 
 import copyreg
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from .composite import conversion_registry, ring_rules
 from .dependence import image_dependence
 from .errors import LayerMaskError, TracingError, UnsupportedLayerError
-from .gathering import insert_gathering, mark_token_blocks, token_regions
+from .gathering import TokenBlocks, insert_gathering, mark_token_blocks, token_regions
 from .masked import Masked, align_rank, map_masked
 from .model import LayerMaskedModel, input_signature
-from .registry import LEAVES, RuleCall, RuleEntry, RuleRegistry, call_method, leaf_functions, load_rule_sets
+from .registry import RuleCall, RuleEntry, RuleRegistry, call_method, leaf_functions, leaf_registry, load_rule_sets
 
 
 def masked_input(image: Tensor, mask: Optional[Tensor]) -> Any:
@@ -41,14 +41,14 @@ class _RuleTracer(fx.Tracer):
     """Traces into every module and function except those that have a rule or are registered leaves (and the
     modules ``torch.fx`` keeps whole by default)."""
 
-    def __init__(self, registry: RuleRegistry) -> None:
-        super().__init__(autowrap_functions=leaf_functions(registry))
-        self.registry = registry
+    def __init__(self, registry: RuleRegistry, leaves: RuleRegistry) -> None:
+        super().__init__(autowrap_functions=leaf_functions(registry, leaves))
+        self.registry, self.leaves = registry, leaves
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return (
             self.registry.find(module) is not None
-            or LEAVES.find(module) is not None
+            or self.leaves.find(module) is not None
             or super().is_leaf_module(module, qualified_name)
         )
 
@@ -73,12 +73,18 @@ class _RuleTracer(fx.Tracer):
         return parameter_proxy_cache[name]
 
 
-def trace(model: nn.Module, registry: Optional[RuleRegistry] = None) -> fx.GraphModule:
+def trace(
+    model: nn.Module,
+    registry: Optional[RuleRegistry] = None,
+    *,
+    leaves: Sequence[Any] = (),
+    token_blocks: Optional[TokenBlocks] = None,
+) -> fx.GraphModule:
     """Traces the model's inference graph (eval mode), restoring every submodule's training flag afterwards.
 
     Modules and functions that have a rule in ``registry`` (by default the rules of ``layer_masked(model)``),
-    and the registered leaves (:func:`~captum_layermask.register_leaf`), are not traced into: each stays one
-    operation of the graph.
+    ``leaves`` and the registered leaves (:func:`~captum_layermask.register_leaf`), are not traced into: each
+    stays one operation of the graph. Nodes inside ``token_blocks`` (default: the registered ones) are marked.
 
     Raises:
         TracingError: if ``torch.fx`` cannot trace the model.
@@ -87,9 +93,9 @@ def trace(model: nn.Module, registry: Optional[RuleRegistry] = None) -> fx.Graph
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        tracer = _RuleTracer(registry or conversion_registry("neighbor", "intersection", None))
+        tracer = _RuleTracer(registry or conversion_registry("neighbor", "intersection", None), leaf_registry(leaves))
         graph = tracer.trace(model)
-        mark_token_blocks(graph, model)
+        mark_token_blocks(graph, model, token_blocks)
     except Exception as error:
         raise TracingError(
             f"torch.fx could not trace {type(model).__name__} ({type(error).__name__}: {error}). Layer masking "
@@ -202,6 +208,8 @@ def layer_masked(
     prune_padding: bool = True,
     gather_tokens: bool = True,
     output: Union[None, int, str] = None,
+    leaves: Sequence[Any] = (),
+    token_blocks: Optional[Mapping[type, Any]] = None,
 ) -> LayerMaskedModel:
     """Turns a CNN into a mask-aware model that runs on the visible pixels only (paper section 3).
 
@@ -225,6 +233,10 @@ def layer_masked(
         output (int or str, optional): the part of the model's output to return, for a model that returns a
             tuple, a dict or an output object: an index (``0``: the first tensor) or a key or attribute name
             (``"logits"``, ``"out"``). Captum's methods need one tensor of scores. Default: the whole output.
+        leaves (sequence, optional): module classes and functions traced as one operation in this conversion,
+            besides the registered ones (see :func:`register_leaf`).
+        token_blocks (Mapping, optional): ``{block class: check or None}`` for this conversion, instead of the
+            registered token blocks (see :func:`register_token_block`).
 
     Returns:
         A :class:`LayerMaskedModel` called as ``masked(x, mask)``.
@@ -246,6 +258,8 @@ def layer_masked(
         prune_padding=prune_padding,
         gather_tokens=gather_tokens,
         output=output,
+        leaves=tuple(leaves),
+        token_blocks=dict(token_blocks) if token_blocks is not None else None,
     )
     if isinstance(model, LayerMaskedModel):
         if options == model.options:
@@ -257,7 +271,7 @@ def layer_masked(
         raise TypeError(f"output is an index or a key of the model's output, got {type(output).__name__}.")
     load_rule_sets(model)
     registry = conversion_registry(padding, residual, rules)  # checks the options
-    traced = trace(model, registry)
+    traced = trace(model, registry, leaves=leaves, token_blocks=options["token_blocks"])
     graph_module = add_mask_stream(traced, registry, prune_padding=prune_padding, gather_tokens=gather_tokens)
     return LayerMaskedModel(graph_module, model, options, input_signature(traced))
 

@@ -24,11 +24,18 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .masked import Masked
+from .registry import covers
 
-_TOKEN_BLOCKS: Dict[Type[nn.Module], Optional[Callable[[nn.Module], bool]]] = {}
+TokenBlocks = Dict[Type[nn.Module], Optional[Callable[[nn.Module], bool]]]
+"""Token block classes, each with an optional check of an instance."""
+
+TOKEN_BLOCKS: TokenBlocks = {}
+"""The token blocks declared with :func:`register_token_block`."""
 
 
-def register_token_block(module_class: Type[nn.Module], when: Optional[Callable[[nn.Module], bool]] = None) -> None:
+def register_token_block(
+    module_class: Optional[Type[nn.Module]] = None, *, when: Optional[Callable[[nn.Module], bool]] = None
+) -> Any:
     """Declares a module class a token block: a map of ``(N, T, C)`` tokens in which each token's output depends
     on the token itself and on attention over all tokens, never on its position or on the number of tokens.
 
@@ -38,17 +45,25 @@ def register_token_block(module_class: Type[nn.Module], when: Optional[Callable[
     Args:
         module_class: the block's class (subclasses that do not override ``forward`` count too).
         when: optional check of an instance (e.g. that its attention is of a known kind).
+
+    Returns:
+        ``module_class`` (without it, a decorator that registers the class it decorates and returns it);
+        :func:`~captum_layermask.unregister` undoes it. One conversion can take token blocks of its own
+        instead: ``layer_masked(model, token_blocks={Block: None})``.
     """
-    _TOKEN_BLOCKS[module_class] = when
+    if module_class is None:
+        return lambda cls: register_token_block(cls, when=when)
+    TOKEN_BLOCKS[module_class] = when
+    return module_class
 
 
-def is_token_block(module: nn.Module) -> bool:
+def is_token_block(module: nn.Module, blocks: Optional[TokenBlocks] = None) -> bool:
+    """Whether ``module`` is a token block of ``blocks`` (default: the registered ones)."""
+    blocks = TOKEN_BLOCKS if blocks is None else blocks
     for cls in type(module).__mro__:
-        if cls in _TOKEN_BLOCKS:
-            if cls is not type(module) and type(module).forward is not cls.forward:
-                return False
-            check = _TOKEN_BLOCKS[cls]
-            return check is None or bool(check(module))
+        if cls in blocks:
+            check = blocks[cls]
+            return covers(cls, module) and (check is None or bool(check(module)))
     return False
 
 
@@ -61,15 +76,15 @@ class TokenRegion:
     output: fx.Node
 
 
-def mark_token_blocks(graph: fx.Graph, root: nn.Module) -> None:
+def mark_token_blocks(graph: fx.Graph, root: nn.Module, blocks: Optional[TokenBlocks] = None) -> None:
     """Records in ``node.meta["token_block"]`` the path of the outermost token block each node was traced from
     (``root`` is the traced model, whose submodules the graph module does not all keep)."""
-    blocks: Dict[str, bool] = {}  # path -> whether it is a token block, decided once per module
+    decided: Dict[str, bool] = {}  # path -> whether it is a token block, decided once per module
     for node in graph.nodes:
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-            if path not in blocks:
-                blocks[path] = is_token_block(root.get_submodule(path))
-            if blocks[path]:
+            if path not in decided:
+                decided[path] = is_token_block(root.get_submodule(path), blocks)
+            if decided[path]:
                 node.meta["token_block"] = path
                 break
 

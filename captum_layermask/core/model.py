@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from .errors import LayerMaskError, MaskShapeError
 from .masked import format_mask
@@ -23,11 +22,11 @@ from .masked import format_mask
 MaskDecoder = Callable[[Tensor, Sequence[Any]], Optional[Tensor]]
 """``decoder(x, other_inputs) -> mask or None``: the mask that the values of the inputs encode, if any."""
 
-_MASK_DECODERS: OrderedDict[int, MaskDecoder] = OrderedDict()
+MASK_DECODERS: OrderedDict[int, MaskDecoder] = OrderedDict()
 _GRAPH_PREFIX = "graph_module."
 
 
-def register_mask_decoder(decoder: MaskDecoder) -> RemovableHandle:
+def register_mask_decoder(decoder: MaskDecoder) -> MaskDecoder:
     """Installs a function that recovers a mask from the inputs of a layer-masked model called without one.
 
     Perturbation libraries never pass masks to the model: they hand it perturbed inputs. A decoder recognises
@@ -40,15 +39,14 @@ def register_mask_decoder(decoder: MaskDecoder) -> RemovableHandle:
             that encode a mask it cannot honour.
 
     Returns:
-        A handle whose ``remove()`` uninstalls the decoder.
+        ``decoder``, so that it serves as a decorator; :func:`~captum_layermask.unregister` uninstalls it.
     """
-    handle = RemovableHandle(_MASK_DECODERS)
-    _MASK_DECODERS[handle.id] = decoder
-    return handle
+    MASK_DECODERS[id(decoder)] = decoder
+    return decoder
 
 
 def _decode_mask(x: Tensor, others: Sequence[Any]) -> Optional[Tensor]:
-    for decoder in list(_MASK_DECODERS.values()):
+    for decoder in list(MASK_DECODERS.values()):
         mask = decoder(x, others)
         if mask is not None:
             return mask

@@ -46,11 +46,16 @@ class RuleEntry:
 
     def matches(self, op: Any) -> bool:
         if isinstance(self.target, type):
-            # A subclass that overrides forward computes something else: it is traced through instead.
-            return isinstance(op, torch.nn.Module) and (
-                type(op) is self.target or (isinstance(op, self.target) and type(op).forward is self.target.forward)
-            )
+            return isinstance(op, torch.nn.Module) and covers(self.target, op)
         return op is self.target or (isinstance(op, str) and op == self.target)
+
+
+def covers(module_class: type, module: torch.nn.Module) -> bool:
+    """Whether a registration for ``module_class`` applies to ``module``: an instance of the class, or of a subclass
+    that does not override ``forward`` (one that does computes something else, and is traced through instead)."""
+    return type(module) is module_class or (
+        isinstance(module, module_class) and type(module).forward is module_class.forward
+    )
 
 
 class RuleHandle:
@@ -132,11 +137,11 @@ BUILTIN_RULES = RuleRegistry()
 LEAVES = RuleRegistry()
 """Module classes and functions traced as one operation (:func:`register_leaf`); their entries have no rule."""
 
-_RULE_SETS: Dict[str, Callable[[], Any]] = {}
+RULE_SETS: Dict[str, Callable[[], Any]] = {}
 
 
-def register_leaf(*targets: Union[type, Callable[..., Any]]) -> RuleHandle:
-    """Makes ``torch.fx`` record module classes or functions as one operation instead of tracing into them.
+def register_leaf(target: Union[type, Callable[..., Any]]) -> Any:
+    """Makes ``torch.fx`` record a module class or a function as one operation instead of tracing into it.
 
     For code that ``torch.fx`` cannot trace (data-dependent Python: size checks, run-time padding). A leaf that
     computes on the image still needs a rule (:func:`register_rule`), or the conversion names it in its
@@ -144,44 +149,72 @@ def register_leaf(*targets: Union[type, Callable[..., Any]]) -> RuleHandle:
     position embedding) needs none. A module class or a function with a rule is a leaf already.
 
     Args:
-        *targets: module classes (covering subclasses that do not override ``forward``) or Python functions,
-            which are recorded where a traced ``forward`` calls them by their global name (``torch.fx``'s
+        target: a module class (covering subclasses that do not override ``forward``) or a Python function,
+            which is recorded where a traced ``forward`` calls it by its global name (``torch.fx``'s
             ``autowrap_functions``).
 
     Returns:
-        A :class:`RuleHandle`; ``remove()`` makes them traced into again.
+        ``target``, so that it serves as a decorator; :func:`~captum_layermask.unregister` undoes it. One
+        conversion can take leaves of its own instead: ``layer_masked(model, leaves=[...])``.
+
+    Examples::
+
+        >>> @register_leaf
+        ... class SizeDependent(nn.Module): ...
     """
-    for target in targets:
-        if not isinstance(target, type) and not isinstance(target, types.FunctionType):
-            raise TypeError(f"a leaf must be a module class or a Python function, got {target!r}.")
-    return LEAVES.add(list(targets), None)  # type: ignore[arg-type]
+    check_leaf(target)
+    LEAVES.add([target], None)  # type: ignore[arg-type]
+    return target
 
 
-def leaf_functions(registry: RuleRegistry) -> Tuple[Callable[..., Any], ...]:
-    """The Python functions that tracing records as one call: the registered leaves and those with a rule."""
-    targets = [entry.target for entry in (*LEAVES.entries, *registry.entries)]
+def check_leaf(target: Any) -> None:
+    """Raises ``TypeError`` for a leaf that is neither a module class nor a Python function."""
+    if not isinstance(target, type) and not isinstance(target, types.FunctionType):
+        raise TypeError(f"a leaf must be a module class or a Python function, got {target!r}.")
+
+
+def leaf_registry(leaves: Any = ()) -> RuleRegistry:
+    """The leaves of one conversion: ``leaves`` (checked) before the registered ones."""
+    registry = RuleRegistry()
+    for target in leaves:
+        check_leaf(target)
+        registry.add([target], None, first=False)  # type: ignore[arg-type]
+    registry.entries.extend(LEAVES.entries)
+    return registry
+
+
+def leaf_functions(registry: RuleRegistry, leaves: RuleRegistry) -> Tuple[Callable[..., Any], ...]:
+    """The Python functions that tracing records as one call: the leaves and those with a rule."""
+    targets = [entry.target for entry in (*leaves.entries, *registry.entries)]
     return tuple(dict.fromkeys(target for target in targets if isinstance(target, types.FunctionType)))
 
 
-def register_rule_set(package: str, load: Callable[[], Any]) -> None:
+def register_rule_set(package: str, load: Optional[Callable[[], Any]] = None) -> Any:
     """Installs the rules (and leaves) of a third-party layer library the first time a model uses it.
 
     ``load()`` runs once, when a model with a submodule defined in ``package`` (e.g. ``"timm"``) is converted,
     and registers its rules with :func:`register_rule`/``builtin_rule`` and its leaves with
     :func:`register_leaf`. The library is never imported for models that do not use it.
+
+    Returns:
+        ``load`` (without it, a decorator that registers the function it decorates and returns it);
+        :func:`~captum_layermask.unregister` undoes it.
     """
-    _RULE_SETS[package] = load
+    if load is None:
+        return lambda function: register_rule_set(package, function)
+    RULE_SETS[package] = load
+    return load
 
 
 def load_rule_sets(model: torch.nn.Module) -> None:
     """Runs the loaders of :func:`register_rule_set` for the packages whose modules ``model`` contains."""
-    if not _RULE_SETS:
+    if not RULE_SETS:
         return
     packages = {type(module).__module__.partition(".")[0] for module in model.modules()}
-    for package in sorted(packages & set(_RULE_SETS)):
+    for package in sorted(packages & set(RULE_SETS)):
         if package in sys.modules:
-            _RULE_SETS[package]()
-            del _RULE_SETS[package]
+            RULE_SETS[package]()
+            del RULE_SETS[package]
 
 
 def register_rule(*targets: Target, rule: Optional[Rule] = None, metadata: bool = False) -> Any:
@@ -199,7 +232,8 @@ def register_rule(*targets: Target, rule: Optional[Rule] = None, metadata: bool 
         metadata: the operation reads only shapes/dtypes, never pixel values.
 
     Returns:
-        A :class:`RuleHandle` (or, as a decorator, the rule itself with the handle in ``rule.handle``).
+        ``rule`` (without it, a decorator that registers the function it decorates and returns it);
+        :func:`~captum_layermask.unregister` undoes it.
 
     Examples::
 
@@ -210,14 +244,10 @@ def register_rule(*targets: Target, rule: Optional[Rule] = None, metadata: bool 
     """
     if not targets:
         raise TypeError("register_rule needs at least one module class, function or method name.")
-    if rule is not None:
-        return RULES.add(list(targets), rule, metadata=metadata)
-
-    def decorate(function: Rule) -> Rule:
-        function.handle = RULES.add(list(targets), function, metadata=metadata)  # type: ignore[attr-defined]
-        return function
-
-    return decorate
+    if rule is None:
+        return lambda function: register_rule(*targets, rule=function, metadata=metadata)
+    RULES.add(list(targets), rule, metadata=metadata)
+    return rule
 
 
 def builtin_rule(*targets: Target, metadata: bool = False, per_cell: Optional[str] = None) -> Callable[[Rule], Rule]:

@@ -179,7 +179,8 @@ register_token_block(Block, when=_is_plain_vit_block)
 def _register_leaves() -> None:
     modules = [module for module in get_notrace_modules() if module not in TRACED_INTO]
     functions = [function for function in get_notrace_functions() if isinstance(function, types.FunctionType)]
-    register_leaf(*modules, *functions)
+    for leaf in (*modules, *functions):
+        register_leaf(leaf)
 
 
 _register_leaves()
