@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -93,3 +93,12 @@ def class_entropy(predictions: Tensor, num_classes: int) -> float:
     p = torch.bincount(predictions, minlength=num_classes).double() / len(predictions)
     p = p[p > 0]
     return float(-(p * p.log()).sum())
+
+
+ResultRow = Dict[str, object]
+"""One flat result of an evaluation: ``section, segmenter, order, masker, metric, value`` (a CSV row)."""
+
+
+def result_row(section: str, masker: str, metric: str, value: float, segmenter: str = "", order: str = "") -> ResultRow:
+    """A :data:`ResultRow`, its fields in the CSV's column order."""
+    return dict(section=section, segmenter=segmenter, order=order, masker=masker, metric=metric, value=value)

@@ -17,7 +17,16 @@ from torch import Tensor, nn
 
 from ..core.errors import MaskShapeError
 from ._batching import model_device, progress_bar
-from ._common import check_images, check_inputs, check_object_masks, check_positive, logits_of, predict
+from ._common import (
+    ResultRow,
+    check_images,
+    check_inputs,
+    check_object_masks,
+    check_positive,
+    logits_of,
+    predict,
+    result_row,
+)
 from .maskers import MaskerSpec, get_masker
 from .seeding import image_seed
 from .segmentation import SegmenterSpec, check_segment_ids, consecutive_ids, segment_images
@@ -297,6 +306,11 @@ class LimeMetrics:
     alignment_score: float
     topk_jaccard: float
     attributions: Optional[Tensor] = field(repr=False)
+
+    def rows(self, segmenter: str) -> List[ResultRow]:
+        """The three metrics as flat result rows (LIME on ``segmenter``'s segments)."""
+        metrics = ("topk_ablation_accuracy", "alignment_score", "topk_jaccard")
+        return [result_row(f"LIME (k={self.k})", self.masker, m, getattr(self, m), segmenter) for m in metrics]
 
 
 def lime_metrics(

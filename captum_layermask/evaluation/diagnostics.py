@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..core.patches import patch_segments
 from ._batching import FeatureLayer, FeatureReader, batches, box_masks, model_device, progress_bar
-from ._common import check_images
+from ._common import ResultRow, check_images, result_row
 from .maskers import MaskerSpec, get_masker
 
 
@@ -43,6 +43,13 @@ class SizeCurve:
     metric: str
     masker: str
     per_image: List[Tensor] = field(default_factory=list, repr=False)
+
+    def rows(self, section: str) -> List[ResultRow]:
+        """The value at each size as flat result rows of ``section``."""
+        return [
+            result_row(section, self.masker, self.metric, value, f"{size}px visible")
+            for size, value in zip(self.sizes, self.values)
+        ]
 
 
 class _FeatureRun:

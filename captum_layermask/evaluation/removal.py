@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..core.errors import MaskShapeError
 from ._batching import model_device, progress_bar
-from ._common import check_inputs, class_entropy, clean_predict, predict
+from ._common import ResultRow, check_inputs, class_entropy, clean_predict, predict, result_row
 from .maskers import MaskerSpec, get_masker
 from .segmentation import SegmenterSpec, segment_images, segmenter_name
 
@@ -62,6 +62,13 @@ class RemovalCurve:
             name: float(torch.trapezoid(torch.tensor(getattr(self, name), dtype=torch.float64), x))
             for name in ("accuracy", "entropy", "unchanged")
         }
+
+    def rows(self) -> List[ResultRow]:
+        """The areas under the curves as flat result rows."""
+        return [
+            result_row("removal AUC", self.masker, metric, value, self.segmenter, self.order)
+            for metric, value in self.auc.items()
+        ]
 
 
 def check_fractions(fractions: Sequence[float]) -> None:
@@ -231,6 +238,11 @@ class ShapeBias:
     def difference(self) -> float:
         """``broken_accuracy - object_accuracy``: the larger, the less the model reads the mask's shape."""
         return self.broken_accuracy - self.object_accuracy
+
+    def rows(self) -> List[ResultRow]:
+        """The accuracies and their difference as flat result rows."""
+        metrics = ("object_accuracy", "broken_accuracy", "difference")
+        return [result_row("shape bias", self.masker, metric, getattr(self, metric)) for metric in metrics]
 
 
 def shape_bias(

@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from torch import Tensor, nn
 
+from ._common import ResultRow, result_row
 from .attribution_metrics import LimeMetrics, lime_metrics, top_k_for
 from .diagnostics import SizeCurve, linearity, magnitude_curve, output_collapse
 from .maskers import Masker, get_masker, masker_title
@@ -54,71 +55,19 @@ class EvaluationReport:
     lime_images: int = 0
     diagnostic_images: int = 0
 
-    def rows(self) -> List[Dict[str, object]]:
-        """The results as flat rows: section, segmenter, order, masker, metric, value."""
-        rows: List[Dict[str, object]] = []
-        for curve in self.removal:
-            for metric, value in curve.auc.items():
-                rows.append(
-                    dict(
-                        section="removal AUC",
-                        segmenter=curve.segmenter,
-                        order=curve.order,
-                        masker=curve.masker,
-                        metric=metric,
-                        value=value,
-                    )
-                )
-        for result in self.shape:
-            for metric in ("object_accuracy", "broken_accuracy", "difference"):
-                rows.append(
-                    dict(
-                        section="shape bias",
-                        segmenter="",
-                        order="",
-                        masker=result.masker,
-                        metric=metric,
-                        value=getattr(result, metric),
-                    )
-                )
-        for segmenter, results in self.lime.items():
-            for result in results.values():
-                for metric in ("topk_ablation_accuracy", "alignment_score", "topk_jaccard"):
-                    rows.append(
-                        dict(
-                            section=f"LIME (k={result.k})",
-                            segmenter=segmenter,
-                            order="",
-                            masker=result.masker,
-                            metric=metric,
-                            value=getattr(result, metric),
-                        )
-                    )
-        for masker, scores in self.linearity.items():
-            for patch, score in scores.items():
-                rows.append(
-                    dict(
-                        section="linearity",
-                        segmenter=f"{patch}px patches",
-                        order="",
-                        masker=masker,
-                        metric="cosine similarity",
-                        value=score,
-                    )
-                )
-        for section, curves in (("output collapse", self.collapse), ("feature magnitude", self.magnitude)):
-            for curve in curves:
-                for size, value in zip(curve.sizes, curve.values):
-                    rows.append(
-                        dict(
-                            section=section,
-                            segmenter=f"{size}px visible",
-                            order="",
-                            masker=curve.masker,
-                            metric=curve.metric,
-                            value=value,
-                        )
-                    )
+    def rows(self) -> List[ResultRow]:
+        """The results as flat rows: section, segmenter, order, masker, metric, value (each result type gives its
+        own)."""
+        rows = [row for curve in self.removal for row in curve.rows()]
+        rows += [row for result in self.shape for row in result.rows()]
+        rows += [row for segmenter, results in self.lime.items() for r in results.values() for row in r.rows(segmenter)]
+        rows += [
+            result_row("linearity", masker, "cosine similarity", score, f"{patch}px patches")
+            for masker, scores in self.linearity.items()
+            for patch, score in scores.items()
+        ]
+        rows += [row for curve in self.collapse for row in curve.rows("output collapse")]
+        rows += [row for curve in self.magnitude for row in curve.rows("feature magnitude")]
         return rows
 
     def to_csv(self, path: Path) -> None:
