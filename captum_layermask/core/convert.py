@@ -8,12 +8,14 @@ new module that shares the model's submodules and parameters. The model itself i
 from __future__ import annotations
 
 import copyreg
+import functools
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from .capture import ExportedGraphs, first_line, model_signature
 from .composite import conversion_registry, ring_rules
 from .dependence import image_dependence
 from .errors import LayerMaskError, TracingError, UnsupportedLayerError
@@ -210,6 +212,7 @@ def layer_masked(
     output: Union[None, int, str] = None,
     leaves: Sequence[Any] = (),
     token_blocks: Optional[Mapping[type, Any]] = None,
+    capture: str = "auto",
 ) -> LayerMaskedModel:
     """Turns a CNN into a mask-aware model that runs on the visible pixels only (paper section 3).
 
@@ -237,13 +240,18 @@ def layer_masked(
             besides the registered ones (see :func:`register_leaf`).
         token_blocks (Mapping, optional): ``{block class: check or None}`` for this conversion, instead of the
             registered token blocks (see :func:`register_token_block`).
+        capture (str): how the model becomes a graph: ``"fx"`` (``torch.fx`` symbolic tracing, once, for every
+            input shape), ``"export"`` (``torch.export``, at the first call of each input shape; for models whose
+            ``forward`` branches on shapes, e.g. Hugging Face ``transformers``) or ``"auto"`` (``torch.fx``, and
+            ``torch.export`` when tracing fails). See docs/design.md ("Two capture paths").
 
     Returns:
         A :class:`LayerMaskedModel` called as ``masked(x, mask)``.
 
     Raises:
         UnsupportedLayerError: naming every operation that has no masking rule and where it is.
-        TracingError: if the model cannot be traced by ``torch.fx``.
+        TracingError: if the model cannot be traced by ``torch.fx`` (``capture="fx"``); under ``"auto"`` and
+            ``"export"``, at the first call, if ``torch.export`` cannot capture it either (with both reasons).
 
     Examples::
 
@@ -260,6 +268,7 @@ def layer_masked(
         output=output,
         leaves=tuple(leaves),
         token_blocks=dict(token_blocks) if token_blocks is not None else None,
+        capture=capture,
     )
     if isinstance(model, LayerMaskedModel):
         if options == model.options:
@@ -269,11 +278,25 @@ def layer_masked(
         raise TypeError(f"layer_masked takes a torch.nn.Module, got {type(model).__name__}.")
     if output is not None and not isinstance(output, (int, str)):
         raise TypeError(f"output is an index or a key of the model's output, got {type(output).__name__}.")
+    if capture not in ("auto", "fx", "export"):
+        raise ValueError(f"capture is 'auto', 'fx' or 'export', got {capture!r}.")
     load_rule_sets(model)
     registry = conversion_registry(padding, residual, rules)  # checks the options
-    traced = trace(model, registry, leaves=leaves, token_blocks=options["token_blocks"])
-    graph_module = add_mask_stream(traced, registry, prune_padding=prune_padding, gather_tokens=gather_tokens)
-    return LayerMaskedModel(graph_module, model, options, input_signature(traced))
+    mask_graph = functools.partial(
+        add_mask_stream, registry=registry, prune_padding=prune_padding, gather_tokens=gather_tokens
+    )
+    fx_reason = None
+    if capture != "export":
+        try:
+            traced = trace(model, registry, leaves=leaves, token_blocks=options["token_blocks"])
+        except TracingError as error:
+            if capture == "fx":
+                raise
+            fx_reason = first_line(error.__cause__ or error)
+        else:
+            return LayerMaskedModel(mask_graph(traced), model, options, input_signature(traced))
+    graphs = ExportedGraphs(model, mask_graph, fx_reason)
+    return LayerMaskedModel(graphs, model, options, model_signature(model))
 
 
 def _rebuild(

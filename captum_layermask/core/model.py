@@ -154,17 +154,21 @@ class LayerMaskedModel(nn.Module):
             p.default is inspect.Parameter.empty and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
             for p in signature.parameters.values()
         )
-        self.positional_inputs = len(signature.parameters)
+        self.positional_inputs = sum(
+            p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            for p in signature.parameters.values()
+        )
         self.training = source.training
         graph_module.training = source.training
         self.register_state_dict_post_hook(_strip_graph_prefix)
         self.register_load_state_dict_pre_hook(_add_graph_prefix)
 
-    def forward(self, x: Tensor, *args: Any, mask: Optional[Tensor] = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, mask: Optional[Tensor] = None, **kwargs: Any) -> Any:
         """Runs the model on the visible pixels of ``x``.
 
         Args:
-            x (Tensor): images, shape ``(N, C, H, W)``.
+            x (Tensor): images, shape ``(N, C, H, W)``: the first positional argument, or the keyword of the
+                model's first input (``pixel_values=`` for a Hugging Face model).
             *args: the model's further inputs, passed on unmasked. One positional tensor more than the model
                 requires is the mask: ``masked(x, mask)`` for a model that takes only images; a number or other
                 non-tensor there is the model's own optional input (as Captum's ``additional_forward_args``
@@ -188,12 +192,22 @@ class LayerMaskedModel(nn.Module):
         """
         if torch.jit.is_tracing() or torch.jit.is_scripting():
             raise LayerMaskError(_JIT_MESSAGE)
+        x, args = self._image(args, kwargs)
         if torch.compiler.is_exporting():  # no data-dependent checks in an exported graph: the mask is given
             if mask is not None:
                 mask = (format_mask(mask, x) > 0).to(x.dtype)  # exported graphs take mask > 0 as visible
             return select_output(self.graph_module(x, mask, *args, **kwargs), self.options.get("output"))
         mask, args = _prepare_call(self, x, args, mask, kwargs)
         return select_output(self.graph_module(x, mask, *args, **kwargs), self.options.get("output"))
+
+    def _image(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, Tuple[Any, ...]]:
+        """The image (first positional argument, or the model's first input by keyword) and the other arguments."""
+        if args:
+            return args[0], args[1:]
+        name = next(iter(self.signature.parameters))
+        if name not in kwargs:
+            raise LayerMaskError(f"a layer-masked model takes the image batch first (or as {name}=); none was given.")
+        return kwargs.pop(name), ()
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise LayerMaskError(_JIT_MESSAGE)

@@ -33,7 +33,7 @@ from .convolution import conv2d, conv2d_partial, conv2d_with_rings, conv2d_zero_
 from .linear import channel_conv1d, linear
 from .normalization import batch_norm, group_norm, layer_norm, normalize
 from .pointwise import dropout, pointwise
-from .pooling import adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d
+from .pooling import adaptive_avg_pool1d, adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d
 from .reduction import amax, amin, max_min, mean, norm, standard_deviation, sum_cells, variance
 from .resampling import interpolate, pad
 from .residual import SUM_TARGETS, sum_union
@@ -53,6 +53,7 @@ from .shape import (
 
 __all__ = [
     "SUM_TARGETS",
+    "adaptive_avg_pool1d",
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
     "amax",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedLayerError
-from ..masked import Masked
+from ..masked import Masked, align_rank
 from ..registry import builtin_rule
 from .common import (
     as_mask,
@@ -85,6 +85,20 @@ def adaptive_avg_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     mask = spatial_mask(x)
     total = op(x.value * mask, *args, **kwargs)
     visible = F.adaptive_avg_pool2d(mask, output_size)
+    return Masked(safe_divide(total, visible), as_mask(visible > 0, mask))
+
+
+@builtin_rule(nn.AdaptiveAvgPool1d, F.adaptive_avg_pool1d)
+def adaptive_avg_pool1d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """Over the last dimension (tokens ``(N, C, L)``, as Swin's and FocalNet's poolers take them):
+    :math:`h(\\mathbf{x} \\odot \\mathbf{m}) / h(\\mathbf{m})`, the mean of the visible tokens of each window;
+    0 where a window sees nothing."""
+    x = require_masked(x, "adaptive average pooling")
+    output_size = layer_parameters(op, args, kwargs, ("output_size",), {})["output_size"]
+    mask = align_rank(x.mask, x.value.ndim).to(x.value.dtype)
+    mask = mask.expand(*mask.shape[:-1], x.value.shape[-1])
+    total = op(x.value * mask, *args, **kwargs)
+    visible = F.adaptive_avg_pool1d(mask.reshape(-1, 1, mask.shape[-1]), output_size).reshape(*mask.shape[:-1], -1)
     return Masked(safe_divide(total, visible), as_mask(visible > 0, mask))
 
 

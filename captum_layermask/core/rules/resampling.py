@@ -71,7 +71,8 @@ def pad(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     mask = align_rank(x.mask, x.value.ndim)
     for pair in range(len(widths) // 2):
         dim, before, after = x.value.ndim - 1 - pair, widths[2 * pair], widths[2 * pair + 1]
-        if mask.shape[dim] > 1 and (before or after):
+        # a mask dimension of size 1 broadcasts, unless the value's is 1 too (a 1x1 map): then it is padded
+        if (mask.shape[dim] > 1 or x.value.shape[dim] == 1) and (before or after):
             index = _padded_index(mask.shape[dim], before, after, mode, mask.device)
             mask = mask.index_select(dim, index)
     return Masked(op(x.value, *args, **kwargs), mask)

@@ -91,18 +91,54 @@ def reshape(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     mask = _batch_expanded(x, groups[0][0])
     mask_shape: List[int] = []
     merged: List[int] = []
+    constant: List[int] = []
     for source, target in groups:
         if all(mask.shape[d] == 1 for d in source):
             mask_shape += [1] * len(target)
         elif all(mask.shape[d] == x.value.shape[d] for d in source):
             mask_shape += [value.shape[d] for d in target]
+        elif suffix := _constant_suffix(mask.shape, x.value.shape, source, value.shape, target):
+            mask = mask.expand(*[x.value.shape[d] if d in source else n for d, n in enumerate(mask.shape)])
+            mask_shape += [value.shape[d] for d in target]
+            constant += target[len(target) - suffix :]
         else:
             merged += source
             mask_shape += [1] * len(target)
     if merged:
         value = op(x.value * mask, *args, **kwargs)
         mask = mask.amax(merged, keepdim=True)
-    return Masked(value, mask.reshape(mask_shape))
+    mask = mask.reshape(mask_shape)
+    if constant:
+        mask = mask[tuple(slice(0, 1) if d in constant else slice(None) for d in range(mask.ndim))]
+    return Masked(value, mask)
+
+
+def _constant_suffix(
+    mask: Sequence[int], source: Sequence[int], group: List[int], target: Sequence[int], target_group: List[int]
+) -> Any:
+    """For a group whose mask varies along its leading dimensions only (full sizes, then size 1: a batch merged
+    with features, ``(N, E) -> (N * heads, E / heads)`` in attention written out), the number of trailing target
+    dimensions along which the reshaped mask is constant; None (or 0) for any other pattern, which the caller
+    treats as a merge of the group.
+
+    The mask depends on the flat index through ``index // P`` (``P``: the size of the source dimensions where it
+    is 1), so it is constant along a trailing block of target dimensions whose size divides ``P``.
+    """
+    ones = [mask[d] == 1 for d in group]
+    if True not in ones or False in ones[ones.index(True) :]:
+        return None
+    if any(mask[d] != source[d] for d in group[: ones.index(True)]):
+        return None
+    period = 1
+    for d in group[ones.index(True) :]:
+        period *= source[d]
+    suffix, size = 0, 1
+    for d in reversed(target_group):
+        if period % (size * target[d]):
+            break
+        size *= target[d]
+        suffix += 1
+    return suffix
 
 
 @builtin_rule(

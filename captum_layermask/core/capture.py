@@ -1,0 +1,148 @@
+"""The second capture path: models that ``torch.fx`` cannot trace, captured by ``torch.export``.
+
+``torch.export.export(model, args, strict=False)`` runs the model's Python once on an example input and records
+the ATen operations it performs, so shape-dependent control flow, ``int(tensor.shape[i])`` and tuple unpacking
+(what stops symbolic tracing in Hugging Face models) are simply executed. The price is that a graph is
+specialised to its input's shape: :class:`ExportedGraphs` converts at the first call of each input shape and
+keeps the result, with the batch dimension dynamic where export can keep it so (one graph serves every batch
+size from 2 up; batch size 1 gets its own graph, as export specialises sizes 0 and 1).
+
+Each captured graph is rewritten into torch functions (:mod:`~captum_layermask.core.aten`) and then given its
+mask stream by the same :func:`~captum_layermask.core.convert.add_mask_stream` as a traced one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .aten import torch_level_graph
+from .errors import LayerMaskError, TracingError
+
+MaskGraph = Callable[[fx.GraphModule], fx.GraphModule]
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception as ``Type: first line of its message``, at most ``limit`` characters."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def export_graph(model: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Tuple[fx.GraphModule, Any, bool]:
+    """Captures the model's eval-mode graph on one example call with ``torch.export`` (non-strict).
+
+    Returns:
+        The graph rewritten into torch functions (its output is the flat list of output leaves), the output's
+        tree structure, and whether the graph takes any batch size (else it is specialised to this one).
+
+    Raises:
+        Exception: whatever ``torch.export`` raises.
+    """
+    image = args[0]
+    dynamic = torch.export.ShapesCollection()
+    if image.shape[0] > 1:
+        dynamic[image] = {0: torch.export.Dim.AUTO}
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        exported = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic or None)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    module = exported.module()
+    placeholders = [node for node in module.graph.nodes if node.op == "placeholder"]
+    value = placeholders[0].meta.get("val")
+    batch_dynamic = value is not None and not isinstance(value.shape[0], int)
+    graph, _ = torch_level_graph(module)
+    return graph, module._out_spec, batch_dynamic
+
+
+class ExportedGraphs(nn.Module):
+    """A model's layer-masked graphs captured by ``torch.export``, one per input shape, made at first use.
+
+    Called as ``graphs(image, mask, *args, **kwargs)`` like a traced layer-masked graph. It registers the model's
+    submodules, parameters and buffers as its own (the same objects, so ``state_dict`` keys are the model's), and
+    forgets its graphs when moved (``.to()``, ``.half()``): the next call captures again on the new device.
+
+    Args:
+        model (nn.Module): the model (not modified).
+        mask_graph: turns a captured graph into its layer-masked graph (the conversion's rules and options).
+        fx_reason (str, optional): why ``torch.fx`` could not trace the model, reported with export's reason if
+            export fails too.
+    """
+
+    def __init__(self, model: nn.Module, mask_graph: MaskGraph, fx_reason: Optional[str] = None) -> None:
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, parameter in model.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        for name, buffer in model.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
+        self.__dict__["model"] = model
+        self.mask_graph = mask_graph
+        self.fx_reason = fx_reason
+        self.graphs: Dict[Hashable, Tuple[fx.GraphModule, Any]] = {}
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> nn.Module:
+        self.graphs.clear()
+        return super()._apply(fn, recurse)
+
+    @staticmethod
+    def _structure(leaves: List[Any], spec: Any) -> Hashable:
+        parts = [
+            (tuple(leaf.shape[1:]), leaf.dtype, str(leaf.device)) if isinstance(leaf, Tensor) else repr(leaf)
+            for leaf in leaves
+        ]
+        return (str(spec), tuple(parts))
+
+    def graph_for(self, args: tuple, kwargs: Dict[str, Any]) -> Tuple[fx.GraphModule, Any]:
+        """The layer-masked graph and output structure for a call with these inputs, captured if new."""
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        structure = self._structure(leaves, spec)
+        batch = args[0].shape[0]
+        batch = batch if isinstance(batch, int) else "many"
+        for key in ((structure, batch), (structure, "many" if batch != 1 else 1)):
+            if key in self.graphs:
+                return self.graphs[key]
+        if torch.compiler.is_exporting():
+            raise LayerMaskError(
+                "this layer-masked model was captured by torch.export per input shape and has no graph for this "
+                "shape yet; call it once on an input of the shape you export (onnx_export.export_masked does)."
+            )
+        try:
+            graph, out_spec, batch_dynamic = export_graph(self.model, args, kwargs)
+        except Exception as error:  # torch.export raises many types; the reason is reported, not swallowed
+            fx = f"torch.fx: {self.fx_reason}; " if self.fx_reason else ""
+            raise TracingError(
+                f"neither capture path takes {type(self.model).__name__} ({fx}torch.export: {first_line(error)}). "
+                "Make the failing submodule one operation with captum_layermask.register_leaf and give it a rule "
+                "with register_rule (docs/custom-layers.md)."
+            ) from error
+        entry = (self.mask_graph(graph), out_spec)
+        self.graphs[(structure, "many" if batch_dynamic and batch != 1 else batch)] = entry
+        return entry
+
+    def forward(self, image: Tensor, mask: Optional[Tensor], *args: Any, **kwargs: Any) -> Any:
+        graph, out_spec = self.graph_for((image, *args), kwargs)
+        leaves = pytree.tree_leaves(((image, *args), kwargs))
+        outputs = graph(leaves[0], mask, *leaves[1:])
+        return pytree.tree_unflatten(list(outputs), out_spec)
+
+
+def model_signature(model: nn.Module) -> inspect.Signature:
+    """The model's ``forward`` signature with its first input (the image) required."""
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    if not parameters or parameters[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise TracingError(f"{type(model).__name__}.forward takes no positional input to mask.")
+    image = parameters[0].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD, default=inspect.Parameter.empty)
+    return inspect.Signature([image, *parameters[1:]])

@@ -1,0 +1,191 @@
+"""Hugging Face models and the torch.export capture path: token dropping checked against literally dropping tokens,
+the export path against the fx path, the per-shape graphs, and Captum with LayerMask()."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from captum_layermask import LayerMask, TracingError, layer_masked
+from captum_layermask.integrations.captum import mask_from_baseline
+from tests.helpers import patch_masks, small_vit
+
+transformers = pytest.importorskip("transformers")
+from tests import hf_zoo  # noqa: E402  (needs transformers)
+
+VIT_FAMILY = [
+    ("vit", "ViTForImageClassification", 1),
+    ("deit", "DeiTForImageClassificationWithTeacher", 2),
+    ("dinov2", "Dinov2ForImageClassification", 1),
+    ("dinov2_with_registers", "Dinov2WithRegistersForImageClassification", 1 + 4),
+]
+
+
+def tiny(model_type, class_name, seed=0, **config):
+    torch.manual_seed(seed)
+    configuration = hf_zoo.tiny_config(model_type)
+    for name, value in config.items():
+        setattr(configuration, name, value)
+    return getattr(transformers, class_name)(configuration).eval()
+
+
+def embeddings_of(model):
+    """The module that embeds the image into tokens (prefix tokens, then patches in raster order)."""
+    named = [(name, m) for name, m in model.named_modules() if type(m).__name__.endswith("Embeddings")]
+    return min(named, key=lambda pair: pair[0].count("."))[1]
+
+
+def literally_dropped(model, image, keep_patches, prefix):
+    """The model run on its prefix tokens and the kept patch tokens only: the embedding's output is cut down to
+    them before the encoder sees it, so that every later layer (and the head) runs on fewer tokens."""
+    keep = torch.cat([torch.arange(prefix), prefix + keep_patches.nonzero()[:, 0]])
+    handle = embeddings_of(model).register_forward_hook(lambda module, args, out: out[:, keep])
+    try:
+        return model(image).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("model_type, class_name, prefix", VIT_FAMILY)
+def test_vit_family_is_exactly_literal_token_dropping(model_type, class_name, prefix):
+    extra = {"num_register_tokens": 4} if model_type == "dinov2_with_registers" else {}
+    model = tiny(model_type, class_name, **extra)
+    images, patch = torch.randn(3, 3, 32, 32), 8
+    mask = patch_masks(3, 32, 32, patch, keep=0.5, seed=1)
+    with torch.no_grad():
+        out = layer_masked(model, output="logits")(images, mask)
+        for i in range(3):
+            keep = mask[i, 0, ::patch, ::patch].flatten()
+            expected = literally_dropped(model, images[i : i + 1], keep, prefix)
+            assert (out[i] - expected[0]).abs().max() <= 1e-5 * expected.abs().max()
+    assert len({int(mask[i, 0, ::patch, ::patch].sum()) for i in range(3)}) > 1  # different token counts
+
+
+def test_the_export_path_equals_the_fx_path_on_torchvision_models():
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(num_classes=5).eval()
+    for model, size, patch in ((small_vit(), 64, 16), (resnet, 64, 8)):
+        images, mask = torch.randn(3, 3, size, size), patch_masks(3, size, size, patch, seed=2)
+        with torch.no_grad():
+            by_fx = layer_masked(model, capture="fx")(images, mask)
+            by_export = layer_masked(model, capture="export")(images, mask)
+        assert (by_export - by_fx).abs().max() <= 1e-5 * by_fx.abs().max()
+
+
+def test_hugging_face_models_are_called_as_their_users_call_them():
+    model = tiny("vit", "ViTForImageClassification")
+    images, mask = torch.randn(2, 3, 32, 32), patch_masks(2, 32, 32, 8)
+    masked = layer_masked(model)
+    with torch.no_grad():
+        output = masked(pixel_values=images, mask=mask)
+        assert type(output).__name__ == "ImageClassifierOutput"
+        assert torch.equal(output.logits, layer_masked(model, output="logits")(images, mask))
+        assert torch.allclose(masked(images, torch.ones_like(mask)).logits, model(pixel_values=images).logits)
+        larger = masked(torch.randn(2, 3, 48, 48), interpolate_pos_encoding=True)  # other resolutions
+        assert larger.logits.shape == (2, 3)
+
+
+def test_a_graph_per_input_shape_with_a_dynamic_batch():
+    model = tiny("vit", "ViTForImageClassification")
+    masked = layer_masked(model, output="logits")
+    graphs = masked.graph_module.graphs
+    for batch in (2, 3, 5):
+        masked(torch.randn(batch, 3, 32, 32))
+    assert len(graphs) == 1  # every batch size from 2 up shares one graph
+    masked(torch.randn(1, 3, 32, 32))
+    assert len(graphs) == 2  # export specialises batch size 1
+    masked.double()
+    assert not graphs  # moved: captured again on first use
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert torch.allclose(masked(x), model.double()(x).logits)
+
+
+class ShapeBranching(nn.Module):
+    """torch.fx cannot trace a branch on a shape; torch.export runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = x[..., :-1]
+        return self.conv(x).mean((2, 3))
+
+
+class ValueBranching(ShapeBranching):
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else -self.conv(x)
+
+
+def test_capture_falls_back_to_export_and_refuses_with_both_reasons():
+    images = torch.randn(2, 3, 9, 9)
+    model = ShapeBranching().eval()
+    with pytest.raises(TracingError, match="torch.fx could not trace"):
+        layer_masked(model, capture="fx")
+    mask = torch.ones(2, 1, 9, 9)
+    mask[:, :, :4] = 0
+    masked = layer_masked(model)
+    x = torch.where(mask > 0, images, float("nan"))
+    with torch.no_grad():
+        assert torch.equal(masked(x, mask), masked(images, mask))
+        assert torch.allclose(masked(images, torch.ones_like(mask)), model(images))
+    with pytest.raises(TracingError, match=r"torch\.fx: .*torch\.export: "):
+        layer_masked(ValueBranching().eval())(images, mask)
+    with pytest.raises(ValueError, match="capture is"):
+        layer_masked(model, capture="dynamo")
+
+
+@pytest.mark.parametrize(
+    "model_type, class_name", [("vit", "ViTForImageClassification"), ("convnext", "ConvNextForImageClassification")]
+)
+def test_captum_methods_with_layer_mask_use_exactly_the_masked_outputs(model_type, class_name):
+    from captum.attr import FeatureAblation, KernelShap, Lime
+
+    model = tiny(model_type, class_name)
+    size = model.config.image_size
+    masked = layer_masked(model, output="logits")
+    image = torch.randn(1, 3, size, size)
+    grid = torch.arange(16).view(1, 1, 4, 4)
+    segments = grid.repeat_interleave(size // 4, 2).repeat_interleave(size // 4, 3)
+    calls = []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.masked = masked
+
+        def forward(self, x):
+            out = self.masked(x)
+            for i in range(len(x)):
+                keep = mask_from_baseline(x[i : i + 1])
+                keep = torch.ones(1, 1, size, size, dtype=torch.bool) if keep is None else keep
+                with torch.no_grad():
+                    calls.append(torch.allclose(out[i], masked(image, keep)[0], atol=1e-6))
+            return out
+
+    for method, options in ((Lime, {"n_samples": 12}), (KernelShap, {"n_samples": 12}), (FeatureAblation, {})):
+        attr = method(Recorder()).attribute(
+            image, target=0, feature_mask=segments, baselines=LayerMask(), perturbations_per_eval=4, **options
+        )
+        assert attr.shape == image.shape and attr.isfinite().all()
+    assert len(calls) >= 40 and all(calls)
+
+
+FAST_ZOO = ["vit", "convnext", "resnet", "swin", "efficientnet", "mobilenet_v2", "regnet", "clip", "beit"]
+
+
+@pytest.mark.parametrize("model_type", FAST_ZOO)
+def test_hugging_face_classifiers_convert_with_the_invariants(model_type):
+    [class_name] = [name for kind, name in hf_zoo.classifiers() if kind == model_type]
+    assert hf_zoo.check(model_type, class_name) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, class_name", hf_zoo.classifiers())
+def test_the_hugging_face_zoo(model_type, class_name):
+    if model_type in hf_zoo.SKIPPED:
+        pytest.skip(hf_zoo.SKIPPED[model_type])
+    if model_type in hf_zoo.REFUSED:
+        pytest.xfail(hf_zoo.REFUSED[model_type])
+    assert hf_zoo.check(model_type, class_name) is None
