@@ -6,7 +6,7 @@ DEMO_OUT ?= demo-output
 EVALUATE_OUT ?= evaluate-output
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup lint format test test-slow timm-zoo demo evaluate tutorials benchmark train-demo-model clean
+.PHONY: setup lint format test test-slow timm-zoo hf-zoo demo evaluate tutorials benchmark train-demo-model clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-slow: setup
 # Every timm architecture: convolutional or not, converted or refused (about an hour; docs/timm.md).
 timm-zoo: setup
 	$(PY) -m tests.timm_zoo
+
+# Every Hugging Face image classifier at a tiny random configuration: converted or refused (docs/hf.md).
+hf-zoo: setup
+	$(PY) -m tests.hf_zoo
 
 # The bundled scene holds a star and a square: explain each, then the fill-sensitivity demo on a photo.
 demo: setup

@@ -142,10 +142,15 @@ def _check_input_shape(masked: nn.Module, input_shape: Sequence[int]) -> None:
     """Runs the model once on an example of ``input_shape``, so that a shape it cannot take fails with its cause."""
     try:
         with torch.no_grad():
-            masked(torch.zeros(*input_shape), mask=torch.ones(input_shape[0], 1, *input_shape[2:]))
+            out = masked(torch.zeros(*input_shape), mask=torch.ones(input_shape[0], 1, *input_shape[2:]))
     except Exception as error:
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(f"the model does not run on inputs of shape {tuple(input_shape)}: {cause}") from None
+    if not isinstance(out, torch.Tensor):
+        raise ExportError(
+            f"the model returns a {type(out).__name__}, and the ONNX graph has one output; choose the tensor to "
+            "export with layer_masked(model, output='logits') (an index or key of the model's output)."
+        )
 
 
 def _to_onnx(
@@ -154,6 +159,14 @@ def _to_onnx(
     batch = max(input_shape[0], 2) if dynamic_batch else input_shape[0]  # torch.export fixes dimensions of size 1
     image = torch.randn(batch, *input_shape[1:], generator=torch.Generator().manual_seed(0))
     mask = verification_masks(batch, *input_shape[2:])["half removed"]
+    if masked.captured_by == "export":
+        if dynamic_size:
+            raise ExportError(
+                "this model was captured by torch.export, one graph per input size; export one file per "
+                "resolution (dynamic_size=False)."
+            )
+        with torch.no_grad():
+            masked(image, mask=mask)  # its graph for this shape is made at the first call
     dims = {}
     if dynamic_batch:
         dims[0] = torch.export.Dim("batch")

@@ -180,7 +180,10 @@ class DataDependent(nn.Module):
 
 def test_untraceable_models_raise_a_tracing_error():
     with pytest.raises(TracingError, match="could not trace DataDependent"):
-        layer_masked(DataDependent())
+        layer_masked(DataDependent(), capture="fx")
+    masked = layer_masked(DataDependent())  # torch.export is tried at the first call, then both reasons given
+    with pytest.raises(TracingError, match=r"neither capture path takes DataDependent \(torch\.fx: .*torch\.export"):
+        masked(torch.ones(1, 1, 2, 2), torch.ones(2, 2))
 
 
 def test_converting_twice_is_harmless_but_changing_options_is_refused():

@@ -4,16 +4,34 @@ import subprocess
 import sys
 import textwrap
 
-BLOCKED = ("skimage", "sklearn", "matplotlib", "onnx", "onnxruntime", "onnxscript", "torchvision", "PIL")
+BLOCKED = (
+    "skimage",
+    "sklearn",
+    "matplotlib",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "torchvision",
+    "PIL",
+    "timm",
+    "transformers",
+)
 
 SCRIPT = textwrap.dedent(
     f"""
-    import importlib.abc, sys
+    import importlib.abc, importlib.machinery, sys
 
-    class Refuse(importlib.abc.MetaPathFinder):
+    class Refuse(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        # found (torch._dynamo looks packages up without importing them), but importing one fails
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in {BLOCKED!r}:
-                raise ImportError(f"{{name}} is blocked")
+                return importlib.machinery.ModuleSpec(name, self)
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise ModuleNotFoundError(f"{{module.__name__}} is blocked")
 
     sys.meta_path.insert(0, Refuse())
     import torch
@@ -25,6 +43,7 @@ SCRIPT = textwrap.dedent(
     masked = layer_masked(model)
     x, mask = torch.randn(1, 3, 8, 8), torch.ones(1, 1, 8, 8)
     assert torch.allclose(masked(x, mask), model(x), atol=1e-6)
+    assert torch.allclose(layer_masked(model, capture="export")(x, mask), model(x), atol=1e-6)
     loaded = sorted(name for name in sys.modules if name.split(".")[0] in {BLOCKED!r})
     print("loaded:", loaded)
     """

@@ -189,3 +189,65 @@ def test_the_hugging_face_zoo(model_type, class_name):
     if model_type in hf_zoo.REFUSED:
         pytest.xfail(hf_zoo.REFUSED[model_type])
     assert hf_zoo.check(model_type, class_name) is None
+
+
+def test_a_clip_image_tower_explains_zero_shot_similarity():
+    configuration = transformers.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    tower = transformers.CLIPVisionModelWithProjection(configuration).eval()
+    texts = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)  # embeddings of three prompts
+
+    class ZeroShot(nn.Module):
+        """Cosine similarity of the image embedding to each prompt's: scores for Captum."""
+
+        def __init__(self, embed):
+            super().__init__()
+            self.embed = embed
+
+        def forward(self, x, *mask):
+            return torch.nn.functional.normalize(self.embed(x, *mask), dim=-1) @ texts.T
+
+    images, mask = torch.randn(2, 3, 32, 32), patch_masks(2, 32, 32, 8)
+    plain = ZeroShot(lambda x: tower(pixel_values=x).image_embeds)
+    masked = ZeroShot(layer_masked(tower, output="image_embeds"))
+    with torch.no_grad():
+        assert torch.allclose(masked(images, torch.ones_like(mask)), plain(images), atol=1e-5)
+        assert torch.equal(masked(torch.where(mask > 0, images, float("nan")), mask), masked(images, mask))
+    from captum.attr import FeatureAblation
+
+    grid = torch.arange(16).view(1, 1, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    attr = FeatureAblation(masked).attribute(images[:1], target=0, feature_mask=grid, baselines=LayerMask())
+    with torch.no_grad():
+        keep = grid != 5
+        expected = masked(images[:1], torch.ones_like(keep))[0, 0] - masked(images[:1], keep)[0, 0]
+    assert torch.allclose(attr[0, 0][grid[0, 0] == 5], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model_type, class_name", [("vit", "ViTForImageClassification"), ("convnext", "ConvNextForImageClassification")]
+)
+def test_hugging_face_models_export_to_onnx_and_match_onnxruntime(tmp_path, model_type, class_name):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from onnx_export import ExportError, export_masked
+
+    model = tiny(model_type, class_name)
+    size = model.config.image_size
+    with pytest.raises(ExportError, match="output='logits'"):
+        export_masked(model, tmp_path / "whole.onnx", input_shape=(2, 3, size, size))
+    masked = layer_masked(model, output="logits")
+    path = export_masked(masked, tmp_path / "model.onnx", input_shape=(2, 3, size, size))
+    images, mask = torch.randn(3, 3, size, size), patch_masks(3, size, size, size // 4, seed=3).float()
+    session = onnxruntime.InferenceSession(str(path))
+    [got] = session.run(None, {"image": images.numpy(), "mask": mask.numpy()})
+    with torch.no_grad():
+        expected = masked(images, mask)
+    assert masked.captured_by == "export"
+    assert (torch.from_numpy(got) - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -49,20 +49,20 @@ def relu_rule(op, x):
 def test_a_leaf_module_with_a_rule_converts_and_without_the_leaf_tracing_fails():
     model, x, mask = Net(SizeDependent()).eval(), torch.randn(2, 3, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
     with pytest.raises(TracingError, match="register_leaf"):
-        layer_masked(model)
+        layer_masked(model, capture="fx")
     reference = Net(nn.ReLU()).eval()
     reference.conv = model.conv
     converted = layer_masked(model, leaves=[SizeDependent], rules={SizeDependent: relu_rule})  # this call only
     assert torch.equal(converted(x, mask), layer_masked(reference)(x, mask))
     with pytest.raises(TracingError):
-        layer_masked(model)
+        layer_masked(model, capture="fx")
     assert register_leaf(SizeDependent) is SizeDependent and register_rule(SizeDependent, rule=relu_rule) is relu_rule
     try:
         assert torch.equal(layer_masked(model)(x, mask), layer_masked(reference)(x, mask))  # registered for all
     finally:
         unregister(SizeDependent, relu_rule)
     with pytest.raises(TracingError):
-        layer_masked(model)  # unregister undid both
+        layer_masked(model, capture="fx")  # unregister undid both
     with pytest.raises(KeyError, match="not registered"):
         unregister(relu_rule)
 
@@ -93,7 +93,7 @@ def test_every_register_function_is_a_decorator_that_returns_its_argument_and_un
     layer_masked(model)
     unregister(Leaf, leaf_rule, Block, decoder, load)
     with pytest.raises(TracingError):
-        layer_masked(model)
+        layer_masked(model, capture="fx")
     from captum_layermask.core.gathering import TOKEN_BLOCKS
     from captum_layermask.core.model import MASK_DECODERS
 
@@ -121,7 +121,7 @@ def test_a_leaf_function_that_reads_no_pixel_needs_no_rule():
     model, x = WithPositions(), torch.randn(2, 3, 8, 8)
     mask = (torch.rand(2, 1, 8, 8) > 0.5).float()
     with pytest.raises(TracingError):
-        layer_masked(model)
+        layer_masked(model, capture="fx")
     masked = layer_masked(model, leaves=[position_table])
     with torch.no_grad():
         assert torch.equal(masked(x, mask), model(x) * mask)

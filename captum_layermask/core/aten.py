@@ -203,6 +203,7 @@ ATEN_OPERATIONS: Dict[str, Translation] = {
     "aten.squeeze.default": _method("squeeze"),
     "aten.expand.default": _method("expand"),
     "aten.expand_as.default": _method("expand_as"),
+    "aten.repeat.default": _method("repeat"),
     "aten.contiguous.default": _method("contiguous"),
     "aten.clone.default": _method("clone"),
     "aten.detach.default": _method("detach"),

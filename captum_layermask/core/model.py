@@ -163,7 +163,7 @@ class LayerMaskedModel(nn.Module):
         self.register_state_dict_post_hook(_strip_graph_prefix)
         self.register_load_state_dict_pre_hook(_add_graph_prefix)
 
-    def forward(self, *args: Any, mask: Optional[Tensor] = None, **kwargs: Any) -> Any:
+    def forward(self, x: Optional[Tensor] = None, *args: Any, mask: Optional[Tensor] = None, **kwargs: Any) -> Any:
         """Runs the model on the visible pixels of ``x``.
 
         Args:
@@ -192,7 +192,8 @@ class LayerMaskedModel(nn.Module):
         """
         if torch.jit.is_tracing() or torch.jit.is_scripting():
             raise LayerMaskError(_JIT_MESSAGE)
-        x, args = self._image(args, kwargs)
+        if x is None:
+            x = self._image_by_name(kwargs)
         if torch.compiler.is_exporting():  # no data-dependent checks in an exported graph: the mask is given
             if mask is not None:
                 mask = (format_mask(mask, x) > 0).to(x.dtype)  # exported graphs take mask > 0 as visible
@@ -200,17 +201,21 @@ class LayerMaskedModel(nn.Module):
         mask, args = _prepare_call(self, x, args, mask, kwargs)
         return select_output(self.graph_module(x, mask, *args, **kwargs), self.options.get("output"))
 
-    def _image(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, Tuple[Any, ...]]:
-        """The image (first positional argument, or the model's first input by keyword) and the other arguments."""
-        if args:
-            return args[0], args[1:]
+    def _image_by_name(self, kwargs: Dict[str, Any]) -> Any:
+        """The image given by the name of the model's first input (``pixel_values=``), taken out of ``kwargs``."""
         name = next(iter(self.signature.parameters))
         if name not in kwargs:
             raise LayerMaskError(f"a layer-masked model takes the image batch first (or as {name}=); none was given.")
-        return kwargs.pop(name), ()
+        return kwargs.pop(name)
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise LayerMaskError(_JIT_MESSAGE)
+
+    @property
+    def captured_by(self) -> str:
+        """How the model became a graph: ``"fx"`` (symbolic tracing, one graph for every input shape) or
+        ``"export"`` (``torch.export``, one graph per input shape, made at its first call)."""
+        return "fx" if isinstance(self.graph_module, fx.GraphModule) else "export"
 
     @property
     def padding(self) -> str:

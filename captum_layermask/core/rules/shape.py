@@ -177,6 +177,22 @@ def repeat_interleave(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     return Masked(op(x.value, *args, **kwargs), mask)
 
 
+@builtin_rule("repeat")
+def repeat(op: Any, x: Any, *sizes: Any) -> Masked:
+    """Tiling (``x.repeat(1, tokens, 1)``: SwiftFormer's global query, repeated for every token): the mask tiles
+    alike along a dimension it varies over, and stays size 1 along one it broadcasts over (tiles of one
+    broadcast cell are all alike)."""
+    x = require_masked(x, "repeat")
+    counts = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else sizes
+    if is_masked(counts):
+        raise UnsupportedLayerError("repeat with image-dependent counts.")
+    value = op(x.value, *sizes)
+    mask = align_rank(x.mask, len(counts))
+    shape = (1,) * (len(counts) - x.value.ndim) + tuple(x.value.shape)
+    mask = mask.repeat(*[n if mask.shape[d] == shape[d] else 1 for d, n in enumerate(counts)])
+    return Masked(value, mask)
+
+
 @builtin_rule("expand", "expand_as")
 def expand(op: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """Broadcasting a tensor: the mask broadcasts with it."""
