@@ -251,3 +251,36 @@ def test_hugging_face_models_export_to_onnx_and_match_onnxruntime(tmp_path, mode
         expected = masked(images, mask)
     assert masked.captured_by == "export"
     assert (torch.from_numpy(got) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_a_hugging_face_resnet_equals_torchvision_s_with_the_same_weights():
+    """HF ResNet (captured by torch.export) and torchvision's (traced by torch.fx) are the same network written
+    twice: with one set of weights, their layer-masked outputs agree."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    from tests.helpers import randomize_batchnorm
+
+    torch.manual_seed(0)
+    reference = randomize_batchnorm(ResNet(Bottleneck, [1, 2, 1, 1], num_classes=5).eval())
+    configuration = transformers.ResNetConfig(
+        layer_type="bottleneck",
+        depths=[1, 2, 1, 1],
+        hidden_sizes=[256, 512, 1024, 2048],
+        embedding_size=64,
+        num_labels=5,
+        downsample_in_bottleneck=False,
+    )
+    model = transformers.ResNetForImageClassification(configuration).eval()
+    names = [name for name in model.state_dict() if "num_batches_tracked" not in name]
+    block = {name: name.split(".layer.")[0].split(".shortcut.")[0] for name in names}
+    first = {b: i for i, b in reversed(list(enumerate(block.values())))}
+    names.sort(key=lambda n: (first[block[n]], ".shortcut." in n))  # torchvision keeps the shortcut last
+    values = [v for k, v in reference.state_dict().items() if "num_batches_tracked" not in k]
+    assert [tuple(v.shape) for v in values] == [tuple(model.state_dict()[n].shape) for n in names]
+    model.load_state_dict(dict(zip(names, values)), strict=False)
+    images, mask = torch.randn(3, 3, 64, 64), patch_masks(3, 64, 64, 8, seed=4)
+    with torch.no_grad():
+        assert torch.allclose(model(images).logits, reference(images), atol=1e-5)
+        by_fx = layer_masked(reference)(images, mask)
+        by_export = layer_masked(model, output="logits")(images, mask)
+    assert (by_export - by_fx).abs().max() <= 1e-5 * by_fx.abs().max()
