@@ -20,6 +20,7 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from captum_layermask import layer_masked
+from captum_layermask.core.capture import first_line
 from captum_layermask.testing import check_layer_masking
 
 _SCALARS = {
@@ -143,7 +144,7 @@ def check(model_type: str, class_name: str, size: int = 32) -> Optional[str]:
     try:
         check_layer_masking(model, images, mask, layer_masked(model), rtol=1e-4, check_padding=False)
     except Exception as error:  # the sweep reports every failure by its message
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+        return first_line(error)
     return None
 
 
@@ -161,7 +162,7 @@ def main() -> None:
         try:
             reason = check(model_type, class_name)
         except Exception as error:  # building the tiny model failed
-            reason = f"not built: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            reason = f"not built: {first_line(error, limit=200)}"
         converted += reason is None
         outcome = "converts" if reason is None else reason.replace("|", "/")
         print(f"| {model_type} | {class_name} | {outcome} | {time.perf_counter() - start:.1f} s |", flush=True)

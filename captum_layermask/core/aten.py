@@ -10,7 +10,7 @@ operation without an entry here keeps its ATen name, and the conversion names it
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -230,19 +230,19 @@ def _reachable(graph: fx.Graph, image: fx.Node) -> set:
     return reached
 
 
-def torch_level_graph(exported: fx.GraphModule, image_index: int = 0) -> Tuple[fx.GraphModule, Sequence[str]]:
-    """Rewrites the nodes of an exported graph that the image reaches into torch functions and methods.
+def torch_level_graph(exported: fx.GraphModule) -> fx.GraphModule:
+    """Rewrites the nodes of an exported graph that the image (its first placeholder) reaches into torch functions
+    and methods.
 
     Args:
         exported (fx.GraphModule): ``torch.export.export(...).module()``.
-        image_index (int): which placeholder is the image.
 
     Returns:
         The rewritten graph module (sharing the exported module's parameters), whose output is the flat list of
-        the model's output tensors, and the names of its placeholders.
+        the model's output tensors.
     """
-    placeholders = [node for node in exported.graph.nodes if node.op == "placeholder"]
-    reached = _reachable(exported.graph, placeholders[image_index])
+    image = next(node for node in exported.graph.nodes if node.op == "placeholder")
+    reached = _reachable(exported.graph, image)
     graph = fx.Graph()
     env: Dict[fx.Node, Any] = {}
     for node in exported.graph.nodes:
@@ -258,5 +258,4 @@ def torch_level_graph(exported: fx.GraphModule, image_index: int = 0) -> Tuple[f
         kind, target, args, kwargs = translate(*fx.map_arg((node.args, node.kwargs), env.__getitem__))
         env[node] = graph.create_node(kind, target, args, kwargs, name=node.name)
         env[node].meta = dict(node.meta)
-    module = fx.GraphModule(exported, graph, type(exported).__name__)
-    return module, [str(node.target) for node in placeholders]
+    return fx.GraphModule(exported, graph, type(exported).__name__)

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .aten import torch_level_graph
 from .errors import LayerMaskError, TracingError
+from .modes import eval_mode
 
 MaskGraph = Callable[[fx.GraphModule], fx.GraphModule]
 
@@ -48,19 +49,13 @@ def export_graph(model: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Tuple
     dynamic = torch.export.ShapesCollection()
     if image.shape[0] > 1:
         dynamic[image] = {0: torch.export.Dim.AUTO}
-    modes = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
+    with eval_mode(model):
         exported = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic or None)
-    finally:
-        for module, training in modes.items():
-            module.training = training
     module = exported.module()
     placeholders = [node for node in module.graph.nodes if node.op == "placeholder"]
     value = placeholders[0].meta.get("val")
     batch_dynamic = value is not None and not isinstance(value.shape[0], int)
-    graph, _ = torch_level_graph(module)
-    return graph, module._out_spec, batch_dynamic
+    return torch_level_graph(module), module._out_spec, batch_dynamic
 
 
 class ExportedGraphs(nn.Module):
@@ -102,9 +97,12 @@ class ExportedGraphs(nn.Module):
         ]
         return (str(spec), tuple(parts))
 
-    def graph_for(self, args: tuple, kwargs: Dict[str, Any]) -> Tuple[fx.GraphModule, Any]:
-        """The layer-masked graph and output structure for a call with these inputs, captured if new."""
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+    def graph_for(
+        self, inputs: Tuple[tuple, Dict[str, Any]], leaves: List[Any], spec: Any
+    ) -> Tuple[fx.GraphModule, Any]:
+        """The layer-masked graph and output structure for a call with ``inputs`` (``(args, kwargs)``, flattened
+        to ``leaves`` and ``spec``), captured if new."""
+        args, kwargs = inputs
         structure = self._structure(leaves, spec)
         batch = args[0].shape[0]
         batch = batch if isinstance(batch, int) else "many"
@@ -130,8 +128,9 @@ class ExportedGraphs(nn.Module):
         return entry
 
     def forward(self, image: Tensor, mask: Optional[Tensor], *args: Any, **kwargs: Any) -> Any:
-        graph, out_spec = self.graph_for((image, *args), kwargs)
-        leaves = pytree.tree_leaves(((image, *args), kwargs))
+        inputs = ((image, *args), kwargs)
+        leaves, spec = pytree.tree_flatten(inputs)
+        graph, out_spec = self.graph_for(inputs, leaves, spec)
         outputs = graph(leaves[0], mask, *leaves[1:])
         return pytree.tree_unflatten(list(outputs), out_spec)
 

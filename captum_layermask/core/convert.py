@@ -22,6 +22,7 @@ from .errors import LayerMaskError, TracingError, UnsupportedLayerError
 from .gathering import TokenBlocks, insert_gathering, mark_token_blocks, token_regions
 from .masked import Masked, align_rank, map_masked
 from .model import LayerMaskedModel, input_signature
+from .modes import eval_mode
 from .registry import RuleCall, RuleEntry, RuleRegistry, call_method, leaf_functions, leaf_registry, load_rule_sets
 
 
@@ -92,21 +93,19 @@ def trace(
         TracingError: if ``torch.fx`` cannot trace the model.
     """
     load_rule_sets(model)
-    modes = {module: module.training for module in model.modules()}
     try:
-        model.eval()
-        tracer = _RuleTracer(registry or conversion_registry("neighbor", "intersection", None), leaf_registry(leaves))
-        graph = tracer.trace(model)
-        mark_token_blocks(graph, model, token_blocks)
+        with eval_mode(model):
+            tracer = _RuleTracer(
+                registry or conversion_registry("neighbor", "intersection", None), leaf_registry(leaves)
+            )
+            graph = tracer.trace(model)
+            mark_token_blocks(graph, model, token_blocks)
     except Exception as error:
         raise TracingError(
             f"torch.fx could not trace {type(model).__name__} ({type(error).__name__}: {error}). Layer masking "
             "needs a traceable forward; make the submodule or function that contains the failing code one "
             "operation with captum_layermask.register_leaf, and give it a rule with register_rule."
         ) from error
-    finally:
-        for module, training in modes.items():
-            module.training = training
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 

@@ -115,20 +115,20 @@ def reshape(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
 
 def _constant_suffix(
     mask: Sequence[int], source: Sequence[int], group: List[int], target: Sequence[int], target_group: List[int]
-) -> Any:
+) -> int:
     """For a group whose mask varies along its leading dimensions only (full sizes, then size 1: a batch merged
     with features, ``(N, E) -> (N * heads, E / heads)`` in attention written out), the number of trailing target
-    dimensions along which the reshaped mask is constant; None (or 0) for any other pattern, which the caller
-    treats as a merge of the group.
+    dimensions along which the reshaped mask is constant; 0 for any other pattern, which the caller treats as a
+    merge of the group.
 
     The mask depends on the flat index through ``index // P`` (``P``: the size of the source dimensions where it
     is 1), so it is constant along a trailing block of target dimensions whose size divides ``P``.
     """
     ones = [mask[d] == 1 for d in group]
     if True not in ones or False in ones[ones.index(True) :]:
-        return None
+        return 0
     if any(mask[d] != source[d] for d in group[: ones.index(True)]):
-        return None
+        return 0
     period = 1
     for d in group[ones.index(True) :]:
         period *= source[d]
