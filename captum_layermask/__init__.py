@@ -39,6 +39,7 @@ from .core import (
 from .integrations.captum import LayerMask
 
 register_rule_set("timm", lambda: importlib.import_module("captum_layermask.integrations.timm"))
+register_rule_set("transformers", lambda: importlib.import_module("captum_layermask.integrations.transformers"))
 register_rule_set("torchvision", lambda: importlib.import_module("captum_layermask.integrations.torchvision"))
 
 __all__ = [

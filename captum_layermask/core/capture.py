@@ -14,18 +14,21 @@ mask stream by the same :func:`~captum_layermask.core.convert.add_mask_stream` a
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .aten import torch_level_graph
 from .errors import LayerMaskError, TracingError
+from .gathering import TokenBlocks, mark_token_blocks, token_count
 from .modes import eval_mode
 
-MaskGraph = Callable[[fx.GraphModule], fx.GraphModule]
+MaskGraph = Callable[..., fx.GraphModule]
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
@@ -35,8 +38,12 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def export_graph(model: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Tuple[fx.GraphModule, Any, bool]:
-    """Captures the model's eval-mode graph on one example call with ``torch.export`` (non-strict).
+def export_graph(
+    model: nn.Module, args: tuple, kwargs: Dict[str, Any], token_blocks: Optional[TokenBlocks] = None
+) -> Tuple[fx.GraphModule, Any, bool]:
+    """Captures the model's eval-mode graph on one example call with ``torch.export`` (non-strict); nodes inside
+    ``token_blocks`` (default: the registered ones) are marked, as :func:`~captum_layermask.core.convert.trace`
+    marks them.
 
     Returns:
         The graph rewritten into torch functions (its output is the flat list of output leaves), the output's
@@ -55,7 +62,29 @@ def export_graph(model: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Tuple
     placeholders = [node for node in module.graph.nodes if node.op == "placeholder"]
     value = placeholders[0].meta.get("val")
     batch_dynamic = value is not None and not isinstance(value.shape[0], int)
-    return torch_level_graph(module), module._out_spec, batch_dynamic
+    graph = torch_level_graph(module)
+    mark_token_blocks(graph.graph, model, token_blocks)
+    return graph, module._out_spec, batch_dynamic
+
+
+def _probe_mask(image: Tensor) -> Tensor:
+    """A seeded mask that removes the right half of each image and random quarter-by-quarter blocks of its left
+    half (the top-left block stays): every sample loses whole patches, different samples different numbers."""
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.rand(image.shape[0], 1, 4, 4, generator=generator) > 0.5
+    blocks[:, :, :, 2:] = False
+    blocks[:, :, 0, 0] = True
+    mask = F.interpolate(blocks.float(), size=tuple(image.shape[-2:]), mode="nearest")
+    return mask.to(device=image.device, dtype=image.dtype)
+
+
+def _same_outputs(first: Any, second: Any) -> bool:
+    pairs = list(zip(pytree.tree_leaves(first), pytree.tree_leaves(second)))
+    return all(
+        torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max().clamp(min=1)))
+        for a, b in pairs
+        if isinstance(a, Tensor) and a.is_floating_point()
+    )
 
 
 class ExportedGraphs(nn.Module):
@@ -72,7 +101,13 @@ class ExportedGraphs(nn.Module):
             export fails too.
     """
 
-    def __init__(self, model: nn.Module, mask_graph: MaskGraph, fx_reason: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mask_graph: MaskGraph,
+        fx_reason: Optional[str] = None,
+        token_blocks: Optional[TokenBlocks] = None,
+    ) -> None:
         super().__init__()
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -83,6 +118,7 @@ class ExportedGraphs(nn.Module):
         self.__dict__["model"] = model
         self.mask_graph = mask_graph
         self.fx_reason = fx_reason
+        self.token_blocks = token_blocks
         self.graphs: Dict[Hashable, Tuple[fx.GraphModule, Any]] = {}
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> nn.Module:
@@ -115,7 +151,7 @@ class ExportedGraphs(nn.Module):
                 "shape yet; call it once on an input of the shape you export (onnx_export.export_masked does)."
             )
         try:
-            graph, out_spec, batch_dynamic = export_graph(self.model, args, kwargs)
+            graph, out_spec, batch_dynamic = export_graph(self.model, args, kwargs, self.token_blocks)
         except Exception as error:  # torch.export raises many types; the reason is reported, not swallowed
             fx = f"torch.fx: {self.fx_reason}; " if self.fx_reason else ""
             raise TracingError(
@@ -123,9 +159,34 @@ class ExportedGraphs(nn.Module):
                 "Make the failing submodule one operation with captum_layermask.register_leaf and give it a rule "
                 "with register_rule (docs/custom-layers.md)."
             ) from error
-        entry = (self.mask_graph(graph), out_spec)
+        entry = (self.checked_gathering(graph, self.mask_graph(graph), leaves), out_spec)
         self.graphs[(structure, "many" if batch_dynamic and batch != 1 else batch)] = entry
         return entry
+
+    def checked_gathering(self, graph: fx.GraphModule, masked: fx.GraphModule, leaves: List[Any]) -> fx.GraphModule:
+        """``masked``, if its token gathering (made size-agnostic for an exported graph,
+        :mod:`~captum_layermask.core.gathering`) gives the outputs of attention masking on the capture's inputs
+        with a mask that removes whole blocks; else the graph without gathering, with a warning (slower, exact)."""
+        if not any(node.target is token_count for node in masked.graph.nodes):
+            return masked
+        reference = self.mask_graph(graph, gather_tokens=False)
+        image = leaves[0]
+        if image.ndim == 4:
+            mask = _probe_mask(image)
+            with torch.no_grad():
+                expected = reference(image, mask, *leaves[1:])
+                try:
+                    gathered = masked(image, mask, *leaves[1:])
+                except RuntimeError:  # a size inside the blocks that follows the token count in another way
+                    gathered = None
+                if gathered is not None and _same_outputs(gathered, expected):
+                    return masked
+        warnings.warn(
+            f"token gathering in {type(self.model).__name__} did not reproduce attention masking on its captured "
+            "graph; the blocks mask attention instead (the same outputs, slower).",
+            stacklevel=4,
+        )
+        return reference
 
     def forward(self, image: Tensor, mask: Optional[Tensor], *args: Any, **kwargs: Any) -> Any:
         inputs = ((image, *args), kwargs)

@@ -294,7 +294,7 @@ def layer_masked(
             fx_reason = first_line(error.__cause__ or error)
         else:
             return LayerMaskedModel(mask_graph(traced), model, options, input_signature(traced))
-    graphs = ExportedGraphs(model, mask_graph, fx_reason)
+    graphs = ExportedGraphs(model, mask_graph, fx_reason, options["token_blocks"])
     return LayerMaskedModel(graphs, model, options, model_signature(model))
 
 

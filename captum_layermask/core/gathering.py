@@ -10,14 +10,18 @@ A block qualifies only if nothing in it depends on a token's position (no relati
 embedding): then the order and the number of tokens cannot change what a visible token computes.
 
 This module rewrites the graph that :func:`~captum_layermask.core.convert.add_mask_stream` builds; the rules are
-unchanged. Under ``torch.export``/``torch.compile`` (where the sequence length would depend on the mask) the
+unchanged. A graph captured by ``torch.export`` is specialised to its token count ``T``: inside a region, the
+sizes ``T`` of its reshapes become the gathered count, and tensors that enter the region from outside with a
+token axis (an attention mask of shape ``(N, 1, T, T)``) are gathered along it too
+(:func:`~captum_layermask.core.capture.ExportedGraphs` checks the result against attention masking once per
+captured shape). Under ``torch.export``/``torch.compile`` (where the sequence length would depend on the mask) the
 gather and scatter nodes pass values through, so the exported graph masks attention instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Set, Type
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 
 import torch
 import torch.fx as fx
@@ -76,6 +80,14 @@ class TokenRegion:
     output: fx.Node
 
 
+def _is_token_block_path(root: nn.Module, path: str, blocks: Optional[TokenBlocks]) -> bool:
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:  # export records a few nodes under names that are not submodules
+        return False
+    return is_token_block(module, blocks)
+
+
 def mark_token_blocks(graph: fx.Graph, root: nn.Module, blocks: Optional[TokenBlocks] = None) -> None:
     """Records in ``node.meta["token_block"]`` the path of the outermost token block each node was traced from
     (``root`` is the traced model, whose submodules the graph module does not all keep)."""
@@ -83,7 +95,7 @@ def mark_token_blocks(graph: fx.Graph, root: nn.Module, blocks: Optional[TokenBl
     for node in graph.nodes:
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
             if path not in decided:
-                decided[path] = is_token_block(root.get_submodule(path), blocks)
+                decided[path] = _is_token_block_path(root, path, blocks)
             if decided[path]:
                 node.meta["token_block"] = path
                 break
@@ -159,10 +171,94 @@ def scatter_tokens(out: Any, index: Optional[Tensor], x: Any) -> Any:
     return Masked(value, full)
 
 
+def token_count(x: Any) -> int:
+    """The number of tokens of ``(N, T, C)`` tokens (masked or not)."""
+    return (x.value if isinstance(x, Masked) else x).shape[1]
+
+
+def gather_side(side: Tensor, index: Optional[Tensor], dims: Tuple[int, ...]) -> Tensor:
+    """A tensor that enters a region from outside (e.g. an attention mask ``(N or 1, heads, T, T)``), gathered
+    along its token axes ``dims`` as :func:`gather_tokens` gathers the tokens."""
+    if index is None:
+        return side
+    side = side.expand(index.shape[0], *side.shape[1:])
+    for dim in dims:
+        shape = [index.shape[0]] + [1] * (side.ndim - 1)
+        shape[dim] = index.shape[1]
+        sizes = list(side.shape)
+        sizes[dim] = index.shape[1]
+        side = side.gather(dim, index.view(shape).expand(sizes))
+    return side
+
+
+_SIZED = {"view", "reshape", "expand"}  # methods whose size arguments can hold a captured token count
+
+
+def _static_tokens(region: TokenRegion) -> Optional[int]:
+    """The token count that an exported graph was specialised to, None for a traced (size-agnostic) graph."""
+    value = region.input.meta.get("val")
+    if value is None or value.ndim != 3 or not isinstance(value.shape[1], int):
+        return None
+    return value.shape[1]
+
+
+def _side_inputs(region: TokenRegion, tokens: int) -> Optional[Dict[fx.Node, Tuple[int, ...]]]:
+    """Tensors computed outside an exported region and read inside it, with their axes of size ``tokens``;
+    None if one of them cannot be gathered (its first axis is not the batch)."""
+    sides: Dict[fx.Node, Tuple[int, ...]] = {}
+    for node in region.nodes:
+        for source in node.all_input_nodes:
+            value = source.meta.get("val")
+            if source in region.nodes or source is region.input or source.op == "get_attr":
+                continue
+            if not isinstance(value, Tensor) or value.ndim < 2:
+                continue
+            dims = tuple(d for d in range(1, value.ndim) if value.shape[d] == tokens)
+            if dims and isinstance(value.shape[0], int) and value.shape[0] != 1:
+                return None
+            if dims:
+                sides[source] = dims
+    return sides
+
+
+def _follow_token_count(
+    graph: fx.Graph, region: TokenRegion, env: Dict[fx.Node, Any], gathered: fx.Node, index: fx.Node, tokens: int
+) -> None:
+    """Makes an exported region size-agnostic: its reshapes take the gathered count, its side inputs are gathered."""
+    sides = _side_inputs(region, tokens) or {}
+    with graph.inserting_after(gathered):
+        count = graph.call_function(token_count, (gathered,))
+    members = {env[node] for node in region.nodes}
+    for source, dims in sides.items():
+        reader = next(node for node in graph.nodes if node in members and env[source] in node.all_input_nodes)
+        with graph.inserting_before(reader):
+            side = graph.call_function(gather_side, (env[source], index, dims))
+        for node in members:
+            node.replace_input_with(env[source], side)
+    for node in region.nodes:
+        if node.op == "call_method" and node.target in _SIZED and len(env[node].args) == 2:
+            masked = env[node]
+            masked.args = (masked.args[0], _token_sizes(masked.args[1], tokens, count))
+
+
+def _token_sizes(sizes: Any, tokens: int, count: fx.Node) -> Any:
+    """A size list with its token axis (the first size equal to the captured count after the batch) made the
+    gathered ``count``; other sizes that happen to equal it (a head dimension) are left."""
+    if not isinstance(sizes, (list, tuple)):
+        return sizes
+    for axis, size in enumerate(sizes[1:], start=1):
+        if isinstance(size, int) and size == tokens:
+            return type(sizes)([*sizes[:axis], count, *sizes[axis + 1 :]])
+    return sizes
+
+
 def insert_gathering(graph: fx.Graph, regions: List[TokenRegion], env: Dict[fx.Node, fx.Node]) -> None:
     """Puts a gather before and a scatter after each region in the masked ``graph`` (``env``: traced node ->
     masked node)."""
     for region in regions:
+        tokens = _static_tokens(region)
+        if tokens is not None and _side_inputs(region, tokens) is None:
+            continue
         source, result = env[region.input], env[region.output]
         members = {env[node] for node in region.nodes}
         first = next(node for node in graph.nodes if node in members)
@@ -171,6 +267,8 @@ def insert_gathering(graph: fx.Graph, regions: List[TokenRegion], env: Dict[fx.N
             gathered = graph.call_function(gather_tokens, (source, index))
         for node in members:
             node.replace_input_with(source, gathered)
+        if tokens is not None:
+            _follow_token_count(graph, region, env, gathered, index, tokens)
         with graph.inserting_after(result):
             scattered = graph.call_function(scatter_tokens, (result, index, source))
         for user in list(result.users):
