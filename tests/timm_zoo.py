@@ -15,9 +15,11 @@ This is decided on a model built on the meta device, so that no weights are init
 from __future__ import annotations
 
 import argparse
+import json
 import operator
 import time
-from typing import Dict, List, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -138,46 +140,96 @@ def _inputs(size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return x, mask
 
 
-def sweep(names: List[str], log: bool = False) -> Dict[str, Dict[str, str]]:
-    """Classifies and checks every architecture: ``{name: {"kind", "result", "detail"}}``."""
-    results: Dict[str, Dict[str, str]] = {}
+RUN_LIMIT = 1_000_000_000
+"""Parameters above which an architecture is converted on the meta device but not run (4 GB of float32 weights,
+several copies during the checks: more than this 24 GiB machine holds for the largest ones)."""
+
+
+def parameter_count(name: str) -> int:
+    """The number of parameters of an architecture (built on the meta device: nothing is allocated)."""
+    return sum(parameter.numel() for parameter in timm.create_model(name, device="meta").parameters())
+
+
+def convert_only(name: str) -> None:
+    """Converts the architecture built on the meta device (``torch.fx``: the rules are looked up, nothing runs).
+
+    Raises:
+        LayerMaskError: the conversion's refusal.
+    """
+    layer_masked(timm.create_model(name, num_classes=10, device="meta").eval(), capture="fx")
+
+
+def _outcome(name: str, kind: str) -> Dict[str, str]:
+    try:
+        if kind == "other" and parameter_count(name) > RUN_LIMIT:
+            convert_only(name)
+            return {"kind": kind, "result": "converted, not run", "detail": f"{parameter_count(name):,} parameters"}
+        check(name)
+    except LayerMaskError as error:
+        return {"kind": kind, "result": "refused", "detail": f"{type(error).__name__}: {error}"}
+    except AssertionError as error:
+        return {"kind": kind, "result": "failed", "detail": str(error)}
+    except Exception as error:  # the model itself fails to build or run at every size: reported, the sweep goes on
+        if kind == "convolutional":
+            raise
+        return {"kind": kind, "result": "error", "detail": f"{type(error).__name__}: {str(error)[:300]}"}
+    return {"kind": kind, "result": "converted", "detail": ""}
+
+
+def sweep(
+    names: List[str], log: bool = False, other: bool = False, record: Optional[Path] = None
+) -> Dict[str, Dict[str, str]]:
+    """Classifies and checks every architecture: ``{name: {"kind", "result", "detail"}}``.
+
+    Args:
+        names: the architectures.
+        log: print one line per architecture.
+        other: check the architectures that are not convolutional too (transformers, hybrids, token MLPs),
+            through whichever capture path takes them (``layer_masked``'s ``capture="auto"``).
+        record: a JSON-lines file: architectures already in it are not run again, new results are appended
+            (a sweep of the 1,371 architectures takes hours and can be resumed).
+    """
+    results: Dict[str, Dict[str, str]] = read_record(record) if record is not None and record.exists() else {}
     for name in names:
+        if name in results:
+            continue
         start = time.perf_counter()
         convolutional, why = classify(name)
-        if not convolutional:
-            results[name] = {"kind": "other", "result": "skipped", "detail": why}
+        if convolutional:
+            results[name] = _outcome(name, "convolutional")
+        elif other:
+            results[name] = {**_outcome(name, "other"), "why": why}
         else:
-            try:
-                check(name)
-                results[name] = {"kind": "convolutional", "result": "converted", "detail": ""}
-            except LayerMaskError as error:
-                results[name] = {
-                    "kind": "convolutional",
-                    "result": "refused",
-                    "detail": f"{type(error).__name__}: {error}",
-                }
-            except AssertionError as error:
-                results[name] = {"kind": "convolutional", "result": "failed", "detail": str(error)}
+            results[name] = {"kind": "other", "result": "skipped", "detail": why}
+        results[name]["seconds"] = f"{time.perf_counter() - start:.1f}"
+        if record is not None:
+            with record.open("a") as file:
+                file.write(json.dumps({"name": name, **results[name]}) + "\n")
         if log:
             entry = results[name]
-            print(
-                f"{name:48s} {entry['result']:9s} {time.perf_counter() - start:6.1f}s {entry['detail'][:150]}",
-                flush=True,
-            )
+            print(f"{name:48s} {entry['result']:9s} {entry['seconds']:>6s}s {entry['detail'][:150]}", flush=True)
     return results
+
+
+def read_record(record: Path) -> Dict[str, Dict[str, str]]:
+    """The results a sweep appended to ``record``."""
+    entries = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    return {entry.pop("name"): entry for entry in entries}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="architectures (default: every one timm lists)")
     parser.add_argument("--classify", action="store_true", help="only say which architectures are convolutional")
+    parser.add_argument("--all", action="store_true", help="check the architectures that are not convolutional too")
+    parser.add_argument("--record", type=Path, help="JSON-lines file of results: resumed from, appended to")
     args = parser.parse_args()
     names = args.names or timm.list_models()
     if args.classify:
         for name in names:
             print(name, *classify(name), sep="\t", flush=True)
         return
-    results = sweep(names, log=True)
+    results = sweep(names, log=True, other=args.all, record=args.record)
     counts: Dict[str, int] = {}
     for entry in results.values():
         counts[f"{entry['kind']}/{entry['result']}"] = counts.get(f"{entry['kind']}/{entry['result']}", 0) + 1

@@ -128,6 +128,7 @@ ATEN_OPERATIONS: Dict[str, Translation] = {
     "aten.conv2d.padding": _function(F.conv2d),
     "aten.linear.default": _function(F.linear),
     "aten.layer_norm.default": _function(F.layer_norm, _first(5)),
+    "aten.rms_norm.default": _function(F.rms_norm),
     "aten.group_norm.default": _function(F.group_norm, _first(5)),
     "aten.batch_norm.default": _function(F.batch_norm, _batch_norm),
     "aten.scaled_dot_product_attention.default": _function(F.scaled_dot_product_attention),

@@ -184,9 +184,19 @@ def leaf_registry(leaves: Any = ()) -> RuleRegistry:
 
 
 def leaf_functions(registry: RuleRegistry, leaves: RuleRegistry) -> Tuple[Callable[..., Any], ...]:
-    """The Python functions that tracing records as one call: the leaves and those with a rule."""
+    """The Python functions that tracing records as one call: the leaves and those with a rule.
+
+    ``torch.nn.functional``'s functions are left out: they dispatch on ``__torch_function__``, so ``torch.fx``
+    records each as one call already, and autowrapping one makes the traced code re-register it under a dotted
+    name that breaks every later trace (``F.rms_norm``: a KeyError in ``torch.fx``)."""
     targets = [entry.target for entry in (*leaves.entries, *registry.entries)]
-    return tuple(dict.fromkeys(target for target in targets if isinstance(target, types.FunctionType)))
+    return tuple(
+        dict.fromkeys(
+            target
+            for target in targets
+            if isinstance(target, types.FunctionType) and target.__module__ != "torch.nn.functional"
+        )
+    )
 
 
 def register_rule_set(package: str, load: Optional[Callable[[], Any]] = None) -> Any:

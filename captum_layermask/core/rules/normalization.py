@@ -40,9 +40,10 @@ def batch_norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     return pointwise(op, x, *args, **kwargs)
 
 
-@builtin_rule(nn.LayerNorm, F.layer_norm)
+@builtin_rule(nn.LayerNorm, F.layer_norm, nn.RMSNorm, F.rms_norm)
 def layer_norm(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
-    """Layer normalization over channel dimensions only (as in ConvNeXt's channels-last blocks)."""
+    """Layer and RMS normalization over channel dimensions only (ConvNeXt's channels-last blocks, a transformer's
+    tokens): each cell is normalized by its own channels, so it is pointwise over positions."""
     x = require_masked(x, "layer normalization")
     shape = layer_parameters(op, args, kwargs, ("normalized_shape",), {})["normalized_shape"]
     count = 1 if isinstance(shape, int) else len(shape)
