@@ -338,3 +338,14 @@ def test_every_convolutional_architecture_converts_or_is_a_documented_refusal():
     refused = {name for name, entry in results.items() if entry["result"] == "refused"}
     assert not failed
     assert refused == set(json.loads(REFUSED.read_text()))
+
+
+OTHER = pathlib.Path(__file__).parent / "data" / "timm_other.jsonl"
+"""The sweep of the architectures that are not convolutional (``python -m tests.timm_zoo --all --record ...``)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(timm_zoo.read_record(OTHER)) if OTHER.exists() else [])
+def test_each_other_architecture_gives_its_recorded_result(name):
+    recorded = timm_zoo.read_record(OTHER)[name]
+    assert timm_zoo._outcome(name, "other")["result"] == recorded["result"]

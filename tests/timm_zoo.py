@@ -103,20 +103,42 @@ def _randomize_norm_statistics(model: nn.Module) -> None:
             module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
 
 
+SMALL = 64
+"""The size that architectures with a fixed input size are built for when they take ``img_size=`` (ViTs)."""
+
+
+def _built_small(name: str) -> Tuple[Optional[nn.Module], List[int]]:
+    """The architecture built for ``SMALL`` pixels, if it has a fixed input size, takes ``img_size=`` and runs at
+    that size (a ViT's position embeddings are then made for it); else ``(None, [])``."""
+    config = timm.get_pretrained_cfg(name)
+    if config is None or not getattr(config, "fixed_input_size", False) or config.input_size[-1] <= SMALL:
+        return None, []
+    try:
+        model = timm.create_model(name, num_classes=10, img_size=SMALL).eval()
+        with torch.no_grad():
+            model(_inputs(SMALL)[0])
+    except Exception:  # the architecture cannot be built or run at that size: its own size is used
+        return None, []
+    return model, [SMALL]
+
+
 def check(name: str) -> None:
     """Builds the model with random weights and checks the properties of tests/test_torchvision.py, at the
-    smallest of 64, 96, 128 and 224 pixels that the model itself accepts (or its fixed size).
+    smallest of 64, 96, 128 and 224 pixels that the model itself accepts (a model with a fixed size: built for 64
+    pixels where it takes ``img_size=``, else at its size).
 
     Raises:
         LayerMaskError: the conversion's refusal (UnsupportedLayerError/TracingError).
         AssertionError: a property that does not hold.
     """
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10).eval()
+    model, sizes = _built_small(name)
+    if model is None:
+        model = timm.create_model(name, num_classes=10).eval()
+        sizes = [input_size(model)] + [size for size in (96, 128, 224) if size > input_size(model)]
     with torch.no_grad():
         _randomize_norm_statistics(model)
     masked = layer_masked(model)
-    sizes = [input_size(model)] + [size for size in (96, 128, 224) if size > input_size(model)]
     for size in sizes:
         x, mask = _inputs(size)
         try:
@@ -217,13 +239,32 @@ def read_record(record: Path) -> Dict[str, Dict[str, str]]:
     return {entry.pop("name"): entry for entry in entries}
 
 
+def report(results: Dict[str, Dict[str, str]]) -> str:
+    """A markdown summary of a sweep's results: counts per kind and result, and each refusal or failure."""
+    counts: Dict[Tuple[str, str], int] = {}
+    for entry in results.values():
+        counts[(entry["kind"], entry["result"])] = counts.get((entry["kind"], entry["result"]), 0) + 1
+    lines = ["| kind | result | architectures |", "| --- | --- | --- |"]
+    lines += [f"| {kind} | {result} | {count} |" for (kind, result), count in sorted(counts.items())]
+    lines += ["", "| architecture | result | why |", "| --- | --- | --- |"]
+    for name, entry in sorted(results.items()):
+        if entry["result"] in ("refused", "failed", "error"):
+            why = entry["detail"].split(". ")[0].replace("|", "/")[:220]
+            lines.append(f"| {name} | {entry['result']} | {why} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="architectures (default: every one timm lists)")
     parser.add_argument("--classify", action="store_true", help="only say which architectures are convolutional")
     parser.add_argument("--all", action="store_true", help="check the architectures that are not convolutional too")
     parser.add_argument("--record", type=Path, help="JSON-lines file of results: resumed from, appended to")
+    parser.add_argument("--report", action="store_true", help="print the markdown summary of --record and stop")
     args = parser.parse_args()
+    if args.report:
+        print(report(read_record(args.record)))
+        return
     names = args.names or timm.list_models()
     if args.classify:
         for name in names:

@@ -1,5 +1,6 @@
-"""The bundled demo models, trained on the procedural shapes (``shapes.py``): a small torchvision-style ResNet
-and a small torchvision ``VisionTransformer``."""
+"""The bundled demo models, trained on the procedural shapes (``shapes.py``): a small torchvision-style ResNet,
+a small torchvision ``VisionTransformer``, and two Hugging Face ``transformers`` models (a ViT distilled from the
+ResNet, and a ResNet; they need the ``[hf]`` extra)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from . import shapes
 
 WEIGHTS = Path(__file__).with_name("shapes_resnet.pt")
 VIT_WEIGHTS = Path(__file__).with_name("shapes_vit.pt")
+HF_VIT_WEIGHTS = Path(__file__).with_name("shapes_hf_vit.pt")
+HF_RESNET_WEIGHTS = Path(__file__).with_name("shapes_hf_resnet.pt")
 SCENE = Path(__file__).with_name("demo_scene.png")
 
 
@@ -70,5 +73,78 @@ def shapes_vit(num_classes: int = len(shapes.CLASSES)) -> VisionTransformer:
 def load_demo_vit(path: Path = VIT_WEIGHTS) -> VisionTransformer:
     """The trained demo ViT in eval mode (weights loaded with ``weights_only=True``)."""
     model = shapes_vit()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+class ConvolutionalStem(nn.Sequential):
+    """A hybrid ViT's patch embedding (Dosovitskiy et al. 2021, "ViT-Hybrid"): the stem and first three stages of
+    :class:`ShapesResNet` (stride 8, 64 channels), then a 1x1 convolution to the transformer's width. Each token
+    then sees beyond its 8x8 patch, as early convolutions let a ViT do (Xiao et al. 2021)."""
+
+    @classmethod
+    def of_width(cls, width: int) -> ConvolutionalStem:
+        """A stem (random weights) for a transformer of width ``width``."""
+        trunk = ShapesResNet()
+        return cls(trunk.stem, *trunk.stages[:3], nn.Conv2d(64, width, 1))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The last convolution's weight (Hugging Face's ViT reads its patch projection's dtype)."""
+        return self[-1].weight
+
+
+def _hf_labels() -> dict:
+    """The class names of the shapes, as a Hugging Face configuration takes them."""
+    return {
+        "num_labels": len(shapes.CLASSES),
+        "id2label": dict(enumerate(shapes.CLASSES)),
+        "label2id": {name: index for index, name in enumerate(shapes.CLASSES)},
+    }
+
+
+def shapes_hf_vit() -> torch.nn.Module:
+    """Hugging Face's ``ViTForImageClassification`` at demo scale: 128x128 inputs, 8x8 patches (256 tokens and the
+    class token), 4 layers, 4 heads, width 96, its patch projection replaced by a convolutional stem of the same
+    stride (:class:`ConvolutionalStem`). About 0.4M parameters. Trained from the demo ResNet's stem and with
+    distillation from it (``python -m captum_layermask.demo.train --model hf-vit``)."""
+    import transformers
+
+    config = transformers.ViTConfig(
+        image_size=shapes.SIZE,
+        patch_size=8,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        hidden_size=96,
+        intermediate_size=192,
+        **_hf_labels(),
+    )
+    model = transformers.ViTForImageClassification(config)
+    model.vit.embeddings.patch_embeddings.projection = ConvolutionalStem.of_width(config.hidden_size)
+    return model
+
+
+def shapes_hf_resnet() -> torch.nn.Module:
+    """Hugging Face's ``ResNetForImageClassification`` at demo scale: its 7x7 stem and max pooling, one basic
+    block per stage (16-32-64-128 channels). About 0.3M parameters."""
+    import transformers
+
+    config = transformers.ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        **_hf_labels(),
+    )
+    return transformers.ResNetForImageClassification(config)
+
+
+def load_demo_hf_model(name: str) -> torch.nn.Module:
+    """A trained Hugging Face demo model, ``"vit"`` or ``"resnet"``, in eval mode (``weights_only=True``)."""
+    models = {"vit": (shapes_hf_vit, HF_VIT_WEIGHTS), "resnet": (shapes_hf_resnet, HF_RESNET_WEIGHTS)}
+    if name not in models:
+        raise ValueError(f"the Hugging Face demo models are 'vit' and 'resnet', got {name!r}.")
+    build, path = models[name]
+    model = build()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

@@ -2,8 +2,9 @@
 on 2 CPU cores).
 
 Every training batch is freshly rendered (no image is seen twice); accuracy is measured on 2,000 held-out scenes
-rendered from another seed. Writes ``shapes_resnet.pt`` (or ``shapes_vit.pt``; state dict, float32) and, for the
-ResNet, the demo scene next to this file. Same seed and thread count, same weights.
+rendered from another seed. Writes ``shapes_resnet.pt`` (or ``shapes_vit.pt``, ``shapes_hf_vit.pt``,
+``shapes_hf_resnet.pt``; state dict, float32) and, for the ResNet, the demo scene next to this file. The
+Hugging Face ViT is distilled from the bundled ResNet (``DISTILLED``). Same seed and thread count, same weights.
 """
 
 from __future__ import annotations
@@ -11,16 +12,61 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 
 from . import shapes
-from .model import SCENE, VIT_WEIGHTS, WEIGHTS, ShapesResNet, shapes_vit
+from .model import (
+    HF_RESNET_WEIGHTS,
+    HF_VIT_WEIGHTS,
+    SCENE,
+    VIT_WEIGHTS,
+    WEIGHTS,
+    ShapesResNet,
+    load_demo_model,
+    shapes_hf_resnet,
+    shapes_hf_vit,
+    shapes_vit,
+)
 
-MODELS = {"resnet": (ShapesResNet, WEIGHTS, 3e-3), "vit": (shapes_vit, VIT_WEIGHTS, 5e-4)}
+MODELS = {
+    "resnet": (ShapesResNet, WEIGHTS, 3e-3),
+    "vit": (shapes_vit, VIT_WEIGHTS, 5e-4),
+    "hf-vit": (shapes_hf_vit, HF_VIT_WEIGHTS, 2e-3),
+    "hf-resnet": (shapes_hf_resnet, HF_RESNET_WEIGHTS, 3e-3),
+}
 """name: (constructor, weights file, peak learning rate)"""
+
+DISTILLED = {"hf-vit"}
+"""Models started from the bundled demo ResNet's trunk and trained to match its predicted probabilities as well
+as the labels (a ViT learns the shapes from far fewer scenes that way)."""
+
+
+def warm_start(model: nn.Module, teacher: ShapesResNet) -> None:
+    """Starts a hybrid ViT's convolutional stem from the demo ResNet's stem and first three stages."""
+    stem = model.vit.embeddings.patch_embeddings.projection
+    for target, source in zip(stem[:4], (teacher.stem, *teacher.stages[:3])):
+        target.load_state_dict(source.state_dict())
+
+
+def logits_of(output: Any) -> Tensor:
+    """A model's class scores: the tensor itself, or a Hugging Face output's ``logits``."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def loss_of(model: nn.Module, teacher: Optional[nn.Module], images: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy with the labels, plus (with a teacher) the KL divergence to its predicted probabilities."""
+    logits = logits_of(model(images))
+    loss = F.cross_entropy(logits, labels)
+    if teacher is not None:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(images), dim=1)
+        loss = loss + F.kl_div(F.log_softmax(logits, dim=1), target, log_target=True, reduction="batchmean")
+    return loss
 
 
 def evaluate(model: nn.Module, scenes: shapes.Scenes, batch: int = 250) -> float:
@@ -28,7 +74,7 @@ def evaluate(model: nn.Module, scenes: shapes.Scenes, batch: int = 250) -> float
     correct = 0
     with torch.no_grad():
         for start in range(0, len(scenes.images), batch):
-            logits = model(shapes.normalize(scenes.images[start : start + batch]))
+            logits = logits_of(model(shapes.normalize(scenes.images[start : start + batch])))
             correct += int((logits.argmax(1) == scenes.labels[start : start + batch, 0]).sum())
     return correct / len(scenes.images)
 
@@ -40,12 +86,14 @@ def train(steps: int, batch: int, seed: int, name: str = "resnet") -> tuple[nn.M
     model = build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=rate, total_steps=steps, pct_start=0.15)
-    loss_function = nn.CrossEntropyLoss()
+    teacher = load_demo_model() if name in DISTILLED else None
+    if teacher is not None:
+        warm_start(model, teacher)
     started = time.time()
     for step in range(steps):
         model.train()
         scenes = shapes.render(batch, data)
-        loss = loss_function(model(shapes.normalize(scenes.images)), scenes.labels[:, 0])
+        loss = loss_of(model, teacher, shapes.normalize(scenes.images), scenes.labels[:, 0])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -62,10 +110,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (the bundled weights: 2)")
     parser.add_argument("--out", type=Path, help="default: the bundled weights file of --model")
     args = parser.parse_args()
     args.out = args.out or MODELS[args.model][1]
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, accuracy = train(args.steps, args.batch, args.seed, args.model)
     torch.save(model.state_dict(), args.out)
     if args.model == "resnet":
