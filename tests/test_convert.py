@@ -239,3 +239,21 @@ def test_exported_graphs_show_one_neighbor_padding_node_per_padded_convolution()
     pads = [node for node in program.graph.nodes if node.target is torch.ops.captum_layermask.neighbor_pad.default]
     assert [node.args[2] for node in pads] == [2, 2]
     assert torch.allclose(program.module()(x, mask=mask), masked(x, mask), atol=1e-6)
+
+
+def test_a_model_with_its_own_mask_input_converts():
+    class WithMask(nn.Module):
+        """A forward with an input named like the layer mask (Hiera's ``forward(x, mask=None)``)."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x, mask=None):
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    model = WithMask().eval()
+    x, mask = torch.randn(2, 3, 8, 8), torch.ones(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(layer_masked(model)(x, mask), model(x), atol=1e-6)

@@ -165,8 +165,9 @@ def add_mask_stream(
     for node in traced.graph.nodes:
         if node.op == "placeholder":
             env[node] = graph.node_copy(node)
-    with graph.inserting_after(env[walk.image]):
-        mask = graph.placeholder("mask")
+    taken = {node.target for node in traced.graph.nodes if node.op == "placeholder"}
+    with graph.inserting_after(env[walk.image]):  # the model's own inputs may include a "mask" (Hiera's)
+        mask = graph.placeholder(next(name for name in ("mask", "layer_mask", "_layer_mask") if name not in taken))
     env[walk.image] = graph.call_function(masked_input, (env[walk.image], mask))
     rule_of = {node: (op, entry) for node, op, entry in walk.steps}
     for node in traced.graph.nodes:
