@@ -183,9 +183,10 @@ def convert_only(name: str) -> None:
 
 def _outcome(name: str, kind: str) -> Dict[str, str]:
     try:
-        if kind == "other" and parameter_count(name) > RUN_LIMIT:
+        parameters = parameter_count(name) if kind == "other" else 0
+        if parameters > RUN_LIMIT:
             convert_only(name)
-            return {"kind": kind, "result": "converted, not run", "detail": f"{parameter_count(name):,} parameters"}
+            return {"kind": kind, "result": "converted, not run", "detail": f"{parameters:,} parameters"}
         check(name)
     except LayerMaskError as error:
         return {"kind": kind, "result": "refused", "detail": f"{type(error).__name__}: {error}"}

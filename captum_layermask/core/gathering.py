@@ -14,8 +14,8 @@ unchanged. A graph captured by ``torch.export`` is specialised to its token coun
 sizes ``T`` of its reshapes become the gathered count, and tensors that enter the region from outside with a
 token axis (an attention mask of shape ``(N, 1, T, T)``) are gathered along it too
 (:func:`~captum_layermask.core.capture.ExportedGraphs` checks the result against attention masking once per
-captured shape). Under ``torch.export``/``torch.compile`` (where the sequence length would depend on the mask) the
-gather and scatter nodes pass values through, so the exported graph masks attention instead.
+captured shape). When a layer-masked model is itself exported (ONNX) or compiled, where the sequence length
+would depend on the mask, the gather and scatter nodes pass values through and the result masks attention.
 """
 
 from __future__ import annotations
@@ -222,10 +222,16 @@ def _side_inputs(region: TokenRegion, tokens: int) -> Optional[Dict[fx.Node, Tup
 
 
 def _follow_token_count(
-    graph: fx.Graph, region: TokenRegion, env: Dict[fx.Node, Any], gathered: fx.Node, index: fx.Node, tokens: int
+    graph: fx.Graph,
+    region: TokenRegion,
+    env: Dict[fx.Node, Any],
+    gathered: fx.Node,
+    index: fx.Node,
+    tokens: int,
+    sides: Dict[fx.Node, Tuple[int, ...]],
 ) -> None:
-    """Makes an exported region size-agnostic: its reshapes take the gathered count, its side inputs are gathered."""
-    sides = _side_inputs(region, tokens) or {}
+    """Makes an exported region size-agnostic: its reshapes take the gathered count, its ``sides`` (from
+    :func:`_side_inputs`) are gathered."""
     with graph.inserting_after(gathered):
         count = graph.call_function(token_count, (gathered,))
     members = {env[node] for node in region.nodes}
@@ -257,7 +263,8 @@ def insert_gathering(graph: fx.Graph, regions: List[TokenRegion], env: Dict[fx.N
     masked node)."""
     for region in regions:
         tokens = _static_tokens(region)
-        if tokens is not None and _side_inputs(region, tokens) is None:
+        sides = _side_inputs(region, tokens) if tokens is not None else {}
+        if sides is None:
             continue
         source, result = env[region.input], env[region.output]
         members = {env[node] for node in region.nodes}
@@ -268,7 +275,7 @@ def insert_gathering(graph: fx.Graph, regions: List[TokenRegion], env: Dict[fx.N
         for node in members:
             node.replace_input_with(source, gathered)
         if tokens is not None:
-            _follow_token_count(graph, region, env, gathered, index, tokens)
+            _follow_token_count(graph, region, env, gathered, index, tokens, sides)
         with graph.inserting_after(result):
             scattered = graph.call_function(scatter_tokens, (result, index, source))
         for user in list(result.users):
