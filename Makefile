@@ -69,6 +69,7 @@ train-demo-model: setup
 	$(PY) -m captum_layermask.demo.train --model vit --steps 8000
 	$(PY) -m captum_layermask.demo.train --model hf-vit --steps 600 --threads 1
 	$(PY) -m captum_layermask.demo.train --model hf-resnet --steps 800 --threads 1
+	$(PY) -m captum_layermask.demo.train --model segmenter --steps 1200 --batch 32 --threads 1
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(EVALUATE_OUT) .pytest_cache

@@ -5,6 +5,8 @@ removed pixels, whatever fills them, have no influence on the output.
 
 - :mod:`captum_layermask.core`: the engine (``layer_masked``, rules, neighbor padding); torch only.
 - :mod:`captum_layermask.integrations.captum`: ``LayerMask()``, the Captum baseline.
+- :mod:`captum_layermask.integrations.segmentation`: ``RegionScores``, a segmentation model as per-class scores
+  over a region (the target of Captum's methods).
 - :mod:`captum_layermask.integrations.timm`: the rules and leaves of timm's layers, installed the first time a
   timm model is converted.
 - :mod:`captum_layermask.integrations.torchvision`: Swin's window attention and patch merging, installed the first
@@ -37,6 +39,7 @@ from .core import (
     unregister,
 )
 from .integrations.captum import LayerMask
+from .integrations.segmentation import RegionScores
 
 register_rule_set("timm", lambda: importlib.import_module("captum_layermask.integrations.timm"))
 register_rule_set("transformers", lambda: importlib.import_module("captum_layermask.integrations.transformers"))
@@ -49,6 +52,7 @@ __all__ = [
     "Masked",
     "MaskShapeError",
     "TracingError",
+    "RegionScores",
     "UnsupportedLayerError",
     "add_mask_stream",
     "layer_masked",

@@ -1,4 +1,4 @@
-"""Classifiers from local weights files: torchvision models and the bundled demo model.
+"""Classifiers and segmentation models from local weights files: torchvision models and the bundled demo models.
 
 Used by the ``layermask`` command and by ``python -m onnx_export``. Weights are read with
 ``torch.load(..., weights_only=True)`` only; nothing is downloaded unless a torchvision weights name is given.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torchvision
@@ -25,13 +25,16 @@ class WeightsError(LayerMaskError):
 
 @dataclass
 class Classifier:
-    """A classifier in eval mode with what its inputs need.
+    """A classifier (or segmentation model) in eval mode with what its inputs need.
 
     Attributes:
         model: the module.
         classes: the class names, or None (classes shown by index).
         mean, std: the per-channel normalisation its inputs expect.
         size: its default input resolution.
+        output: the part of its output that holds the class scores (``"out"`` for torchvision's segmentation
+            models), None for the output itself.
+        background: a segmentation model's background class, None for a classifier.
     """
 
     model: nn.Module
@@ -39,6 +42,8 @@ class Classifier:
     mean: Sequence[float]
     std: Sequence[float]
     size: int
+    output: Optional[Any] = None
+    background: Optional[int] = None
 
 
 def load_state(model: nn.Module, path: Path, name: str) -> None:
@@ -111,3 +116,54 @@ def load_classifier(name: str, weights: Optional[str] = None, num_classes: Optio
     if name == "demo":
         return demo_classifier(Path(weights) if weights else None)
     return torchvision_classifier(name, weights, num_classes)
+
+
+def demo_segmenter(weights: Optional[Path] = None) -> Classifier:
+    """The bundled demo segmentation model (procedural shapes, 128x128; class 0 is the background)."""
+    from .demo import model as demo_model
+    from .demo import shapes
+
+    model = demo_model.ShapesSegmenter()
+    load_state(model, Path(weights) if weights else demo_model.SEGMENTER_WEIGHTS, "the demo segmentation model")
+    classes = demo_model.SEGMENTATION_CLASSES
+    return Classifier(model.eval(), classes, shapes.MEAN, shapes.STD, shapes.SIZE, background=0)
+
+
+def torchvision_segmenter(name: str, weights: Optional[str], num_classes: Optional[int] = None) -> Classifier:
+    """A torchvision segmentation model (``fcn_resnet50``, ``deeplabv3_mobilenet_v3_large``, ...) with weights from
+    a state-dict file or a torchvision weights name; its scores are its ``"out"`` output, class 0 the background.
+
+    Raises:
+        WeightsError: for an unknown model, missing weights or a file that does not fit.
+    """
+    segmentation = torchvision.models.segmentation
+    if name not in torchvision.models.list_models(module=segmentation):
+        raise WeightsError(
+            f"unknown segmentation model '{name}'; use 'demo' or a torchvision one such as deeplabv3_resnet50."
+        )
+    if weights is None:
+        raise WeightsError(f"--weights is needed for {name}: a state-dict file or a weights name.")
+    path = Path(weights)
+    if path.exists():
+        options = {"num_classes": num_classes} if num_classes else {}
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, aux_loss=None, **options)
+        load_state(model, path, name)
+        return Classifier(model.eval(), None, IMAGENET_MEAN, IMAGENET_STD, 224, output="out", background=0)
+    try:
+        enum = torchvision.models.get_model_weights(name)[weights]
+    except KeyError:
+        raise WeightsError(f"--weights {weights} is neither a file nor a weights name of {name}.") from None
+    model = torchvision.models.get_model(name, weights=enum)
+    categories = enum.meta["categories"]
+    return Classifier(model.eval(), categories, IMAGENET_MEAN, IMAGENET_STD, 520, output="out", background=0)
+
+
+def load_model(name: str, weights: Optional[str], num_classes: Optional[int], task: str) -> Classifier:
+    """A classifier (``task="classification"``) or a segmentation model (``task="segmentation"``) by name."""
+    if task == "segmentation":
+        return (
+            demo_segmenter(Path(weights) if weights else None)
+            if name == "demo"
+            else torchvision_segmenter(name, weights, num_classes)
+        )
+    return load_classifier(name, weights, num_classes)

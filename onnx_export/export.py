@@ -20,6 +20,7 @@ from .functions import add_neighbor_pad_function, neighbor_pad_translation
 SUPPORTED_OPSETS = range(18, 24)
 INPUT_NAMES = ("image", "mask")
 OUTPUT_NAME = "logits"
+MASK_OUTPUT_NAME = "output_mask"
 
 
 class ExportError(Exception):
@@ -35,11 +36,19 @@ def verification_masks(batch: int, height: int, width: int, seed: int = 0) -> di
     return {"full": torch.ones(batch, 1, height, width), "half removed": half, "90% removed": tenth}
 
 
-def verify(path: Path, masked: nn.Module, input_shape: Sequence[int], batch: int, rtol: float = 1e-4) -> float:
+def verify(
+    path: Path,
+    masked: nn.Module,
+    input_shape: Sequence[int],
+    batch: int,
+    rtol: float = 1e-4,
+    return_mask: bool = False,
+) -> float:
     """Runs the file in onnxruntime against PyTorch; returns the largest relative difference.
 
     Raises:
-        ExportError: if any output differs by more than ``rtol`` relative to the largest output magnitude.
+        ExportError: if any output differs by more than ``rtol`` relative to the largest output magnitude, or
+            (``return_mask``) any cell of the output mask differs.
     """
     import onnxruntime
 
@@ -48,12 +57,16 @@ def verify(path: Path, masked: nn.Module, input_shape: Sequence[int], batch: int
     image = torch.randn(batch, *input_shape[1:], generator=generator)
     worst = 0.0
     for name, mask in verification_masks(batch, *input_shape[2:]).items():
+        names = [OUTPUT_NAME, MASK_OUTPUT_NAME] if return_mask else [OUTPUT_NAME]
         try:
-            got = session.run([OUTPUT_NAME], {"image": image.numpy(), "mask": mask.numpy()})[0]
+            got, *got_mask = session.run(names, {"image": image.numpy(), "mask": mask.numpy()})
         except Exception as error:  # onnxruntime's own exception types
             raise ExportError(f"onnxruntime cannot run the export: {str(error).strip().splitlines()[-1]}") from None
         with torch.no_grad():
-            expected = masked(image, mask).numpy()
+            expected, expected_mask = masked(image, mask, return_mask=True)
+        expected = expected.numpy()
+        if got_mask and not np.array_equal(got_mask[0], expected_mask.numpy()):
+            raise ExportError(f"onnxruntime's output mask differs from PyTorch's with the {name} mask.")
         difference = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
         if difference > rtol:
             raise ExportError(f"onnxruntime differs from PyTorch by {difference:.2e} (relative) with the {name} mask.")
@@ -70,11 +83,13 @@ def export_masked(
     dynamic_batch: bool = True,
     dynamic_size: bool = False,
     verify_batch: Optional[int] = None,
+    return_mask: bool = False,
 ) -> Path:
     """Exports a CNN with layer masking to ONNX, checks it, and verifies it against PyTorch before writing.
 
     The ONNX graph takes ``image`` (float32, N x C x H x W) and ``mask`` (float32, N x 1 x H x W, 1 = visible)
-    and returns ``logits``. Each neighbor-padded layer is one ``captum_layermask::NeighborPad`` function call.
+    and returns ``logits`` (and ``output_mask``, bool, broadcastable to it, with ``return_mask=True``: the cells
+    that some visible pixel reaches, as ``masked(x, mask, return_mask=True)``). Each neighbor-padded layer is one ``captum_layermask::NeighborPad`` function call.
 
     Args:
         model (nn.Module): a plain CNN (converted with :func:`~captum_layermask.layer_masked`) or a
@@ -87,6 +102,7 @@ def export_masked(
         verify_batch (int, optional): batch size of the verification run (default: one more than the example's
             when the batch is dynamic). With a dynamic batch the example has at least 2 images, since
             ``torch.export`` fixes dimensions of size 1.
+        return_mask (bool): a second output, ``output_mask``.
 
     Returns:
         The path written.
@@ -112,13 +128,13 @@ def export_masked(
     masked.eval()
     _check_input_shape(masked, input_shape)
     try:
-        program = _to_onnx(masked, input_shape, opset, dynamic_batch, dynamic_size)
+        program = _to_onnx(masked, input_shape, opset, dynamic_batch, dynamic_size, return_mask)
         try:
             with staged(path, suffix=".onnx") as staging:  # beside the target: an atomic rename
                 program.save(staging)
                 onnx.checker.check_model(onnx.load(staging), full_check=True)
                 batch = verify_batch or (max(input_shape[0], 2) + 1 if dynamic_batch else input_shape[0])
-                verify(staging, masked, input_shape, batch)
+                verify(staging, masked, input_shape, batch, return_mask=return_mask)
         except onnx.checker.ValidationError as error:
             raise ExportError(f"the exported model fails onnx.checker: {error}") from None
     finally:
@@ -154,7 +170,12 @@ def _check_input_shape(masked: nn.Module, input_shape: Sequence[int]) -> None:
 
 
 def _to_onnx(
-    masked: nn.Module, input_shape: Sequence[int], opset: Optional[int], dynamic_batch: bool, dynamic_size: bool
+    masked: nn.Module,
+    input_shape: Sequence[int],
+    opset: Optional[int],
+    dynamic_batch: bool,
+    dynamic_size: bool,
+    return_mask: bool,
 ):
     batch = max(input_shape[0], 2) if dynamic_batch else input_shape[0]  # torch.export fixes dimensions of size 1
     image = torch.randn(batch, *input_shape[1:], generator=torch.Generator().manual_seed(0))
@@ -178,12 +199,14 @@ def _to_onnx(
             program = torch.onnx.export(
                 masked,
                 (image,),
-                kwargs={"mask": mask},
+                kwargs={"mask": mask, "return_mask": True} if return_mask else {"mask": mask},
                 dynamo=True,
                 opset_version=opset,
                 input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes={"x": dims, "mask": dims} if dims else None,
+                output_names=[OUTPUT_NAME, MASK_OUTPUT_NAME] if return_mask else [OUTPUT_NAME],
+                dynamic_shapes=({"x": dims, "mask": dims} | ({"return_mask": None} if return_mask else {}))
+                if dims
+                else None,
                 custom_translation_table={torch.ops.captum_layermask.neighbor_pad.default: neighbor_pad_translation},
                 verbose=False,
             )

@@ -24,6 +24,12 @@ def patch_masks(batch, height, width, patch, keep=0.5, seed=0):
     return masks
 
 
+def patches(size=16, patch=4):
+    """Feature ids of square patches, shape (1, 1, size, size): shared by all channels of a pixel."""
+    grid = torch.arange((size // patch) ** 2).view(1, 1, size // patch, size // patch)
+    return grid.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+
+
 def randomize_batchnorm(model, seed=0):
     """Gives every BatchNorm non-trivial running statistics and affine parameters."""
     generator = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ from torch import nn
 from captum_layermask import LayerMask, LayerMaskError, MaskShapeError, layer_masked
 from captum_layermask.integrations.captum import mask_from_baseline
 
-from .helpers import randomize_batchnorm
+from .helpers import patches, randomize_batchnorm
 
 
 def small_cnn():
@@ -29,12 +29,6 @@ def small_cnn():
             nn.Linear(8, 4),
         ).eval()
     )
-
-
-def patches(size=16, patch=4):
-    """Feature ids of square patches, shape (1, 1, size, size): shared by all channels of a pixel."""
-    grid = torch.arange((size // patch) ** 2).view(1, 1, size // patch, size // patch)
-    return grid.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
 
 
 @pytest.mark.parametrize("per_eval", [1, 5])

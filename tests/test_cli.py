@@ -9,9 +9,9 @@ import torch
 import torchvision
 from captum.attr import FeatureAblation
 
-from captum_layermask import LayerMask, layer_masked
+from captum_layermask import LayerMask, RegionScores, layer_masked
 from captum_layermask.cli import main
-from captum_layermask.cli.explain import segment
+from captum_layermask.cli.attributions import segment
 from captum_layermask.cli.io import read_image
 from captum_layermask.demo import model as demo_model
 from captum_layermask.demo import shapes
@@ -294,3 +294,34 @@ def test_an_evaluation_without_one_readable_image_is_one_line(tmp_path, capsys):
     for diagnostics in ("16", "0"):
         assert main([*args, "--diagnostic-images", diagnostics, "--lime-images", "0"]) == 2
         assert "none of the 1 image(s) of the run could be read" in capsys.readouterr().err
+
+
+def test_explain_a_region_of_the_demo_segmentation_computes_what_captum_computes(tmp_path):
+    args = ["explain", "--task", "segmentation", "--method", "ablation", "--maskers", "grey,layer"]
+    assert main(args + ["--out", str(tmp_path)]) == 0
+    saved = torch.load(tmp_path / "attributions.pt", weights_only=True)
+    model = demo_model.load_demo_segmenter()
+    x = shapes.normalize(read_image(demo_model.SCENE, 128))
+    with torch.no_grad():
+        predicted = model(x)[0].argmax(0)
+    counts = torch.bincount(predicted.flatten(), minlength=7)
+    counts[0] = 0  # the background is never the default target
+    assert saved["target"] == int(counts.argmax()) and torch.equal(saved["region"], predicted == saved["target"])
+    segments = segment(read_image(demo_model.SCENE, 128), "patches", None)
+    for masker, forward, baseline in (("layer", layer_masked(model), LayerMask()), ("grey", model, 0.0)):
+        expected = FeatureAblation(RegionScores(forward, saved["region"])).attribute(
+            x, target=saved["target"], feature_mask=segments, baselines=baseline, perturbations_per_eval=16
+        )
+        got = torch.from_numpy(np.load(tmp_path / f"attributions_{masker}.npy"))
+        assert torch.allclose(got, expected[0], atol=1e-5)
+    assert (tmp_path / "explanation.png").stat().st_size > 10_000 and (tmp_path / "region.npy").exists()
+
+
+def test_explain_a_segmentation_refuses_a_region_it_cannot_explain(tmp_path):
+    np.save(tmp_path / "region.npy", np.ones((64, 64), dtype=bool))
+    base = ["explain", "--task", "segmentation", "--out", str(tmp_path / "out")]
+    assert main(base + ["--region-file", str(tmp_path / "region.npy")]) == 2  # no --target
+    assert main(base + ["--region-file", str(tmp_path / "region.npy"), "--target", "1"]) == 2  # wrong size
+    assert main(base + ["--target", "9"]) == 2  # the demo model has 7 classes
+    assert main(["explain", "--region-file", str(tmp_path / "region.npy"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["explain", "--task", "segmentation", "--images", str(tmp_path), "--out", str(tmp_path / "d")]) == 2

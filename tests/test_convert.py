@@ -241,19 +241,50 @@ def test_exported_graphs_show_one_neighbor_padding_node_per_padded_convolution()
     assert torch.allclose(program.module()(x, mask=mask), masked(x, mask), atol=1e-6)
 
 
-def test_a_model_with_its_own_mask_input_converts():
+def test_a_model_with_its_own_optional_mask_input_converts():
     class WithMask(nn.Module):
-        """A forward with an input named like the layer mask (Hiera's ``forward(x, mask=None)``)."""
+        """Hiera's ``forward(x, mask=None)``: an optional input named like the layer mask, read under ``if``."""
 
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3, padding=1)
 
         def forward(self, x, mask=None):
+            if mask is not None:  # traced as None: a proxy would take this branch
+                x = x * mask
             return self.conv(x)
 
     torch.manual_seed(0)
     model = WithMask().eval()
-    x, mask = torch.randn(2, 3, 8, 8), torch.ones(2, 1, 8, 8)
+    x, visible = torch.randn(2, 3, 8, 8), torch.ones(2, 1, 8, 8)
+    removed = visible.clone()
+    removed[:, :, :, 4:] = 0
+    masked = layer_masked(model)
     with torch.no_grad():
-        assert torch.allclose(layer_masked(model)(x, mask), model(x), atol=1e-6)
+        assert torch.allclose(masked(x, visible), model(x), atol=1e-6)
+        noisy = torch.where(removed > 0, x, torch.nan)
+        assert torch.equal(masked(noisy, removed), masked(x, removed))
+
+
+def test_clamps_take_the_same_rule_through_both_capture_paths():
+    class Clipped(nn.Module):
+        """Gemma-4's clipped linear layers: clamps with tensor bounds, and ``clamp(max=)`` alone."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.register_buffer("low", torch.tensor(-0.2))
+            self.register_buffer("high", torch.tensor(0.3))
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.clamp(y, self.low, self.high) + y.clamp(max=0.1)
+
+    torch.manual_seed(0)
+    model = Clipped().eval()
+    x, mask = torch.randn(2, 3, 8, 8), torch.ones(2, 1, 8, 8)
+    mask[:, :, 2:6, 3:] = 0
+    with torch.no_grad():
+        by_fx = layer_masked(model, capture="fx")(x, mask)
+        by_export = layer_masked(model, capture="export")(x, mask)
+    assert torch.allclose(by_export, by_fx, atol=1e-6)

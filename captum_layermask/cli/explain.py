@@ -3,97 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..core.convert import layer_masked
-from ..evaluation.attribution_metrics import segment_scores
-from ..evaluation.explanations import EXPLANATION_MASKERS, METHODS, captum_attribution, captum_baseline
-from ..evaluation.maskers import masker_title
+from ..evaluation.explanations import EXPLANATION_MASKERS, METHODS
 from ..evaluation.normalization import normalizer
-from ..evaluation.segmentation import SEGMENTER_NAMES, get_segmenter, segment_images
-from ..weights import Classifier, load_classifier
+from ..evaluation.segmentation import SEGMENTER_NAMES
+from ..weights import Classifier, load_classifier, load_model
 from .arguments import add_common_arguments, add_engine_arguments, add_model_arguments, at_least, check_engine, subset
-from .io import CommandError, check_output_folder, read_image, read_segments, staged_output
-
-
-def segment(image: Tensor, how: str, file: Optional[Path]) -> Tensor:
-    """Segment ids ``(1, 1, H, W)`` of an image in [0, 1]: 16x16 patches, SLIC or quickshift, or from a file."""
-    if file is None:
-        return segment_images(image, get_segmenter(how, mean=(0, 0, 0), std=(1, 1, 1)))[:, None]
-    return segment_images(image, read_segments(file, *image.shape[-2:])[None])[:, None]
-
-
-def attribute(
-    model: nn.Module,
-    x: Tensor,
-    segments: Tensor,
-    target: int,
-    *,
-    method: str,
-    maskers: Sequence[str],
-    mean: Sequence[float],
-    std: Sequence[float],
-    samples: int,
-    per_eval: int,
-    seed: int,
-    residual: str = "intersection",
-) -> Dict[str, Tensor]:
-    """Attributions of the target class under each masker, with the same random samples.
-
-    Args:
-        model: the plain classifier; the ``layer`` masker explains ``layer_masked(model)`` with ``LayerMask()``.
-        x: the image ``(1, C, H, W)``, normalised with ``mean`` and ``std``.
-        segments: ``(1, 1, H, W)`` feature ids.
-    """
-    masked = layer_masked(model, residual=residual)
-    results = {}
-    for masker in maskers:
-        forward = masked if masker == "layer" else model
-        torch.manual_seed(seed)
-        print(f"{method}, {masker_title(masker)}:", file=sys.stderr)
-        baseline = captum_baseline(masker, mean, std)
-        result = captum_attribution(
-            method, forward, x, segments, target, baseline, samples, per_eval, show_progress=True
-        )
-        results[masker] = result.detach()
-    return results
-
-
-def plot_explanation(
-    image: Tensor, segments: Tensor, results: Dict[str, Tensor], title: str, top: int, path: Path
-) -> None:
-    """Paper Figure 8 style: per masking, the top segments for the class in green and against it in red."""
-    import matplotlib.pyplot as plt
-
-    pixels = image[0].permute(1, 2, 0).numpy()
-    fig, axes = plt.subplots(1, len(results) + 1, figsize=(3.2 * (len(results) + 1), 3.6))
-    axes[0].imshow(pixels)
-    axes[0].set_title(f"input; class '{title}'")
-    ids = segments[:, 0]
-    for axis, (masking, attribution) in zip(axes[1:], results.items()):
-        scores = segment_scores(attribution, ids)[0]
-        order = torch.argsort(scores, descending=True)
-        positive = [int(s) for s in order[:top] if scores[s] > 0]
-        negative = [int(s) for s in order.flip(0)[:top] if scores[s] < 0]
-        shown = 0.35 * pixels + 0.25
-        seg = ids[0].numpy()
-        for chosen, colour in ((positive, (0.1, 0.8, 0.2)), (negative, (0.9, 0.15, 0.1))):
-            region = np.isin(seg, chosen)
-            shown[region] = 0.55 * pixels[region] + 0.45 * np.array(colour)
-        axis.imshow(shown)
-        axis.set_title(masker_title(masking))
-    for axis in axes:
-        axis.axis("off")
-    fig.suptitle(f"top {top} segments for (green) and against (red) '{title}'")
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+from .attributions import attribute, save_explanation, segment
+from .explain_region import explain_region
+from .io import CommandError, check_output_folder, read_image, staged_output
 
 
 def explain_image(
@@ -140,13 +63,7 @@ def explain_image(
     )
     name = _class_name(classifier, target)
     with staged_output(out, "explain") as staging:
-        plot_explanation(image, ids, results, name, top, staging / "explanation.png")
-        torch.save(
-            {"attributions": results, "segments": ids, "target": target, "image": image}, staging / "attributions.pt"
-        )
-        for masker, attribution in results.items():
-            np.save(staging / f"attributions_{masker}.npy", attribution[0].numpy())
-        np.save(staging / "segments.npy", ids[0, 0].numpy())
+        save_explanation(staging, image, ids, results, target, name, top)
     print(
         f"predicted '{_class_name(classifier, int(logits.argmax(1)))}'; explained '{name}'; wrote {out}/explanation.png"
     )
@@ -181,7 +98,25 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         help="a whole dataset: an image folder (<folder>/<class>/<image>, or flat) or several image files; "
         "results per image in --out, resumable (docs/datasets.md)",
     )
-    ex.add_argument("--target", type=at_least(0), help="class index to explain (default: the top prediction)")
+    ex.add_argument(
+        "--task",
+        choices=("classification", "segmentation"),
+        default="classification",
+        help="segmentation: explain a class over a region of a segmentation model's output (--model demo: the "
+        "bundled demo segmentation model; or a torchvision one, e.g. deeplabv3_resnet50)",
+    )
+    ex.add_argument(
+        "--target",
+        type=at_least(0),
+        help="class index to explain (default: the top prediction; for segmentation the class predicted on most "
+        "pixels other than the background)",
+    )
+    ex.add_argument(
+        "--region-file",
+        type=Path,
+        help="segmentation: .npy bool array (H, W) of the output pixels to explain (default: those predicted as "
+        "--target)",
+    )
     ex.add_argument("--method", choices=METHODS, default="lime", help="the Captum method (default: lime)")
     ex.add_argument(
         "--segments",
@@ -222,7 +157,9 @@ def run(args: argparse.Namespace) -> Path:
     if args.engine != "local" or args.address:
         raise CommandError("--engine and --address apply to a dataset: give --images.")
     check_output_folder(args.out)  # before any work
-    classifier = load_classifier(args.model, args.weights, args.num_classes)
+    if args.task == "classification" and args.region_file is not None:
+        raise CommandError("--region-file is for a segmentation model: give --task segmentation.")
+    classifier = load_model(args.model, args.weights, args.num_classes, args.task)
     image = args.image
     if image is None:
         if args.model != "demo":
@@ -232,10 +169,7 @@ def run(args: argparse.Namespace) -> Path:
         from ..demo.model import SCENE
 
         image = SCENE
-    return explain_image(
-        classifier,
-        image,
-        args.out,
+    options = dict(
         size=args.size,
         target=args.target,
         method=args.method,
@@ -248,12 +182,17 @@ def run(args: argparse.Namespace) -> Path:
         seed=args.seed,
         residual=args.residual,
     )
+    if args.task == "segmentation":
+        return explain_region(classifier, image, args.out, region_file=args.region_file, **options)
+    return explain_image(classifier, image, args.out, **options)
 
 
 def _run_on_dataset(args: argparse.Namespace) -> Path:
     from ..datasets import OutputMismatchError, explain_dataset
 
     check_engine(args)
+    if args.task != "classification":
+        raise CommandError("dataset runs (--images) explain classifiers; explain a segmentation one image at a time.")
     if args.segments_file is not None:
         raise CommandError("--segments-file is for one image; with --images use --segments.")
     if args.residual != "intersection":

@@ -90,7 +90,8 @@ def _same_outputs(first: Any, second: Any) -> bool:
 class ExportedGraphs(nn.Module):
     """A model's layer-masked graphs captured by ``torch.export``, one per input shape, made at first use.
 
-    Called as ``graphs(image, mask, *args, **kwargs)`` like a traced layer-masked graph. It registers the model's
+    Called as ``graphs(image, mask, *args, **kwargs)`` like a traced layer-masked graph, it returns the outputs
+    and their output masks (each in the model's output structure). It registers the model's
     submodules, parameters and buffers as its own (the same objects, so ``state_dict`` keys are the model's), and
     forgets its graphs when moved (``.to()``, ``.half()``): the next call captures again on the new device.
 
@@ -192,8 +193,8 @@ class ExportedGraphs(nn.Module):
         inputs = ((image, *args), kwargs)
         leaves, spec = pytree.tree_flatten(inputs)
         graph, out_spec = self.graph_for(inputs, leaves, spec)
-        outputs = graph(leaves[0], mask, *leaves[1:])
-        return pytree.tree_unflatten(list(outputs), out_spec)
+        outputs, masks = graph(leaves[0], mask, *leaves[1:])
+        return pytree.tree_unflatten(list(outputs), out_spec), pytree.tree_unflatten(list(masks), out_spec)
 
 
 def model_signature(model: nn.Module) -> inspect.Signature:

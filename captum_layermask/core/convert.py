@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copyreg
 import functools
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+import inspect
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -20,7 +21,7 @@ from .composite import conversion_registry, ring_rules
 from .dependence import image_dependence
 from .errors import LayerMaskError, TracingError, UnsupportedLayerError
 from .gathering import TokenBlocks, insert_gathering, mark_token_blocks, token_regions
-from .masked import Masked, align_rank, map_masked
+from .masked import Masked, align_rank, map_leaves, map_masked
 from .model import LayerMaskedModel, input_signature
 from .modes import eval_mode
 from .registry import RuleCall, RuleEntry, RuleRegistry, call_method, leaf_functions, leaf_registry, load_rule_sets
@@ -35,9 +36,23 @@ def masked_input(image: Tensor, mask: Optional[Tensor]) -> Any:
     return image if mask is None else Masked(torch.where(mask > 0, image, 0), mask)
 
 
-def masked_output(tree: Any) -> Any:
-    """The last node: each output tensor with 0 in cells (or samples) that see no visible pixel."""
-    return map_masked(tree, lambda out: torch.where(align_rank(out.mask, out.value.ndim) > 0, out.value, 0))
+def masked_output(tree: Any) -> Tuple[Any, Any]:
+    """The last node: the outputs, each tensor with 0 in the cells (or samples) that see no visible pixel, and
+    their output masks (:func:`output_mask`), both in the output's structure."""
+    values = map_masked(tree, lambda out: torch.where(align_rank(out.mask, out.value.ndim) > 0, out.value, 0))
+    return values, map_leaves(tree, output_mask)
+
+
+def output_mask(leaf: Any) -> Any:
+    """Which cells of an output leaf are visible: ``True`` where the mask stream marks the cell, i.e. where some
+    visible pixel reaches it through the layer rules (a convolution's cell sees its window, a pooled feature any
+    visible cell); everything for a tensor that no pixel reaches (or when no mask was given); None for a
+    non-tensor. A bool tensor of the output's rank, broadcastable to it (size 1 along channels)."""
+    if isinstance(leaf, Masked):
+        return align_rank(leaf.mask, leaf.value.ndim) > 0
+    if isinstance(leaf, Tensor):
+        return torch.ones((1,) * leaf.ndim, dtype=torch.bool, device=leaf.device)
+    return None
 
 
 class _RuleTracer(fx.Tracer):
@@ -93,12 +108,19 @@ def trace(
         TracingError: if ``torch.fx`` cannot trace the model.
     """
     load_rule_sets(model)
+    registry = registry or conversion_registry("neighbor", "intersection", None)
+    optional = _optional_inputs(model)
     try:
         with eval_mode(model):
-            tracer = _RuleTracer(
-                registry or conversion_registry("neighbor", "intersection", None), leaf_registry(leaves)
-            )
-            graph = tracer.trace(model)
+            try:
+                tracer = _RuleTracer(registry, leaf_registry(leaves))
+                graph = tracer.trace(model, optional or None)
+            except Exception:
+                if not optional:
+                    raise
+                # the forward branches on another input too (timm's ``is_causal``): traced as given
+                tracer = _RuleTracer(registry, leaf_registry(leaves))
+                graph = tracer.trace(model)
             mark_token_blocks(graph, model, token_blocks)
     except Exception as error:
         raise TracingError(
@@ -107,6 +129,20 @@ def trace(
             "operation with captum_layermask.register_leaf, and give it a rule with register_rule."
         ) from error
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _optional_inputs(model: nn.Module) -> Dict[str, None]:
+    """The forward's inputs after the image that default to ``None``, traced as ``None`` first: ``torch.fx`` would
+    otherwise trace ``if mask is not None`` (Hiera's) with a proxy, take the branch, and the graph would fail
+    when called without them. If that trace fails, the model is traced with them as proxies. Not for Hugging Face models: ``torch.fx`` would return their output objects
+    (``ImageClassifierOutput``) as plain dicts, and ``torch.export``, which keeps them, captures them instead."""
+    if type(model).__module__.startswith("transformers."):
+        return {}
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # a forward without a signature: traced as torch.fx does by default
+        return {}
+    return {parameter.name: None for parameter in parameters if parameter.default is None}
 
 
 def _module_path(node: fx.Node) -> str:
@@ -167,7 +203,9 @@ def add_mask_stream(
             env[node] = graph.node_copy(node)
     taken = {node.target for node in traced.graph.nodes if node.op == "placeholder"}
     with graph.inserting_after(env[walk.image]):  # the model's own inputs may include a "mask" (Hiera's)
-        mask = graph.placeholder(next(name for name in ("mask", "layer_mask", "_layer_mask") if name not in taken))
+        name = next(name for name in ("mask", "layer_mask", "_layer_mask") if name not in taken)
+        image_default = env[walk.image].args  # a placeholder after one with a default needs one too (HF)
+        mask = graph.placeholder(name, default_value=None) if image_default else graph.placeholder(name)
     env[walk.image] = graph.call_function(masked_input, (env[walk.image], mask))
     rule_of = {node: (op, entry) for node, op, entry in walk.steps}
     for node in traced.graph.nodes:

@@ -38,16 +38,23 @@ def _leaves(tree: Any) -> Iterator[Masked]:
             yield from _leaves(item)
 
 
-def map_masked(tree: Any, function: Callable[[Masked], Any]) -> Any:
-    """Replaces every :class:`Masked` in a nested list/tuple/dict by ``function(it)``, keeping the structure."""
-    if isinstance(tree, Masked):
-        return function(tree)
+def map_leaves(tree: Any, function: Callable[[Any], Any]) -> Any:
+    """Replaces every leaf of a nested list/tuple/dict (a :class:`Masked` is a leaf) by ``function(it)``,
+    keeping the structure."""
     if isinstance(tree, (list, tuple)):
-        items = [map_masked(item, function) for item in tree]
+        items = [map_leaves(item, function) for item in tree]
         return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
     if isinstance(tree, dict):
-        return {key: map_masked(item, function) for key, item in tree.items()}
-    return tree
+        items = {key: map_leaves(item, function) for key, item in tree.items()}
+        if type(tree) is dict or not all(isinstance(key, str) for key in items):
+            return items
+        return type(tree)(**items)  # OrderedDict, a Hugging Face ModelOutput: the model's own output type
+    return function(tree)
+
+
+def map_masked(tree: Any, function: Callable[[Masked], Any]) -> Any:
+    """Replaces every :class:`Masked` in a nested list/tuple/dict by ``function(it)``, keeping the structure."""
+    return map_leaves(tree, lambda leaf: function(leaf) if isinstance(leaf, Masked) else leaf)
 
 
 def is_masked(tree: Any) -> bool:

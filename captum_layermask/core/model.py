@@ -65,7 +65,7 @@ def input_signature(traced: fx.GraphModule) -> inspect.Signature:
         elif name.startswith("*"):
             parameters.append(inspect.Parameter(name[1:], inspect.Parameter.VAR_POSITIONAL))
         else:
-            default = node.args[0] if node.args else inspect.Parameter.empty
+            default = node.args[0] if node.args and parameters else inspect.Parameter.empty  # the image: required
             parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
     return inspect.Signature(parameters)
 
@@ -163,7 +163,14 @@ class LayerMaskedModel(nn.Module):
         self.register_state_dict_post_hook(_strip_graph_prefix)
         self.register_load_state_dict_pre_hook(_add_graph_prefix)
 
-    def forward(self, x: Optional[Tensor] = None, *args: Any, mask: Optional[Tensor] = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        x: Optional[Tensor] = None,
+        *args: Any,
+        mask: Optional[Tensor] = None,
+        return_mask: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         """Runs the model on the visible pixels of ``x``.
 
         Args:
@@ -178,12 +185,16 @@ class LayerMaskedModel(nn.Module):
                 output, whatever their values. If None, the installed mask decoders are asked (pixels set to a
                 :class:`~captum_layermask.LayerMask` baseline by Captum are removed); without any mask the
                 output is exactly ``model(x)``.
+            return_mask (bool): also return the output mask.
             **kwargs: further keyword inputs of the model.
 
         Returns:
             The model's output (its ``output=`` part if the conversion named one), same structure, shapes and
-            dtypes; outputs that receive nothing from any
-            visible pixel (e.g. the logits of an image whose mask is all 0) are 0.
+            dtypes; outputs that receive nothing from any visible pixel (e.g. the logits of an image whose mask
+            is all 0, the cells of a segmentation far inside a removed region) are 0. With ``return_mask=True``,
+            ``(output, output_mask)``: the output mask has the output's structure (a dict of masks for a dict
+            output), each a bool tensor of its output's rank, broadcastable to it, ``True`` for the cells that
+            some visible pixel reaches (docs/masking.md#the-output-mask).
 
         Raises:
             MaskShapeError: for a mask that does not fit ``x`` or is not binary.
@@ -197,9 +208,13 @@ class LayerMaskedModel(nn.Module):
         if torch.compiler.is_exporting():  # no data-dependent checks in an exported graph: the mask is given
             if mask is not None:
                 mask = (format_mask(mask, x) > 0).to(x.dtype)  # exported graphs take mask > 0 as visible
-            return select_output(self.graph_module(x, mask, *args, **kwargs), self.options.get("output"))
-        mask, args = _prepare_call(self, x, args, mask, kwargs)
-        return select_output(self.graph_module(x, mask, *args, **kwargs), self.options.get("output"))
+        else:
+            mask, args = _prepare_call(self, x, args, mask, kwargs)
+        output, output_mask = self.graph_module(x, mask, *args, **kwargs)
+        part = self.options.get("output")
+        if return_mask:
+            return select_output(output, part), select_output(output_mask, part)
+        return select_output(output, part)
 
     def _image_by_name(self, kwargs: Dict[str, Any]) -> Any:
         """The image given by the name of the model's first input (``pixel_values=``), taken out of ``kwargs``."""

@@ -1,12 +1,13 @@
 """The bundled demo models, trained on the procedural shapes (``shapes.py``): a small torchvision-style ResNet,
-a small torchvision ``VisionTransformer``, and two Hugging Face ``transformers`` models (a ViT distilled from the
-ResNet, and a ResNet; they need the ``[hf]`` extra)."""
+a small torchvision ``VisionTransformer``, two Hugging Face ``transformers`` models (a ViT distilled from the
+ResNet, and a ResNet; they need the ``[hf]`` extra), and a segmentation model on the ResNet's trunk."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VisionTransformer
 from torchvision.models.resnet import BasicBlock, conv1x1
@@ -17,7 +18,10 @@ WEIGHTS = Path(__file__).with_name("shapes_resnet.pt")
 VIT_WEIGHTS = Path(__file__).with_name("shapes_vit.pt")
 HF_VIT_WEIGHTS = Path(__file__).with_name("shapes_hf_vit.pt")
 HF_RESNET_WEIGHTS = Path(__file__).with_name("shapes_hf_resnet.pt")
+SEGMENTER_WEIGHTS = Path(__file__).with_name("shapes_segmenter.pt")
 SCENE = Path(__file__).with_name("demo_scene.png")
+SEGMENTATION_CLASSES = ("background", *shapes.CLASSES)
+"""The segmentation model's classes: background, then the shapes (class ``k + 1`` is ``shapes.CLASSES[k]``)."""
 
 
 class ShapesResNet(nn.Module):
@@ -146,5 +150,40 @@ def load_demo_hf_model(name: str) -> torch.nn.Module:
         raise ValueError(f"the Hugging Face demo models are 'vit' and 'resnet', got {name!r}.")
     build, path = models[name]
     model = build()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+class ShapesSegmenter(nn.Module):
+    """A feature-pyramid FCN on :class:`ShapesResNet`'s trunk (Lin et al. 2017, "FPN"; Long et al. 2015, "FCN"):
+    each stage's features (strides 2, 4, 8, 16) projected to 32 channels by a 1x1 convolution, summed top-down
+    with bilinear upsampling, a 3x3 convolution, a 1x1 classifier, and bilinear upsampling to the input size.
+    Returns ``(N, 7, H, W)`` logits over :data:`SEGMENTATION_CLASSES`. About 0.33M parameters; 128x128 inputs."""
+
+    def __init__(self, num_classes: int = len(SEGMENTATION_CLASSES), width: int = 32) -> None:
+        super().__init__()
+        trunk = ShapesResNet()
+        self.stem, self.stages = trunk.stem, trunk.stages
+        self.lateral = nn.ModuleList(nn.Conv2d(stage.conv2.out_channels, width, 1) for stage in self.stages)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        self.classifier = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, y = [], self.stem(x)
+        for stage in self.stages:
+            y = stage(y)
+            features.append(y)
+        top = self.lateral[-1](features[-1])
+        for feature, lateral in zip(features[-2::-1], list(self.lateral)[-2::-1]):
+            top = F.interpolate(top, size=feature.shape[-2:], mode="bilinear", align_corners=False) + lateral(feature)
+        logits = self.classifier(self.fuse(top))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def load_demo_segmenter(path: Path = SEGMENTER_WEIGHTS) -> ShapesSegmenter:
+    """The trained demo segmentation model in eval mode (weights loaded with ``weights_only=True``)."""
+    model = ShapesSegmenter()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

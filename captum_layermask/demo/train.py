@@ -2,9 +2,11 @@
 on 2 CPU cores).
 
 Every training batch is freshly rendered (no image is seen twice); accuracy is measured on 2,000 held-out scenes
-rendered from another seed. Writes ``shapes_resnet.pt`` (or ``shapes_vit.pt``, ``shapes_hf_vit.pt``,
-``shapes_hf_resnet.pt``; state dict, float32) and, for the ResNet, the demo scene next to this file. The
-Hugging Face ViT is distilled from the bundled ResNet (``DISTILLED``). Same seed and thread count, same weights.
+rendered from another seed (for the segmentation model: mean IoU over its 7 classes, half of the scenes with
+two objects). Writes ``shapes_resnet.pt`` (or ``shapes_vit.pt``, ``shapes_hf_vit.pt``, ``shapes_hf_resnet.pt``,
+``shapes_segmenter.pt``; state dict, float32) and, for the ResNet, the demo scene next to this file. The
+Hugging Face ViT is distilled from the bundled ResNet (``DISTILLED``); the segmentation model starts from its
+trunk. Same seed and thread count, same weights.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from .model import (
     HF_RESNET_WEIGHTS,
     HF_VIT_WEIGHTS,
     SCENE,
+    SEGMENTER_WEIGHTS,
     VIT_WEIGHTS,
     WEIGHTS,
     ShapesResNet,
+    ShapesSegmenter,
     load_demo_model,
     shapes_hf_resnet,
     shapes_hf_vit,
@@ -38,6 +42,7 @@ MODELS = {
     "vit": (shapes_vit, VIT_WEIGHTS, 5e-4),
     "hf-vit": (shapes_hf_vit, HF_VIT_WEIGHTS, 2e-3),
     "hf-resnet": (shapes_hf_resnet, HF_RESNET_WEIGHTS, 3e-3),
+    "segmenter": (ShapesSegmenter, SEGMENTER_WEIGHTS, 3e-3),
 }
 """name: (constructor, weights file, peak learning rate)"""
 
@@ -47,7 +52,12 @@ as the labels (a ViT learns the shapes from far fewer scenes that way)."""
 
 
 def warm_start(model: nn.Module, teacher: ShapesResNet) -> None:
-    """Starts a hybrid ViT's convolutional stem from the demo ResNet's stem and first three stages."""
+    """Starts a hybrid ViT's convolutional stem (or the segmentation model's trunk) from the demo ResNet's stem
+    and stages."""
+    if isinstance(model, ShapesSegmenter):
+        model.stem.load_state_dict(teacher.stem.state_dict())
+        model.stages.load_state_dict(teacher.stages.state_dict())
+        return
     stem = model.vit.embeddings.patch_embeddings.projection
     for target, source in zip(stem[:4], (teacher.stem, *teacher.stages[:3])):
         target.load_state_dict(source.state_dict())
@@ -69,7 +79,41 @@ def loss_of(model: nn.Module, teacher: Optional[nn.Module], images: Tensor, labe
     return loss
 
 
+def pixel_labels(scenes: shapes.Scenes) -> Tensor:
+    """``(N, H, W)`` class of every pixel: 0 for the background, ``label + 1`` on an object."""
+    labels = torch.zeros(scenes.object_masks[:, 0].shape, dtype=torch.long)
+    for k in range(scenes.object_masks.shape[1]):
+        labels = torch.where(scenes.object_masks[:, k], scenes.labels[:, k, None, None] + 1, labels)
+    return labels
+
+
+def segmentation_scenes(n: int, generator: torch.Generator) -> shapes.Scenes:
+    """Half of the scenes with one object, half with two."""
+    one, two = shapes.render(n - n // 2, generator), shapes.render(n // 2, generator, objects=2)
+    masks = torch.cat([F.pad(one.object_masks, (0, 0, 0, 0, 0, 1)), two.object_masks])
+    labels = torch.cat([torch.cat([one.labels, one.labels], 1), two.labels])
+    return shapes.Scenes(torch.cat([one.images, two.images]), labels, masks)
+
+
+def mean_iou(model: nn.Module, scenes: shapes.Scenes, batch: int = 100) -> float:
+    """Mean over the classes of intersection over union, each summed over all pixels of the scenes."""
+    model.eval()
+    classes = model.classifier.out_channels
+    confusion = torch.zeros(classes, classes, dtype=torch.long)
+    truth = pixel_labels(scenes)
+    with torch.no_grad():
+        for start in range(0, len(scenes.images), batch):
+            predicted = model(shapes.normalize(scenes.images[start : start + batch])).argmax(1)
+            pairs = truth[start : start + batch].flatten() * classes + predicted.flatten()
+            confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
+    intersection = confusion.diag().double()
+    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    return float((intersection / union.clamp(min=1)).mean())
+
+
 def evaluate(model: nn.Module, scenes: shapes.Scenes, batch: int = 250) -> float:
+    if isinstance(model, ShapesSegmenter):
+        return mean_iou(model, scenes)
     model.eval()
     correct = 0
     with torch.no_grad():
@@ -87,20 +131,25 @@ def train(steps: int, batch: int, seed: int, name: str = "resnet") -> tuple[nn.M
     optimizer = torch.optim.AdamW(model.parameters(), lr=rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=rate, total_steps=steps, pct_start=0.15)
     teacher = load_demo_model() if name in DISTILLED else None
-    if teacher is not None:
-        warm_start(model, teacher)
+    if teacher is not None or name == "segmenter":
+        warm_start(model, teacher or load_demo_model())
     started = time.time()
     for step in range(steps):
         model.train()
-        scenes = shapes.render(batch, data)
-        loss = loss_of(model, teacher, shapes.normalize(scenes.images), scenes.labels[:, 0])
+        if name == "segmenter":
+            scenes = segmentation_scenes(batch, data)
+            loss = F.cross_entropy(model(shapes.normalize(scenes.images)), pixel_labels(scenes))
+        else:
+            scenes = shapes.render(batch, data)
+            loss = loss_of(model, teacher, shapes.normalize(scenes.images), scenes.labels[:, 0])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - started:6.0f} s", flush=True)
-    held_out = shapes.render(2000, torch.Generator().manual_seed(seed + 1))
+    held_out_data = torch.Generator().manual_seed(seed + 1)
+    held_out = segmentation_scenes(1000, held_out_data) if name == "segmenter" else shapes.render(2000, held_out_data)
     return model.eval(), evaluate(model, held_out)
 
 
@@ -120,7 +169,8 @@ def main() -> None:
     if args.model == "resnet":
         scene = shapes.render(1, torch.Generator().manual_seed(args.seed + 2), objects=2, labels=torch.tensor([[3, 1]]))
         torchvision.utils.save_image(scene.images, SCENE)
-    print(f"held-out accuracy {accuracy:.4f}; weights: {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
+    measure = "mean IoU" if args.model == "segmenter" else "accuracy"
+    print(f"held-out {measure} {accuracy:.4f}; weights: {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 - :mod:`.diagnostics`: linearity, output collapse, feature magnitude (supplementary section 7).
 - :mod:`.removal`: removal curves and shape bias (sections 4.1, 4.2).
 - :mod:`.attribution_metrics`: LIME under any masker and its metrics (section 4.4.2).
+- :mod:`.dense`: the same questions for segmentation models, per pixel (mean IoU removal curves, where a
+  region's explanation lies).
 - :mod:`.report`: all of them at once, as tables and figures (``layermask evaluate``); :mod:`.plots`.
 """
 
@@ -20,6 +22,7 @@ from .attribution_metrics import (
     topk_ablation_accuracy,
     topk_jaccard,
 )
+from .dense import IoUCurve, RegionMass, region_attribution_mass, segmentation_removal_curve
 from .diagnostics import SizeCurve, linearity, magnitude_curve, output_collapse
 from .maskers import (
     MASKER_NAMES,
@@ -48,6 +51,10 @@ from .report import EvaluationData, EvaluationReport, default_top_k, evaluate
 from .segmentation import SEGMENTER_NAMES, SLIC, Patches, Quickshift, consecutive_ids, get_segmenter, segment_images
 
 __all__ = [
+    "IoUCurve",
+    "RegionMass",
+    "region_attribution_mass",
+    "segmentation_removal_curve",
     "BlurFill",
     "ConstantFill",
     "DEFAULT_FRACTIONS",

@@ -1,0 +1,128 @@
+"""What ``layermask explain`` does for one image under each masking: segment it, attribute with Captum, and draw
+the side-by-side figure (for classifiers and for a region of a segmentation model)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..core.convert import layer_masked
+from ..evaluation.attribution_metrics import segment_scores
+from ..evaluation.explanations import captum_attribution, captum_baseline
+from ..evaluation.maskers import masker_title
+from ..evaluation.segmentation import get_segmenter, segment_images
+from .io import read_segments
+
+
+def segment(image: Tensor, how: str, file: Optional[Path]) -> Tensor:
+    """Segment ids ``(1, 1, H, W)`` of an image in [0, 1]: 16x16 patches, SLIC or quickshift, or from a file."""
+    if file is None:
+        return segment_images(image, get_segmenter(how, mean=(0, 0, 0), std=(1, 1, 1)))[:, None]
+    return segment_images(image, read_segments(file, *image.shape[-2:])[None])[:, None]
+
+
+def attribute(
+    model: nn.Module,
+    x: Tensor,
+    segments: Tensor,
+    target: int,
+    *,
+    method: str,
+    maskers: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    samples: int,
+    per_eval: int,
+    seed: int,
+    residual: str = "intersection",
+    scores: Optional[Callable[[nn.Module], nn.Module]] = None,
+) -> Dict[str, Tensor]:
+    """Attributions of the target class under each masker, with the same random samples.
+
+    Args:
+        model: the plain classifier; the ``layer`` masker explains ``layer_masked(model)`` with ``LayerMask()``.
+        x: the image ``(1, C, H, W)``, normalised with ``mean`` and ``std``.
+        segments: ``(1, 1, H, W)`` feature ids.
+        scores: turns the model (plain or layer-masked) into the class scores explained, e.g. a segmentation
+            model into :class:`~captum_layermask.RegionScores`; the model's output if None.
+    """
+    masked = layer_masked(model, residual=residual)
+    results = {}
+    for masker in maskers:
+        forward = masked if masker == "layer" else model
+        forward = scores(forward) if scores is not None else forward
+        torch.manual_seed(seed)
+        print(f"{method}, {masker_title(masker)}:", file=sys.stderr)
+        baseline = captum_baseline(masker, mean, std)
+        result = captum_attribution(
+            method, forward, x, segments, target, baseline, samples, per_eval, show_progress=True
+        )
+        results[masker] = result.detach()
+    return results
+
+
+def plot_explanation(
+    image: Tensor,
+    segments: Tensor,
+    results: Dict[str, Tensor],
+    title: str,
+    top: int,
+    path: Path,
+    region: Optional[Tensor] = None,
+) -> None:
+    """Paper Figure 8 style: per masking, the top segments for the class in green and against it in red (and the
+    outline of the explained region of a segmentation, in yellow)."""
+    import matplotlib.pyplot as plt
+
+    pixels = image[0].permute(1, 2, 0).numpy()
+    fig, axes = plt.subplots(1, len(results) + 1, figsize=(3.2 * (len(results) + 1), 3.6))
+    axes[0].imshow(pixels)
+    axes[0].set_title(f"input; class '{title}'" if region is None else f"region of '{title}'")
+    ids = segments[:, 0]
+    for axis, (masking, attribution) in zip(axes[1:], results.items()):
+        scores = segment_scores(attribution, ids)[0]
+        order = torch.argsort(scores, descending=True)
+        positive = [int(s) for s in order[:top] if scores[s] > 0]
+        negative = [int(s) for s in order.flip(0)[:top] if scores[s] < 0]
+        shown = 0.35 * pixels + 0.25
+        seg = ids[0].numpy()
+        for chosen, colour in ((positive, (0.1, 0.8, 0.2)), (negative, (0.9, 0.15, 0.1))):
+            highlighted = np.isin(seg, chosen)
+            shown[highlighted] = 0.55 * pixels[highlighted] + 0.45 * np.array(colour)
+        axis.imshow(shown)
+        axis.set_title(masker_title(masking))
+    for axis in axes:
+        axis.axis("off")
+        if region is not None:
+            axis.contour(region.float().numpy(), levels=[0.5], colors="yellow", linewidths=1.2)
+    fig.suptitle(f"top {top} segments for (green) and against (red) '{title}'")
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_explanation(
+    folder: Path,
+    image: Tensor,
+    segments: Tensor,
+    results: Dict[str, Tensor],
+    target: int,
+    name: str,
+    top: int,
+    region: Optional[Tensor] = None,
+) -> None:
+    """Writes ``explanation.png``, ``attributions.pt`` (everything), ``attributions_<masker>.npy``,
+    ``segments.npy`` and, for a region of a segmentation, ``region.npy`` into ``folder``."""
+    plot_explanation(image, segments, results, name, top, folder / "explanation.png", region=region)
+    saved = {"attributions": results, "segments": segments, "target": target, "image": image}
+    torch.save(saved if region is None else {**saved, "region": region}, folder / "attributions.pt")
+    for masker, attribution in results.items():
+        np.save(folder / f"attributions_{masker}.npy", attribution[0].numpy())
+    np.save(folder / "segments.npy", segments[0, 0].numpy())
+    if region is not None:
+        np.save(folder / "region.npy", region.numpy())

@@ -1,0 +1,116 @@
+"""``layermask explain --task segmentation``: a class over a region of a segmentation model's output, explained
+under black, grey and layer masking side by side (the target is :class:`~captum_layermask.RegionScores`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.model import select_output
+from ..evaluation.normalization import normalizer
+from ..integrations.segmentation import RegionScores
+from ..weights import Classifier
+from .attributions import attribute, save_explanation, segment
+from .io import CommandError, read_image, staged_output
+
+
+def check_target(target: Optional[int], classes: int) -> int:
+    """The number of classes, after checking that ``target`` (if given) is one of them."""
+    if target is not None and not 0 <= target < classes:
+        raise CommandError(f"target {target} is out of range: the model has {classes} classes (0 to {classes - 1}).")
+    return classes
+
+
+def predicted_region(logits: Tensor, target: Optional[int], background: Optional[int]) -> Tuple[int, Tensor]:
+    """The class to explain and its region: the output pixels predicted as that class.
+
+    Args:
+        logits: ``(1, C, H, W)`` scores of the whole image.
+        target: the class, or None for the class (not the background) predicted on most pixels.
+        background: the background class, never chosen by default.
+
+    Raises:
+        CommandError: for a class out of range, or one the model predicts nowhere.
+    """
+    classes = check_target(target, logits.shape[1])
+    predicted = logits[0].argmax(0)
+    if target is None:
+        counts = torch.bincount(predicted.flatten(), minlength=classes)
+        if background is not None:
+            counts[background] = 0
+        if int(counts.max()) == 0:
+            raise CommandError("the model predicts only the background on this image; choose a class with --target.")
+        target = int(counts.argmax())
+    region = predicted == target
+    if not bool(region.any()):
+        raise CommandError(f"the model predicts class {target} on no pixel of this image; give --region-file.")
+    return target, region
+
+
+def read_region(path: Path, height: int, width: int) -> Tensor:
+    """A region from an ``.npy`` file of shape ``(H, W)`` (bool or 0/1)."""
+    try:
+        region = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot read the region file {path}: {error}") from None
+    if region.shape != (height, width):
+        raise CommandError(f"the region file {path} is {region.shape}, the model's output is {(height, width)}.")
+    return torch.from_numpy(region != 0)
+
+
+def explain_region(
+    model: Classifier,
+    image_path: Path,
+    out: Path,
+    *,
+    size: Optional[int],
+    target: Optional[int],
+    region_file: Optional[Path],
+    method: str,
+    segments: str,
+    segments_file: Optional[Path],
+    maskers: Sequence[str],
+    samples: int,
+    per_eval: int,
+    top: int,
+    seed: int,
+    residual: str = "intersection",
+) -> Path:
+    """Explains a class over a region of one image's segmentation (by default the pixels predicted as the class);
+    writes ``explanation.png`` (the region outlined), ``attributions.pt`` and ``.npy`` files into ``out``."""
+    image = read_image(image_path, size or model.size)
+    x = normalizer(model.mean, model.std)(image)
+    with torch.no_grad():
+        logits = select_output(model.model(x), model.output)
+    if region_file is None:
+        target, region = predicted_region(logits, target, model.background)
+    elif target is None:
+        raise CommandError("--region-file needs --target, the class to explain over the region.")
+    else:
+        check_target(target, logits.shape[1])
+        region = read_region(region_file, *logits.shape[-2:])
+    ids = segment(image, segments, segments_file)
+    results = attribute(
+        model.model,
+        x,
+        ids,
+        target,
+        method=method,
+        maskers=maskers,
+        mean=model.mean,
+        std=model.std,
+        samples=samples,
+        per_eval=per_eval,
+        seed=seed,
+        residual=residual,
+        scores=lambda forward: RegionScores(forward, region, output=model.output),
+    )
+    name = model.classes[target] if model.classes is not None and target < len(model.classes) else str(target)
+    with staged_output(out, "explain") as staging:
+        save_explanation(staging, image, ids, results, target, name, top, region=region)
+    print(f"explained '{name}' over {int(region.sum())} output pixels; wrote {out}/explanation.png")
+    return out
