@@ -11,6 +11,7 @@ comparable across machines.
         [--repeats 15] [--threads 2]
     .venv/bin/python benchmarks/engine_speed.py --model hf/vit   # a Hugging Face model at its default config
         (ViT-Base/16 for vit), captured by torch.export: the first call's capture is reported separately
+    .venv/bin/python benchmarks/engine_speed.py --model deeplabv3_mobilenet_v3_large   # a segmentation model
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from captum_layermask import layer_masked
 
 BATCH, SIZE, PATCH = 8, 224, 16
+SEGMENTATION = torchvision.models.list_models(module=torchvision.models.segmentation)
 
 
 def build(name: str) -> torch.nn.Module:
@@ -40,6 +42,8 @@ def build(name: str) -> torch.nn.Module:
         import timm
 
         return timm.create_model(name.removeprefix("timm/")).eval()
+    if name in SEGMENTATION:
+        return torchvision.models.get_model(name, weights=None, weights_backbone=None).eval()
     return torchvision.models.get_model(name).eval()
 
 
@@ -51,6 +55,8 @@ def setup(seed: int = 0, name: str = "resnet50"):
     mask = grid.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)  # exactly half of each row of patches
     if name.startswith("hf/"):
         return (lambda images: model(images).logits), layer_masked(model, output="logits"), x, mask
+    if name in SEGMENTATION:  # the per-pixel logits, after the final upsampling
+        return (lambda images: model(images)["out"]), layer_masked(model, output="out"), x, mask
     return model, layer_masked(model), x, mask
 
 

@@ -1,4 +1,5 @@
-"""Every Hugging Face image classifier under layer masking, at a tiny random configuration (no downloads).
+"""Every Hugging Face image classifier (and semantic segmentation model) under layer masking, at a tiny random
+configuration (no downloads).
 
 Run ``python -m tests.hf_zoo`` (``make hf-zoo``) for the report in docs/hf.md; ``tests/test_hugging_face.py``
 checks a fast subset in ``make test`` and the whole zoo in ``make test-slow``.
@@ -7,6 +8,7 @@ Each architecture of ``transformers``' ``AutoModelForImageClassification`` is bu
 with every size shrunk (:func:`tiny_config`), converted with ``layer_masked(model)`` and checked with
 :func:`~captum_layermask.testing.check_layer_masking` on a 32x32 batch (or the size the architecture needs)
 with a quarter of the image removed. The outcome is "converts" or the error that names why not.
+``--segmentation`` does the same for ``AutoModelForSemanticSegmentation`` at 64x64 (:func:`check_segmenter`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import transformers
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES,
+)
 
 from captum_layermask import layer_masked
 from captum_layermask.core.capture import first_line
@@ -148,10 +153,82 @@ def check(model_type: str, class_name: str, size: int = 32) -> Optional[str]:
     return None
 
 
+SEGMENTATION_OVERRIDES: Dict[str, Dict[str, Any]] = {
+    "beit": {"num_hidden_layers": 4, "out_indices": [1, 2, 3, 4], "use_auxiliary_head": False},
+    "data2vec-vision": {
+        "num_hidden_layers": 4,
+        "out_indices": [1, 2, 3, 4],
+        "use_auxiliary_head": False,
+        "image_size": 64,
+    },
+    "dpt": {
+        "num_hidden_layers": 4,
+        "backbone_out_indices": [0, 1, 2, 3],
+        "neck_hidden_sizes": [16, 32, 64, 64],
+        "fusion_hidden_size": 32,
+        "use_auxiliary_head": False,
+    },
+}
+"""Sizes for segmentation heads that read four stages of a two-layer encoder otherwise."""
+
+
+def segmenters() -> List[Tuple[str, str]]:
+    """``(model_type, class name)`` for every semantic segmentation model ``transformers`` maps."""
+    return list(MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.items())
+
+
+def check_segmenter(model_type: str, class_name: str, size: int = 64) -> Tuple[Optional[str], float]:
+    """``(None, visible share)`` when the segmentation model converts with layer masking's properties (its
+    ``logits`` checked, and the output mask of the right half removed), else ``(why not, nan)``."""
+    torch.manual_seed(0)
+    config = tiny_config(model_type)
+    for name, value in SEGMENTATION_OVERRIDES.get(model_type, {}).items():
+        setattr(config, name, value)
+    model = getattr(transformers, class_name)(config).eval()
+    images = torch.rand(2, 3, size, size)
+    mask = torch.ones(2, 1, size, size)
+    mask[:, :, :, size // 2 :] = 0
+    with torch.no_grad():
+        model(images)  # a tiny configuration the model cannot run raises here: "not built"
+    try:
+        masked = layer_masked(model, output="logits")
+        plain = _Logits(model)
+        check_layer_masking(plain, images, mask, masked, rtol=1e-4, check_padding=False)
+        with torch.no_grad():
+            _, visible = masked(images, mask, return_mask=True)
+    except Exception as error:  # the sweep reports every failure by its message
+        return first_line(error), float("nan")
+    return None, float(visible.float().mean())
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+def main_segmentation() -> None:
+    print("| model type | class | result | visible share of the logits, right half removed |")
+    print("| --- | --- | --- | --- |")
+    for model_type, class_name in segmenters():
+        try:
+            reason, share = check_segmenter(model_type, class_name)
+        except Exception as error:  # building or running the tiny model failed
+            reason, share = f"not built: {first_line(error, limit=200)}", float("nan")
+        outcome = "converts" if reason is None else reason.replace("|", "/")[:300]
+        print(f"| {model_type} | {class_name} | {outcome} | {'' if reason else f'{share:.2f}'} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model types to check")
+    parser.add_argument("--segmentation", action="store_true", help="the semantic segmentation models instead")
     arguments = parser.parse_args()
+    if arguments.segmentation:
+        return main_segmentation()
     converted = 0
     pairs = [pair for pair in classifiers() if not arguments.only or pair[0] in arguments.only]
     for model_type, class_name in pairs:

@@ -325,3 +325,12 @@ def test_explain_a_segmentation_refuses_a_region_it_cannot_explain(tmp_path):
     assert main(base + ["--target", "9"]) == 2  # the demo model has 7 classes
     assert main(["explain", "--region-file", str(tmp_path / "region.npy"), "--out", str(tmp_path / "o")]) == 2
     assert main(["explain", "--task", "segmentation", "--images", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
+
+
+def test_evaluate_a_segmentation_writes_its_tables_and_figure(tmp_path):
+    args = ["evaluate", "--task", "segmentation", "--limit", "4", "--lime-images", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert {"results.md", "results.csv", "segmentation_removal.png"} <= {p.name for p in tmp_path.iterdir()}
+    text = (tmp_path / "results.md").read_text()
+    assert "Mean IoU removal curves" in text and "layer masking" in text and "share on the region" in text
+    assert main(["evaluate", "--task", "segmentation", "--model", "resnet18", "--out", str(tmp_path / "x")]) == 2

@@ -267,6 +267,24 @@ def test_the_hugging_face_zoo(model_type, class_name):
     assert hf_zoo.check(model_type, class_name) is None
 
 
+SEGMENTATION_REFUSED = {**hf_zoo.REFUSED, "sapiens2": "its head needs a head_config the tiny configuration lacks"}
+
+
+@pytest.mark.parametrize("model_type", ["segformer", "upernet", "beit"])
+def test_hugging_face_segmentation_models_convert_with_the_invariants(model_type):
+    [class_name] = [name for kind, name in hf_zoo.segmenters() if kind == model_type]
+    reason, visible = hf_zoo.check_segmenter(model_type, class_name)
+    assert reason is None and 0.5 <= visible < 1  # the visible left half, grown by the receptive fields
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, class_name", hf_zoo.segmenters())
+def test_the_hugging_face_segmentation_zoo(model_type, class_name):
+    if model_type in SEGMENTATION_REFUSED:
+        pytest.xfail(SEGMENTATION_REFUSED[model_type])
+    assert hf_zoo.check_segmenter(model_type, class_name)[0] is None
+
+
 def test_a_clip_image_tower_explains_zero_shot_similarity():
     configuration = transformers.CLIPVisionConfig(
         hidden_size=32,

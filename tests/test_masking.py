@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from captum_layermask import neighbor_pad, propagate_mask
+from captum_layermask.core.primitives import pad_for_convolution
 
 from .helpers import paper_neighbor_pad, visible_any
 
@@ -48,6 +49,21 @@ def test_matches_algorithm_1_on_random_inputs(width):
     x = torch.randn(3, 4, 17, 13, dtype=torch.float64)
     mask = (torch.rand(3, 1, 17, 13) < 0.2).double()
     assert torch.allclose(neighbor_pad(x, mask, width), paper_neighbor_pad(x, mask, width), rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_rings_beyond_the_grid_change_nothing_and_are_not_computed(requires_grad):
+    # a dilated convolution on a small map (DeepLab's rate 36 on 14x14 asks for 72 rings): after max(H, W) - 1
+    # every cell is reached; the result is Algorithm 1's with all the rings, and its output mask too
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=requires_grad)
+    mask = torch.zeros(2, 1, 5, 7, dtype=torch.float64)
+    mask[0, 0, 0, 0] = 1
+    mask[1, 0, 4, 3] = 1
+    padded = neighbor_pad(x, mask, 30)
+    assert torch.allclose(padded, paper_neighbor_pad(x.detach(), mask, 30), rtol=1e-7, atol=1e-7)
+    assert torch.allclose(neighbor_pad(x, mask, 6), padded, rtol=1e-12, atol=1e-12)
+    _, output_mask = pad_for_convolution(x, mask, 61, padding=30)
+    assert torch.equal(output_mask, torch.ones_like(mask))
 
 
 def test_broadcast_mask_and_bool_mask():

@@ -1,12 +1,14 @@
 """Each built-in rule against a direct computation of the paper's formula."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.shufflenetv2 import channel_shuffle
 
-from captum_layermask import UnsupportedLayerError, layer_masked
+from captum_layermask import UnsupportedLayerError, layer_masked, neighbor_pad
 from captum_layermask.core import rules
 from captum_layermask.core.masked import Masked
 
@@ -445,3 +447,63 @@ def test_repeat_interleave_repeats_the_mask_along_space_and_keeps_it_along_the_b
     assert torch.allclose(out, expected, atol=1e-6)
     with pytest.raises(UnsupportedLayerError, match="without dim"):
         layer_masked(type("Flat", (torch.nn.Module,), {"forward": lambda self, x: x.repeat_interleave(2)})())(x, mask)
+
+
+def _contributors_visible(mask, kernel, stride, padding, dilation, output_padding):
+    """Output mask of a transposed convolution by loops: 1 where some input cell a tap lands from is visible."""
+    n, _, h, w = mask.shape
+    out_h = (h - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+    out_w = (w - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+    out = torch.zeros(n, 1, out_h, out_w)
+    for b, i, j, a, c in itertools.product(range(n), range(h), range(w), range(kernel), range(kernel)):
+        y, x = i * stride - padding + a * dilation, j * stride - padding + c * dilation
+        if 0 <= y < out_h and 0 <= x < out_w and mask[b, 0, i, j] > 0:
+            out[b, 0, y, x] = 1
+    return out
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, output_padding",
+    [(2, 2, 0, 1, 0), (3, 2, 1, 1, 1), (4, 2, 1, 1, 0), (3, 1, 1, 2, 0), (5, 3, 2, 1, 2)],
+)
+def test_transposed_convolution_marks_outputs_a_visible_cell_reaches_and_reads_nothing_removed(
+    kernel, stride, padding, dilation, output_padding
+):
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(4, 3, kernel, stride, padding, output_padding, dilation=dilation).double().eval()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1).double(), layer).eval()
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    mask = (torch.rand(2, 1, 7, 9) < 0.4).double()
+    mask[:, :, 0, 0] = 1
+    masked = layer_masked(model)
+    with torch.no_grad():
+        out, out_mask = masked(x, mask, return_mask=True)
+        assert torch.allclose(masked(x, torch.ones_like(mask)), model(x), atol=1e-12)
+        assert torch.equal(masked(torch.where(mask > 0, x, torch.nan), mask), out)
+        visible = out_mask.expand_as(out) > 0
+        # enough rings: padding every removed cell (50 rings) changes no visible output
+        features = model[0](x)
+        everywhere = layer(neighbor_pad(features, mask, 50))
+        assert torch.allclose(out[visible], everywhere[visible], atol=1e-12)
+        if kernel <= stride:  # each output sums one input cell: the visible outputs are the layer's own
+            assert torch.allclose(out[visible], model(x)[visible], atol=1e-12)
+    expected = _contributors_visible(mask, kernel, stride, padding, dilation, output_padding)
+    assert torch.equal(out_mask.double(), expected.double())
+
+
+def test_a_functional_transposed_convolution_takes_the_same_rule():
+    torch.manual_seed(0)
+    weight = torch.randn(3, 2, 3, 3)
+
+    class Functional(nn.Module):
+        def forward(self, x):
+            return F.conv_transpose2d(x, weight, None, 2, 1, 1)
+
+    x, mask = torch.randn(1, 3, 6, 6), (torch.rand(1, 1, 6, 6) < 0.5).float()
+    by_module = nn.ConvTranspose2d(3, 2, 3, 2, 1, 1, bias=False)
+    by_module.weight.data.copy_(weight)
+    with torch.no_grad():
+        expected = layer_masked(by_module)(x, mask, return_mask=True)
+        for capture in ("fx", "export"):
+            got = layer_masked(Functional(), capture=capture)(x, mask, return_mask=True)
+            assert torch.allclose(got[0], expected[0], atol=1e-6) and torch.equal(got[1], expected[1])

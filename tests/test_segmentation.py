@@ -298,10 +298,9 @@ def test_the_demo_segmentation_model_segments_held_out_scenes_and_converts():
     from captum_layermask.demo import shapes
     from captum_layermask.demo.model import load_demo_segmenter
     from captum_layermask.demo.train import mean_iou as demo_mean_iou
-    from captum_layermask.demo.train import segmentation_scenes
 
     model = load_demo_segmenter()
-    scenes = segmentation_scenes(200, torch.Generator().manual_seed(7))
+    scenes = shapes.segmentation_scenes(200, torch.Generator().manual_seed(7))
     assert demo_mean_iou(model, scenes) >= 0.9
     x = shapes.normalize(scenes.images[:4])
     mask = patch_masks(4, 128, 128, 16, keep=0.5, seed=3)

@@ -20,9 +20,9 @@ from ..evaluation.maskers import MASKER_NAMES, get_masker
 from ..evaluation.normalization import normalizer
 from ..evaluation.report import EvaluationReport, diagnose
 from ..evaluation.segmentation import SEGMENTER_NAMES
-from ..weights import Classifier, load_classifier
+from ..weights import Classifier, load_classifier, load_model
 from .arguments import add_common_arguments, add_engine_arguments, add_model_arguments, at_least, check_engine, subset
-from .io import MANIFEST, CommandError, check_output_folder
+from .io import MANIFEST, CommandError, check_output_folder, staged_output
 
 DESCRIPTION = (
     "Measures how much each masking method distorts the model (paper section 4): removal curves of accuracy, class "
@@ -171,6 +171,13 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(ev)
     ev.add_argument(
+        "--task",
+        choices=("classification", "segmentation"),
+        default="classification",
+        help="segmentation: mean IoU removal curves on the visible pixels and where a region's explanation lies "
+        "(the demo segmentation model on held-out scenes with one or two objects; docs/evaluation.md)",
+    )
+    ev.add_argument(
         "--images", type=Path, help="ImageNet-style folder <images>/<class>/<image> (default: held-out demo scenes)"
     )
     ev.add_argument(
@@ -227,6 +234,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> Path:
     check_engine(args)
     check_output_folder(args.out)  # before any work
+    if args.task == "segmentation":
+        return _evaluate_segmentation(args)
     classifier = load_classifier(args.model, args.weights, args.num_classes)
     source = evaluation_source(
         classifier,
@@ -254,3 +263,33 @@ def run(args: argparse.Namespace) -> Path:
         address=args.address,
         size=args.size,
     )
+
+
+def _evaluate_segmentation(args: argparse.Namespace) -> Path:
+    """``--task segmentation``: the demo segmentation model on held-out demo scenes, in this process."""
+    from ..evaluation.dense_report import demo_segmentation_data, evaluate_segmentation
+
+    if args.model != "demo" or args.images is not None or args.engine != "local":
+        raise CommandError(
+            "--task segmentation evaluates the demo segmentation model on demo scenes, in this process; for your own "
+            "model and labelled images call captum_layermask.evaluation.dense_report.evaluate_segmentation."
+        )
+    model = load_model("demo", args.weights, None, "segmentation")
+    images, labels, regions, targets = demo_segmentation_data(args.limit or 64, args.data_seed)
+    report = evaluate_segmentation(
+        model.model,
+        images,
+        labels,
+        regions,
+        targets,
+        maskers=[m for m in args.maskers if m in ("black", "grey", "layer")],
+        mean=model.mean,
+        std=model.std,
+        explained=args.lime_images,
+        batch_size=args.batch_size,
+    )
+    with staged_output(args.out, "evaluate") as staging:
+        report.save(staging)
+    print(report.markdown())
+    print(f"wrote {args.out}/results.md")
+    return args.out

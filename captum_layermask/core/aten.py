@@ -126,6 +126,7 @@ ATEN_OPERATIONS: Dict[str, Translation] = {
     "aten.conv1d.default": _function(F.conv1d),
     "aten.conv2d.default": _function(F.conv2d),
     "aten.conv2d.padding": _function(F.conv2d),
+    "aten.conv_transpose2d.input": _function(F.conv_transpose2d),
     "aten.linear.default": _function(F.linear),
     "aten.layer_norm.default": _function(F.layer_norm, _first(5)),
     "aten.rms_norm.default": _function(F.rms_norm),

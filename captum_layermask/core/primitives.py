@@ -141,18 +141,24 @@ def _rings(mask: Tensor, width: int) -> Iterator[_Ring]:
 
 
 def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tuple[Tensor, List[Tensor]]:
-    """``neighbor_pad`` and the mask after each ring (bool)."""
+    """``neighbor_pad`` and the mask after each ring (bool).
+
+    After ``max(H, W) - 1`` rings every cell of the grid is within reach of any visible cell (Chebyshev distance),
+    so later rings are empty: they are not computed (a dilated convolution on a small map, DeepLab's atrous
+    pyramid at rate 36 on a 14x14 map, asks for 72), and the mask they would give is the last one.
+    """
     padded = (x * (mask > 0)).contiguous()
     grown: List[Tensor] = []
+    computed = min(width, max(x.shape[-2:]) - 1)
     if torch.is_grad_enabled() and padded.requires_grad:
-        for ring in _rings(mask, width):
+        for ring in _rings(mask, computed):
             padded = padded + box_sum_3x3(padded) * ring.weights(x.dtype)
             grown.append(ring.grown)
-        return padded, grown
+        return padded, _all_rings(grown, mask, width)
     height, row = padded.shape[-2:]
     columns = torch.empty_like(padded)
     planes, column_planes = padded.view(-1, height * row), columns.view(-1, height * row)
-    for ring in _rings(mask, width):
+    for ring in _rings(mask, computed):
         # vertical pass of the box sum, then its horizontal pass added straight into the ring cells
         torch.add(planes[:, row:], planes[:, :-row], out=column_planes[:, row:])
         column_planes[:, :row].copy_(planes[:, :row])
@@ -162,7 +168,13 @@ def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tuple[Tensor, List[Ten
         padded.addcmul_(columns, weight)
         padded[..., :-1].addcmul_(columns[..., 1:], weight[..., :-1])
         grown.append(ring.grown)
-    return padded, grown
+    return padded, _all_rings(grown, mask, width)
+
+
+def _all_rings(grown: List[Tensor], mask: Tensor, width: int) -> List[Tensor]:
+    """The masks after each of ``width`` rings, from those computed: the rings not computed leave the last."""
+    last = grown[-1] if grown else mask > 0
+    return grown + [last] * (width - len(grown))
 
 
 def centred_radius(

@@ -114,3 +114,19 @@ def render(n: int, generator: torch.Generator, objects: int = 1, labels: Optiona
 def normalize(images: Tensor) -> Tensor:
     """The demo model's input normalisation (grey 0.5 maps to 0)."""
     return (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def pixel_labels(scenes: Scenes) -> Tensor:
+    """``(N, H, W)`` class of every pixel: 0 for the background, ``label + 1`` on an object."""
+    labels = torch.zeros(scenes.object_masks[:, 0].shape, dtype=torch.long)
+    for k in range(scenes.object_masks.shape[1]):
+        labels = torch.where(scenes.object_masks[:, k], scenes.labels[:, k, None, None] + 1, labels)
+    return labels
+
+
+def segmentation_scenes(n: int, generator: torch.Generator) -> Scenes:
+    """Half of the scenes with one object, half with two."""
+    one, two = render(n - n // 2, generator), render(n // 2, generator, objects=2)
+    masks = torch.cat([F.pad(one.object_masks, (0, 0, 0, 0, 0, 1)), two.object_masks])
+    labels = torch.cat([torch.cat([one.labels, one.labels], 1), two.labels])
+    return Scenes(torch.cat([one.images, two.images]), labels, masks)

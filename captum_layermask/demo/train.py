@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from ..evaluation.dense import confusion
+from ..evaluation.dense import mean_iou as dense_mean_iou
 from . import shapes
 from .model import (
     HF_RESNET_WEIGHTS,
@@ -79,36 +81,17 @@ def loss_of(model: nn.Module, teacher: Optional[nn.Module], images: Tensor, labe
     return loss
 
 
-def pixel_labels(scenes: shapes.Scenes) -> Tensor:
-    """``(N, H, W)`` class of every pixel: 0 for the background, ``label + 1`` on an object."""
-    labels = torch.zeros(scenes.object_masks[:, 0].shape, dtype=torch.long)
-    for k in range(scenes.object_masks.shape[1]):
-        labels = torch.where(scenes.object_masks[:, k], scenes.labels[:, k, None, None] + 1, labels)
-    return labels
-
-
-def segmentation_scenes(n: int, generator: torch.Generator) -> shapes.Scenes:
-    """Half of the scenes with one object, half with two."""
-    one, two = shapes.render(n - n // 2, generator), shapes.render(n // 2, generator, objects=2)
-    masks = torch.cat([F.pad(one.object_masks, (0, 0, 0, 0, 0, 1)), two.object_masks])
-    labels = torch.cat([torch.cat([one.labels, one.labels], 1), two.labels])
-    return shapes.Scenes(torch.cat([one.images, two.images]), labels, masks)
-
-
 def mean_iou(model: nn.Module, scenes: shapes.Scenes, batch: int = 100) -> float:
     """Mean over the classes of intersection over union, each summed over all pixels of the scenes."""
     model.eval()
-    classes = model.classifier.out_channels
-    confusion = torch.zeros(classes, classes, dtype=torch.long)
-    truth = pixel_labels(scenes)
+    truth, counts = shapes.pixel_labels(scenes), None
     with torch.no_grad():
         for start in range(0, len(scenes.images), batch):
             predicted = model(shapes.normalize(scenes.images[start : start + batch])).argmax(1)
-            pairs = truth[start : start + batch].flatten() * classes + predicted.flatten()
-            confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
-    intersection = confusion.diag().double()
-    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
-    return float((intersection / union.clamp(min=1)).mean())
+            part = truth[start : start + batch]
+            found = confusion(predicted, part, torch.ones_like(part, dtype=torch.bool), model.classifier.out_channels)
+            counts = found if counts is None else counts + found
+    return dense_mean_iou(counts)
 
 
 def evaluate(model: nn.Module, scenes: shapes.Scenes, batch: int = 250) -> float:
@@ -137,8 +120,8 @@ def train(steps: int, batch: int, seed: int, name: str = "resnet") -> tuple[nn.M
     for step in range(steps):
         model.train()
         if name == "segmenter":
-            scenes = segmentation_scenes(batch, data)
-            loss = F.cross_entropy(model(shapes.normalize(scenes.images)), pixel_labels(scenes))
+            scenes = shapes.segmentation_scenes(batch, data)
+            loss = F.cross_entropy(model(shapes.normalize(scenes.images)), shapes.pixel_labels(scenes))
         else:
             scenes = shapes.render(batch, data)
             loss = loss_of(model, teacher, shapes.normalize(scenes.images), scenes.labels[:, 0])
@@ -149,7 +132,9 @@ def train(steps: int, batch: int, seed: int, name: str = "resnet") -> tuple[nn.M
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - started:6.0f} s", flush=True)
     held_out_data = torch.Generator().manual_seed(seed + 1)
-    held_out = segmentation_scenes(1000, held_out_data) if name == "segmenter" else shapes.render(2000, held_out_data)
+    held_out = (
+        shapes.segmentation_scenes(1000, held_out_data) if name == "segmenter" else shapes.render(2000, held_out_data)
+    )
     return model.eval(), evaluate(model, held_out)
 
 

@@ -29,7 +29,7 @@ from .common import (
     safe_divide,
     spatial_mask,
 )
-from .convolution import conv2d, conv2d_partial, conv2d_with_rings, conv2d_zero_padding
+from .convolution import conv2d, conv2d_partial, conv2d_with_rings, conv2d_zero_padding, conv_transpose2d
 from .linear import channel_conv1d, linear
 from .normalization import batch_norm, group_norm, layer_norm, normalize
 from .pointwise import dropout, pointwise
@@ -66,6 +66,7 @@ __all__ = [
     "channel_conv1d",
     "concatenate",
     "conv2d",
+    "conv_transpose2d",
     "conv2d_partial",
     "conv2d_with_rings",
     "conv2d_zero_padding",

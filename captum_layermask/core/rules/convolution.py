@@ -1,5 +1,6 @@
 r"""Convolutions: :math:`g_k(\mathrm{Pad}_k(\mathbf{x}, \mathbf{m}))` with the mask max-pooled by the same kernel
-(section 3.2, Algorithm 1), with neighbor padding, zero padding or partial convolution's rescaling."""
+(section 3.2, Algorithm 1), with neighbor padding, zero padding or partial convolution's rescaling; and
+transposed convolutions, the same rule read backwards."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedLayerError
 from ..masked import Masked, masks_of
-from ..primitives import neighbor_pad, pad_for_convolution, propagate_mask
+from ..primitives import _pair, neighbor_pad, pad_for_convolution, propagate_mask
+from ..registry import builtin_rule
 from .common import (
     bind_arguments,
     require_feature_dims,
@@ -115,3 +117,50 @@ def conv2d_partial(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     if bias is not None:
         value = value + bias.reshape(1, -1, 1, 1)
     return Masked(value, propagate_mask(x.mask, **geometry))
+
+
+_CONV_TRANSPOSE_ARGS = ("weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_TRANSPOSE_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+
+
+@builtin_rule(nn.ConvTranspose2d, F.conv_transpose2d)
+def conv_transpose2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
+    """A transposed convolution (the learned upsampling of U-Nets, FCN-style decoders, BEiT's and DPT's feature
+    pyramids): each output cell sums the input cells whose kernel taps land on it.
+
+    The rule of :func:`conv2d` read backwards: an output cell is visible when one of the input cells it sums is
+    (the mask transposed-convolved with a kernel of ones, > 0), and the input is neighbor-padded by
+    ``floor((k - 1) * dilation / stride)`` rings, the largest distance between two input cells that one output
+    sums, so that a visible output reads the fill of the visible cells and nothing of the removed pixels. A
+    kernel no larger than its stride (the common 2x2 stride-2 upsampling) sums one input cell per output: no
+    padding, and the visible outputs are the layer's own.
+    """
+    x = require_masked(x, "a transposed convolution")
+    if masks_of((args, kwargs)):
+        raise UnsupportedLayerError("a transposed convolution whose weights depend on the image.")
+    require_feature_dims(x, [1], "a transposed convolution")
+    if isinstance(op, nn.Module):
+        geometry = dict(
+            kernel=op.kernel_size, stride=op.stride, padding=op.padding,
+            output_padding=op.output_padding, dilation=op.dilation,
+        )  # fmt: skip
+    else:
+        bound = bind_arguments(args, kwargs, _CONV_TRANSPOSE_ARGS, _CONV_TRANSPOSE_DEFAULTS)
+        geometry = dict(
+            kernel=tuple(bound["weight"].shape[-2:]), stride=bound["stride"], padding=bound["padding"],
+            output_padding=bound["output_padding"], dilation=bound["dilation"],
+        )  # fmt: skip
+    kernel, stride, dilation = (_pair(geometry[name]) for name in ("kernel", "stride", "dilation"))
+    rings = max(((k - 1) * d) // s for k, d, s in zip(kernel, dilation, stride))
+    ones = torch.ones((1, 1, *kernel), dtype=x.value.dtype, device=x.value.device)
+    reached = F.conv_transpose2d(
+        (x.mask > 0).to(x.value.dtype),
+        ones,
+        None,
+        stride,
+        geometry["padding"],
+        geometry["output_padding"],
+        1,
+        dilation,
+    )
+    return Masked(op(neighbor_pad(x.value, x.mask, rings), *args, **kwargs), (reached > 0).to(x.mask.dtype))
