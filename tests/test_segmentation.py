@@ -310,3 +310,39 @@ def test_the_demo_segmentation_model_segments_held_out_scenes_and_converts():
         out, out_mask = masked(x, mask, return_mask=True)
         assert torch.equal(masked(torch.where(mask, x, torch.nan), mask), out)
     assert out_mask.shape == (4, 1, 128, 128) and bool(out_mask[mask].all())
+
+
+def test_a_segmentation_dataset_run_gives_the_in_memory_evaluation_and_resumes(tmp_path):
+    from captum_layermask.datasets import evaluate_dataset
+    from captum_layermask.demo import shapes
+    from captum_layermask.demo.model import load_demo_segmenter
+    from captum_layermask.evaluation.dense_report import evaluate_segmentation
+
+    model = load_demo_segmenter()
+    scenes = shapes.segmentation_scenes(4, torch.Generator().manual_seed(5))
+    labels = shapes.pixel_labels(scenes)
+    dataset = torch.utils.data.TensorDataset(scenes.images, labels)
+    options = dict(size=128, mean=shapes.MEAN, std=shapes.STD, lime_images=2, batch_size=16, show_progress=False)
+    run = evaluate_dataset(model, dataset, tmp_path / "run", task="segmentation", **options)
+    report = run.report()
+    # the in-memory evaluation with the same regions: each image's most frequent object class
+    counts = torch.stack([torch.bincount(label.flatten(), minlength=7) for label in labels])
+    counts[:, 0] = 0
+    targets = counts.argmax(1)
+    regions = labels == targets[:, None, None]
+    expected = evaluate_segmentation(
+        model, shapes.normalize(scenes.images), labels, regions, targets.tolist(), mean=shapes.MEAN,
+        std=shapes.STD, explained=2, show_progress=False,
+    )  # fmt: skip
+    by_key = {(c.order, c.masker): c for c in expected.curves}
+    for curve in report.curves:  # background first is deterministic; random orders are seeded per image
+        reference = by_key[(curve.order, curve.masker)]
+        compared = curve.mean_iou if curve.order == "least_salient" else curve.mean_iou[:1]
+        assert compared == pytest.approx(reference.mean_iou[: len(compared)], abs=1e-9)
+    references = {mass.masker: mass for mass in expected.masses}
+    for mass in report.masses:
+        assert mass.mean == pytest.approx(references[mass.masker].mean, abs=1e-6)
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.npz")}
+    again = evaluate_dataset(model, dataset, tmp_path / "run", task="segmentation", **options)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.npz")} == written
+    assert again.report().markdown() == report.markdown()

@@ -22,7 +22,7 @@ from ..evaluation.report import EvaluationReport, diagnose
 from ..evaluation.segmentation import SEGMENTER_NAMES
 from ..weights import Classifier, load_classifier, load_model
 from .arguments import add_common_arguments, add_engine_arguments, add_model_arguments, at_least, check_engine, subset
-from .io import MANIFEST, CommandError, check_output_folder, staged_output
+from .io import MANIFEST, CommandError, check_output_folder
 
 DESCRIPTION = (
     "Measures how much each masking method distorts the model (paper section 4): removal curves of accuracy, class "
@@ -266,30 +266,32 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def _evaluate_segmentation(args: argparse.Namespace) -> Path:
-    """``--task segmentation``: the demo segmentation model on held-out demo scenes, in this process."""
-    from ..evaluation.dense_report import demo_segmentation_data, evaluate_segmentation
+    """``--task segmentation``: the demo segmentation model on held-out demo scenes (one or two objects each),
+    through the dataset runner (resumable, ``--engine ray``): mean IoU removal curves and region shares."""
+    from ..demo import shapes
 
-    if args.model != "demo" or args.images is not None or args.engine != "local":
+    if args.model != "demo" or args.images is not None:
         raise CommandError(
-            "--task segmentation evaluates the demo segmentation model on demo scenes, in this process; for your own "
-            "model and labelled images call captum_layermask.evaluation.dense_report.evaluate_segmentation."
+            "--task segmentation evaluates the demo segmentation model on demo scenes; for your own model and "
+            "labelled images call evaluate_dataset(model, dataset, out, task='segmentation') with a Dataset of "
+            "(image, labels)."
         )
     model = load_model("demo", args.weights, None, "segmentation")
-    images, labels, regions, targets = demo_segmentation_data(args.limit or 64, args.data_seed)
-    report = evaluate_segmentation(
-        model.model,
-        images,
-        labels,
-        regions,
-        targets,
-        maskers=[m for m in args.maskers if m in ("black", "grey", "layer")],
-        mean=model.mean,
-        std=model.std,
-        explained=args.lime_images,
-        batch_size=args.batch_size,
-    )
-    with staged_output(args.out, "evaluate") as staging:
-        report.save(staging)
+    scenes = shapes.segmentation_scenes(args.limit or 64, torch.Generator().manual_seed(args.data_seed))
+    dataset = torch.utils.data.TensorDataset(scenes.images, shapes.pixel_labels(scenes))
+    _start_output(args.out)
+    try:
+        run = evaluate_dataset(
+            model.model, dataset, args.out / "runs" / "segmentation", task="segmentation",
+            maskers=[m for m in args.maskers if m in ("black", "grey", "layer")], size=model.size, mean=model.mean,
+            std=model.std, lime_images=args.lime_images, seed=args.seed, batch_size=args.batch_size,
+            engine=args.engine, address=args.address,
+        )  # fmt: skip
+        report = run.report()
+    except (OutputMismatchError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    files = ["runs", *(path.name for path in report.save(args.out))]
+    (args.out / MANIFEST).write_text(json.dumps({"command": "evaluate", "files": files}, indent=1) + "\n")
     print(report.markdown())
     print(f"wrote {args.out}/results.md")
     return args.out

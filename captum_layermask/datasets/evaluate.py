@@ -16,7 +16,7 @@ import functools
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ from ..evaluation.segmentation import get_segmenter
 from .engine import DatasetResults, EngineOptions, run_dataset
 from .sources import ImagesSpec, image_source
 from .store import ResultStore
+
+if TYPE_CHECKING:
+    from .evaluate_segmentation import DatasetSegmentationEvaluation
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,9 @@ def evaluate_dataset(
     num_gpus: float = 0.0,
     threads: Optional[int] = None,
     show_progress: bool = True,
-) -> DatasetEvaluation:
+    task: str = "classification",
+    output: Optional[str] = None,
+) -> Union[DatasetEvaluation, DatasetSegmentationEvaluation]:
     """Removal curves, shape bias and LIME metrics of a labelled dataset under each masker (section 4),
     resumable, in either engine.
 
@@ -322,7 +327,17 @@ def evaluate_dataset(
             20 of 196).
         residual: the residual rule of layer masking (see :func:`~captum_layermask.layer_masked`).
         batch_size: masked images per forward pass.
+        task: ``"segmentation"`` for a segmentation model and a ``Dataset`` of ``(image, labels (H, W))``: mean
+            IoU removal curves and region attribution mass (:mod:`.evaluate_segmentation`; ``lime_images``
+            images explained, ``output`` the part of the output holding the logits).
     """
+    options = EngineOptions(engine, address, workers, num_gpus, threads, show_progress)
+    if task == "segmentation":
+        from .evaluate_segmentation import SegmentationSettings, evaluate_segmentation_dataset
+
+        dense = SegmentationSettings(tuple(maskers), segments, size=size, mean=tuple(mean), std=tuple(std), seed=seed,
+                                     explained=lime_images, output=output)  # fmt: skip
+        return evaluate_segmentation_dataset(model, images, out, settings=dense, batch_size=batch_size, options=options)
     settings = EvaluationSettings(
         tuple(maskers),
         segments,
@@ -346,7 +361,7 @@ def evaluate_dataset(
         source,
         out,
         settings,
-        EngineOptions(engine, address, workers, num_gpus, threads, show_progress),
+        options,
         "evaluating",
     )
     return DatasetEvaluation(Path(out), source.keys, errors, settings)

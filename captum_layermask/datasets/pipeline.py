@@ -19,9 +19,10 @@ class ImageWorker(Protocol):
     :class:`~captum_layermask.datasets.evaluate.ImageEvaluator`): built once per process or Ray actor."""
 
     def compute(
-        self, position: int, image: Tensor, segments: Tensor, label: Optional[int], object_mask: Optional[Tensor]
+        self, position: int, image: Tensor, segments: Tensor, label: Any, object_mask: Optional[Tensor]
     ) -> Dict[str, np.ndarray]:
-        """The record of one image ``(3, H, W)`` in [0, 1], with its segment ids ``(H, W)``."""
+        """The record of one image ``(3, H, W)`` in [0, 1], with its segment ids ``(H, W)`` and its label (a class
+        index, a label map ``(H, W)`` for a segmentation, or None)."""
 
 
 def image_segmenter(name: str) -> Any:

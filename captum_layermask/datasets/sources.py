@@ -70,8 +70,10 @@ class ImageSource:
             except OSError:
                 return "missing"
         image, label, mask = loaded if loaded is not None else self.load(index, 0)
-        digest = hashlib.sha256(str((tuple(image.shape), label)).encode())
+        digest = hashlib.sha256(str((tuple(image.shape), label if not torch.is_tensor(label) else "map")).encode())
         digest.update(image.contiguous().numpy().tobytes())
+        if torch.is_tensor(label):
+            digest.update(label.contiguous().numpy().tobytes())
         if mask is not None:
             digest.update(mask.contiguous().numpy().tobytes())
         return digest.hexdigest()
@@ -126,6 +128,12 @@ def _dataset_item(item: Any, index: int) -> Tuple[Tensor, Optional[int], Optiona
             raise ValueError(
                 f"dataset item {index} has an object mask of shape {tuple(mask.shape)} for an image of {tuple(image.shape[-2:])}; give (H, W)."
             )
+    if label is not None and torch.is_tensor(label) and label.ndim == 2:  # a label map (segmentation)
+        if tuple(label.shape) != tuple(image.shape[-2:]):
+            raise ValueError(
+                f"dataset item {index} has a label map of shape {tuple(label.shape)} for an image of {tuple(image.shape[-2:])}."
+            )
+        return image, label.long(), mask
     return image, None if label is None else int(label), mask
 
 

@@ -200,12 +200,69 @@ def region_attribution_mass(
     segments = segment_images(images, segmenter).cpu()
     shares = []
     for i in range(len(images)):
-        scores = RegionScores(forward, regions[i], output=output)
         torch.manual_seed(i)
-        attribution = captum_attribution(
-            method, scores, images[i : i + 1], segments[i : i + 1, None], int(targets[i]), baseline, samples, per_eval
-        )
-        positive = attribution[0].detach().sum(0).clamp(min=0)
-        total = float(positive.sum())
-        shares.append(float(positive[regions[i]].sum()) / total if total > 0 else float("nan"))
+        shares.append(
+            region_share(
+                forward, images[i : i + 1], regions[i], int(targets[i]), segments[i], baseline,
+                method=method, output=output, samples=samples, per_eval=per_eval,
+            )
+        )  # fmt: skip
     return RegionMass(get_masker(masker).name, method, torch.tensor(shares, dtype=torch.float64))
+
+
+def region_share(
+    forward: nn.Module,
+    x: Tensor,
+    region: Tensor,
+    target: int,
+    segments: Tensor,
+    baseline: Any,
+    *,
+    method: str = "ablation",
+    output: Optional[Any] = None,
+    samples: int = 200,
+    per_eval: int = 16,
+) -> float:
+    """The share of positive attribution on ``region`` ``(H, W)`` when one image ``x`` ``(1, C, H, W)`` is
+    explained for ``target`` over it (:class:`~captum_layermask.RegionScores` of ``forward``, the plain or the
+    layer-masked model, with ``baseline``); NaN without positive attribution."""
+    scores = RegionScores(forward, region, output=output)
+    attribution = captum_attribution(method, scores, x, segments[None, None], target, baseline, samples, per_eval)
+    positive = attribution[0].detach().sum(0).clamp(min=0)
+    total = float(positive.sum())
+    return float(positive[region].sum()) / total if total > 0 else float("nan")
+
+
+def removal_confusions(
+    forward: Any,
+    x: Tensor,
+    labels: Tensor,
+    segments: Tensor,
+    removed: Tensor,
+    fractions: Sequence[float],
+    *,
+    output: Optional[Any] = None,
+    per_eval: int = 16,
+) -> Tensor:
+    """One image's confusion matrices on its visible pixels as its segments are removed: ``(F, C, C)``.
+
+    Args:
+        forward: ``forward(x, mask)`` of a masker bound to the model.
+        x (Tensor): ``(1, C, H, W)``; labels ``(H, W)``; segments ``(H, W)`` ids; ``removed``: ids in removal
+            order; ``fractions``: removed at each point.
+    """
+    kept = torch.stack([~torch.isin(segments, removed[: round(f * len(removed))]) for f in fractions])
+    counts = []
+    with torch.no_grad():
+        for part in kept.split(per_eval):
+            logits = select_output(forward(x.expand(len(part), -1, -1, -1), part[:, None].to(x.device)), output)
+            predicted = logits.argmax(1).cpu()
+            counts += [confusion(p, labels, k, logits.shape[1]) for p, k in zip(predicted, part)]
+    return torch.stack(counts)
+
+
+def curve_from_confusions(
+    counts: Tensor, fractions: Sequence[float], masker: str, order: str, segmenter: str
+) -> IoUCurve:
+    """An :class:`IoUCurve` from confusion matrices ``(F, C, C)`` summed over a dataset's images."""
+    return IoUCurve(list(fractions), [mean_iou(c) for c in counts], masker, order, segmenter)

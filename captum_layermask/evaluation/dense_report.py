@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ._common import ResultRow
 from .dense import DENSE_FRACTIONS, IoUCurve, RegionMass, region_attribution_mass, segmentation_removal_curve
-from .maskers import masker_title
+from .maskers import get_masker, masker_title
 from .report import _markdown_table
 from .segmentation import SegmenterSpec
 
@@ -141,7 +140,7 @@ def evaluate_segmentation(
         for masker in maskers:
             report.curves.append(
                 segmentation_removal_curve(
-                    model, images, pixel_labels, segmenter, order, masker, DENSE_FRACTIONS,
+                    model, images, pixel_labels, segmenter, order, get_masker(masker, mean, std), DENSE_FRACTIONS,
                     saliency=saliency, output=output, batch_size=batch_size, show_progress=show_progress,
                 )
             )  # fmt: skip
@@ -155,17 +154,3 @@ def evaluate_segmentation(
             )
         )  # fmt: skip
     return report
-
-
-def demo_segmentation_data(count: int, seed: int) -> tuple:
-    """Held-out demo scenes for :func:`evaluate_segmentation`: normalised images, pixel labels, and each scene's
-    first object as the region with its class as the target."""
-    from ..demo import shapes
-
-    scenes = shapes.segmentation_scenes(count, torch.Generator().manual_seed(seed))
-    return (
-        shapes.normalize(scenes.images),
-        shapes.pixel_labels(scenes),
-        scenes.object_masks[:, 0],
-        [int(label) + 1 for label in scenes.labels[:, 0]],
-    )
