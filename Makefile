@@ -6,7 +6,7 @@ DEMO_OUT ?= demo-output
 EVALUATE_OUT ?= evaluate-output
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup lint format test test-slow timm-zoo hf-zoo demo evaluate tutorials benchmark train-demo-model clean
+.PHONY: setup lint format test test-cuda test-slow timm-zoo hf-zoo demo evaluate tutorials benchmark train-demo-model clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ format: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+test-cuda: setup
+	$(PY) -m pytest -q --device cuda
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -13,19 +13,33 @@ import torch
 def parse_arguments(
     description: str, repeats_flag: str = "--repeats", repeats: int = 10, model: str = ""
 ) -> argparse.Namespace:
-    """``--threads`` (applied to torch here), the number of timed rounds and, given a default, ``--model``."""
+    """``--threads`` (applied to torch here), ``--device``, the number of timed rounds and, given a default,
+    ``--model``. ``--device cuda`` without a GPU stops with one line saying so."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(repeats_flag, type=int, default=repeats, dest="repeats")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N): where the models and inputs run")
     if model:
         parser.add_argument("--model", default=model, help="a torchvision model name, or timm/<name>")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__}).")
+    args.device = torch.device(args.device)
     return args
 
 
-def paired_times(runs: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
-    """Seconds of each run per round, rounds taken in turn (under ``torch.no_grad``)."""
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op on the CPU), so that a timed call includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def paired_times(
+    runs: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1, device: torch.device = torch.device("cpu")
+) -> Dict[str, List[float]]:
+    """Seconds of each run per round, rounds taken in turn (under ``torch.no_grad``; on a GPU each run's queued
+    work is waited for before and after it)."""
     times: Dict[str, List[float]] = {name: [] for name in runs}
     with torch.no_grad():
         for _ in range(warmup):
@@ -33,8 +47,10 @@ def paired_times(runs: Dict[str, Callable[[], object]], repeats: int, warmup: in
                 run()
         for _ in range(repeats):
             for name, run in runs.items():
+                synchronize(device)
                 start = time.perf_counter()
                 run()
+                synchronize(device)
                 times[name].append(time.perf_counter() - start)
     return times
 

@@ -25,9 +25,9 @@ SIZE, PATCH, SAMPLES, PER_EVAL = 224, 16, 500, 16
 def main() -> None:
     args = parse_arguments(__doc__.splitlines()[0], "--rounds", 3, model="resnet18")
     torch.manual_seed(0)
-    model = torchvision.models.get_model(args.model).eval()
-    x = torch.randn(1, 3, SIZE, SIZE)
-    segments = patch_segments(SIZE, SIZE, PATCH)
+    model = torchvision.models.get_model(args.model).eval().to(args.device)
+    x = torch.randn(1, 3, SIZE, SIZE).to(args.device)
+    segments = patch_segments(SIZE, SIZE, PATCH).to(args.device)
     masked = layer_masked(model)
     runs = {
         "grey baseline, plain model": (Lime(model), 0.0),
@@ -43,11 +43,14 @@ def main() -> None:
     for lime, baseline in runs.values():  # one-time costs (weight reorders, first Lasso fit) out of the timing
         lime_run(lime, baseline, samples=PER_EVAL)
     times = paired_times(
-        {name: (lambda pair=pair: lime_run(*pair)) for name, pair in runs.items()}, args.repeats, warmup=0
+        {name: (lambda pair=pair: lime_run(*pair)) for name, pair in runs.items()},
+        args.repeats,
+        warmup=0,
+        device=args.device,
     )
     grey, layer = times.values()
     print(
-        f"Lime, {args.model}, {SIZE}x{SIZE}, {(SIZE // PATCH) ** 2} patches, {SAMPLES} samples, perturbations_per_eval={PER_EVAL}, {args.threads} threads"
+        f"Lime, {args.model}, {SIZE}x{SIZE}, {(SIZE // PATCH) ** 2} patches, {SAMPLES} samples, perturbations_per_eval={PER_EVAL}, {args.device}, {args.threads} threads"
     )
     print_medians(times, decimals=2)
     print(f"  ratio (median of pairs): {ratio_of_pairs(layer, grey):.2f}")

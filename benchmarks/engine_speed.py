@@ -8,7 +8,7 @@ allocation events; the model's weights and the inputs are not counted). Ratios a
 comparable across machines.
 
     .venv/bin/python benchmarks/engine_speed.py [--model resnet50 | --model timm/tf_efficientnet_b0]
-        [--repeats 15] [--threads 2]
+        [--repeats 15] [--threads 2] [--device cpu | cuda]
     .venv/bin/python benchmarks/engine_speed.py --model hf/vit   # a Hugging Face model at its default config
         (ViT-Base/16 for vit), captured by torch.export: the first call's capture is reported separately
     .venv/bin/python benchmarks/engine_speed.py --model deeplabv3_mobilenet_v3_large   # a segmentation model
@@ -21,7 +21,7 @@ import time
 
 import torch
 import torchvision
-from _timing import paired_times, parse_arguments, ratio_of_pairs
+from _timing import paired_times, parse_arguments, ratio_of_pairs, synchronize
 from torch.profiler import ProfilerActivity, profile
 
 from captum_layermask import layer_masked
@@ -47,12 +47,12 @@ def build(name: str) -> torch.nn.Module:
     return torchvision.models.get_model(name).eval()
 
 
-def setup(seed: int = 0, name: str = "resnet50"):
+def setup(seed: int = 0, name: str = "resnet50", device: torch.device = torch.device("cpu")):
     torch.manual_seed(seed)
-    model = build(name)
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    model = build(name).to(device)
+    x = torch.randn(BATCH, 3, SIZE, SIZE).to(device)
     grid = torch.rand(BATCH, 1, SIZE // PATCH, SIZE // PATCH).argsort(-1).argsort(-1) < (SIZE // PATCH) // 2
-    mask = grid.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)  # exactly half of each row of patches
+    mask = grid.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3).to(device)  # half of each row of patches
     if name.startswith("hf/"):
         return (lambda images: model(images).logits), layer_masked(model, output="logits"), x, mask
     if name in SEGMENTATION:  # the per-pixel logits, after the final upsampling
@@ -60,9 +60,17 @@ def setup(seed: int = 0, name: str = "resnet50"):
     return model, layer_masked(model), x, mask
 
 
-def peak_tensor_memory_mib(function) -> float:
-    """Peak of the bytes held by tensors allocated during one call, from the profiler's allocation events."""
+def peak_tensor_memory_mib(function, device: torch.device = torch.device("cpu")) -> float:
+    """Peak of the bytes held by tensors allocated during one call, from the profiler's allocation events (on a
+    GPU: CUDA's peak allocation during the call, above what was allocated before it)."""
     function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        function()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         function()
     changes = []
@@ -80,20 +88,22 @@ def peak_tensor_memory_mib(function) -> float:
 
 def main() -> None:
     args = parse_arguments(__doc__.splitlines()[0], "--repeats", 15, model="resnet50")
-    model, masked, x, mask = setup(name=args.model)
+    model, masked, x, mask = setup(name=args.model, device=args.device)
     with torch.no_grad():
         start = time.perf_counter()
         masked(x, mask)  # a model captured by torch.export converts at its first call
+        synchronize(args.device)
         first = time.perf_counter() - start
-    times = paired_times({"plain": lambda: model(x), "masked": lambda: masked(x, mask)}, args.repeats, warmup=2)
+    runs = {"plain": lambda: model(x), "masked": lambda: masked(x, mask)}
+    times = paired_times(runs, args.repeats, warmup=2, device=args.device)
     with torch.no_grad():
-        plain_mem = peak_tensor_memory_mib(lambda: model(x))
-        layer_mem = peak_tensor_memory_mib(lambda: masked(x, mask))
+        plain_mem = peak_tensor_memory_mib(lambda: model(x), args.device)
+        layer_mem = peak_tensor_memory_mib(lambda: masked(x, mask), args.device)
     plain, layer = statistics.median(times["plain"]), statistics.median(times["masked"])
     time_ratio = ratio_of_pairs(times["masked"], times["plain"])
     print(
         f"{args.model}, batch {BATCH}, {SIZE}x{SIZE}, half of the {PATCH}x{PATCH} patches removed, "
-        f"{args.threads} threads, torch {torch.__version__}"
+        f"{args.device}, {args.threads} threads, torch {torch.__version__}"
     )
     print(f"{'':29}{'plain':>10}{'layer-masked':>14}{'ratio':>8}")
     print(f"{'forward time (s)':29}{plain:>10.3f}{layer:>14.3f}{time_ratio:>8.2f}")

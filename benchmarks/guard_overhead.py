@@ -42,11 +42,12 @@ def main() -> None:
         "50-layer MLP": (nn.Sequential(*[nn.Linear(64, 64) for _ in range(50)]).eval(), torch.randn(1, 64)),
         "ResNet-18, 64x64": (torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)),
     }
+    models = {name: (model.to(args.device), x.to(args.device)) for name, (model, x) in models.items()}
     for owner in (LayerMask, LayerMaskRemoval):
         for name, (model, x) in models.items():
             without, with_guard = runs_for(model, x, owner)
             labels = (f"no {owner.__name__} alive", f"a {owner.__name__} alive")
-            times = paired_times(dict(zip(labels, (without, with_guard))), args.repeats, warmup=3)
+            times = paired_times(dict(zip(labels, (without, with_guard))), args.repeats, warmup=3, device=args.device)
             plain, guarded = times.values()
             print(name)
             print_medians(times, decimals=6)

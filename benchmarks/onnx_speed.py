@@ -25,6 +25,9 @@ BATCH, SIZE = 8, 224
 
 def main() -> None:
     args = parse_arguments(__doc__.splitlines()[0], "--repeats", 10)
+    provider = "CUDAExecutionProvider" if args.device.type == "cuda" else "CPUExecutionProvider"
+    if provider not in onnxruntime.get_available_providers():
+        raise SystemExit(f"--device {args.device}: onnxruntime here has no {provider} (install onnxruntime-gpu).")
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()
     masked = layer_masked(model)
@@ -33,15 +36,17 @@ def main() -> None:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = args.threads
         options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), options, providers=[provider])
     image = torch.randn(BATCH, 3, SIZE, SIZE)
     mask = verification_masks(BATCH, SIZE, SIZE)["half removed"]
     feeds = {"image": image.numpy(), "mask": mask.numpy()}
-    runs = {"PyTorch eager": lambda: masked(image, mask), "onnxruntime": lambda: session.run(["logits"], feeds)}
-    times = paired_times(runs, args.repeats)
+    masked.to(args.device)
+    on_device = image.to(args.device), mask.to(args.device)
+    runs = {"PyTorch eager": lambda: masked(*on_device), "onnxruntime": lambda: session.run(["logits"], feeds)}
+    times = paired_times(runs, args.repeats, device=args.device)
     eager, ort = times.values()
     print(
-        f"Layer-masked ResNet-50, batch {BATCH}, {SIZE}x{SIZE}, half of the 16x16 patches removed, {args.threads} threads"
+        f"Layer-masked ResNet-50, batch {BATCH}, {SIZE}x{SIZE}, half of the 16x16 patches removed, {args.device}, {args.threads} threads"
     )
     print_medians(times)
     print(f"  onnxruntime / eager (median of pairs): {ratio_of_pairs(ort, eager):.2f}")

@@ -105,3 +105,8 @@ def test_propagate_mask_same_padding_matches_conv_output_size():
     conv = torch.nn.Conv2d(1, 1, (4, 3), padding="same", dilation=2)
     mask = torch.ones(1, 1, 9, 10)
     assert propagate_mask(mask, conv.kernel_size, padding="same", dilation=2).shape == conv(mask).shape
+
+
+def test_tensors_and_layers_are_created_on_the_device_the_suite_runs_on(request):
+    expected = torch.device(request.config.getoption("--device")).type
+    assert torch.empty(1).device.type == expected and torch.nn.Linear(2, 2).weight.device.type == expected
