@@ -346,3 +346,42 @@ def test_a_segmentation_dataset_run_gives_the_in_memory_evaluation_and_resumes(t
     again = evaluate_dataset(model, dataset, tmp_path / "run", task="segmentation", **options)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.npz")} == written
     assert again.report().markdown() == report.markdown()
+
+
+def test_a_folder_of_images_with_label_maps_gives_the_dataset_s_evaluation(tmp_path):
+    from PIL import Image
+
+    from captum_layermask.cli import main
+    from captum_layermask.datasets import evaluate_dataset
+    from captum_layermask.demo import shapes
+    from captum_layermask.demo.model import load_demo_segmenter
+
+    scenes = shapes.segmentation_scenes(3, torch.Generator().manual_seed(9))
+    images = (scenes.images * 255).round() / 255  # what 8-bit PNG files hold
+    labels = shapes.pixel_labels(scenes)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for index in range(3):
+        pixels = (images[index].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{index}.png")
+        label_map = labels[index].numpy().astype(np.uint8)
+        label_map[0, :] = 255  # Pascal VOC's "not scored" on object boundaries
+        Image.fromarray(label_map, mode="L").convert("P").save(tmp_path / "labels" / f"{index}.png")
+    labels[:, 0, :] = 255
+    options = dict(size=128, mean=shapes.MEAN, std=shapes.STD, lime_images=1, batch_size=16, show_progress=False)
+    model = load_demo_segmenter()
+    from_folder = evaluate_dataset(
+        model, tmp_path / "images", tmp_path / "a", task="segmentation", label_maps=tmp_path / "labels", **options
+    ).report()
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    from_dataset = evaluate_dataset(model, dataset, tmp_path / "b", task="segmentation", **options).report()
+    assert from_folder.markdown() == from_dataset.markdown()
+    args = ["evaluate", "--task", "segmentation", "--images", str(tmp_path / "images"), "--lime-images", "0"]
+    assert main(args + ["--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "cli")]) == 0
+    assert main(args + ["--out", str(tmp_path / "no-labels")]) == 2
+
+
+def test_labels_outside_the_classes_are_not_scored():
+    truth = torch.tensor([[0, 1, 255]])
+    counted = torch.ones_like(truth, dtype=torch.bool)
+    assert confusion(torch.tensor([[0, 1, 1]]), truth, counted, 2).sum() == 2

@@ -174,11 +174,18 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--task",
         choices=("classification", "segmentation"),
         default="classification",
-        help="segmentation: mean IoU removal curves on the visible pixels and where a region's explanation lies "
-        "(the demo segmentation model on held-out scenes with one or two objects; docs/evaluation.md)",
+        help="segmentation: mean IoU removal curves on the visible pixels and where a region's explanation lies, "
+        "for a segmentation model (demo, or a torchvision one such as deeplabv3_resnet50) on --images with "
+        "--labels (default: held-out demo scenes; docs/evaluation.md)",
     )
     ev.add_argument(
         "--images", type=Path, help="ImageNet-style folder <images>/<class>/<image> (default: held-out demo scenes)"
+    )
+    ev.add_argument(
+        "--labels",
+        type=Path,
+        help="--task segmentation: folder of label maps <labels>/<image name>.png, one class index per pixel "
+        "(Pascal VOC's SegmentationClass; 255 is not scored)",
     )
     ev.add_argument(
         "--object-masks",
@@ -266,29 +273,30 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def _evaluate_segmentation(args: argparse.Namespace) -> Path:
-    """``--task segmentation``: the demo segmentation model on held-out demo scenes (one or two objects each),
-    through the dataset runner (resumable, ``--engine ray``): mean IoU removal curves and region shares."""
-    from ..demo import shapes
+    """``--task segmentation``: the segmentation model (the demo one by default) on ``--images`` with their
+    ``--labels`` (or held-out demo scenes with one or two objects each), through the dataset runner (resumable,
+    ``--engine ray``): mean IoU removal curves and region shares."""
+    if (args.images is None) != (args.labels is None):
+        raise CommandError("--task segmentation takes --images and --labels together (or neither: the demo scenes).")
+    if args.images is None and args.model != "demo":
+        raise CommandError(f"--images and --labels are needed with --model {args.model} (the scenes are the demo's).")
+    model = load_model(args.model, args.weights, args.num_classes, "segmentation")
+    images, labels = args.images, args.labels
+    if images is None:
+        from ..demo import shapes
 
-    if args.model != "demo" or args.images is not None:
-        raise CommandError(
-            "--task segmentation evaluates the demo segmentation model on demo scenes; for your own model and "
-            "labelled images call evaluate_dataset(model, dataset, out, task='segmentation') with a Dataset of "
-            "(image, labels)."
-        )
-    model = load_model("demo", args.weights, None, "segmentation")
-    scenes = shapes.segmentation_scenes(args.limit or 64, torch.Generator().manual_seed(args.data_seed))
-    dataset = torch.utils.data.TensorDataset(scenes.images, shapes.pixel_labels(scenes))
+        scenes = shapes.segmentation_scenes(args.limit or 64, torch.Generator().manual_seed(args.data_seed))
+        images = torch.utils.data.TensorDataset(scenes.images, shapes.pixel_labels(scenes))
     _start_output(args.out)
     try:
         run = evaluate_dataset(
-            model.model, dataset, args.out / "runs" / "segmentation", task="segmentation",
-            maskers=[m for m in args.maskers if m in ("black", "grey", "layer")], size=model.size, mean=model.mean,
-            std=model.std, lime_images=args.lime_images, seed=args.seed, batch_size=args.batch_size,
-            engine=args.engine, address=args.address,
+            model.model, images, args.out / "runs" / "segmentation", task="segmentation", label_maps=labels,
+            maskers=[m for m in args.maskers if m in ("black", "grey", "layer")], size=args.size or model.size,
+            mean=model.mean, std=model.std, lime_images=args.lime_images, seed=args.seed,
+            batch_size=args.batch_size, engine=args.engine, address=args.address, output=model.output,
         )  # fmt: skip
         report = run.report()
-    except (OutputMismatchError, ValueError) as error:
+    except (OutputMismatchError, FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from None
     files = ["runs", *(path.name for path in report.save(args.out))]
     (args.out / MANIFEST).write_text(json.dumps({"command": "evaluate", "files": files}, indent=1) + "\n")

@@ -304,6 +304,7 @@ def evaluate_dataset(
     show_progress: bool = True,
     task: str = "classification",
     output: Optional[str] = None,
+    label_maps: Optional[Union[str, Path]] = None,
 ) -> Union[DatasetEvaluation, DatasetSegmentationEvaluation]:
     """Removal curves, shape bias and LIME metrics of a labelled dataset under each masker (section 4),
     resumable, in either engine.
@@ -327,9 +328,9 @@ def evaluate_dataset(
             20 of 196).
         residual: the residual rule of layer masking (see :func:`~captum_layermask.layer_masked`).
         batch_size: masked images per forward pass.
-        task: ``"segmentation"`` for a segmentation model and a ``Dataset`` of ``(image, labels (H, W))``: mean
-            IoU removal curves and region attribution mass (:mod:`.evaluate_segmentation`; ``lime_images``
-            images explained, ``output`` the part of the output holding the logits).
+        task, label_maps, output: ``task="segmentation"``: a segmentation model on a ``Dataset`` of ``(image, labels
+            (H, W))`` or a folder with ``label_maps`` (``<labels>/<name>.png``); ``output`` holds the logits
+            (:mod:`.evaluate_segmentation`: mean IoU removal curves, region attribution mass).
     """
     options = EngineOptions(engine, address, workers, num_gpus, threads, show_progress)
     if task == "segmentation":
@@ -337,7 +338,9 @@ def evaluate_dataset(
 
         dense = SegmentationSettings(tuple(maskers), segments, size=size, mean=tuple(mean), std=tuple(std), seed=seed,
                                      explained=lime_images, output=output)  # fmt: skip
-        return evaluate_segmentation_dataset(model, images, out, settings=dense, batch_size=batch_size, options=options)
+        return evaluate_segmentation_dataset(
+            model, images, out, settings=dense, batch_size=batch_size, options=options, label_maps=label_maps
+        )
     settings = EvaluationSettings(
         tuple(maskers),
         segments,

@@ -31,6 +31,7 @@ from ..evaluation.removal import check_fractions, removal_order
 from ..evaluation.seeding import image_seed
 from ..evaluation.segmentation import get_segmenter
 from .engine import DatasetResults, run_dataset
+from .sources import image_source
 from .store import ResultStore
 
 SEGMENTATION_ORDERS = ("random", "least_salient")
@@ -176,14 +177,16 @@ def evaluate_segmentation_dataset(
     settings: SegmentationSettings,
     batch_size: int,
     options: Any,
+    label_maps: Any = None,
 ) -> DatasetSegmentationEvaluation:
     """The run behind ``evaluate_dataset(..., task="segmentation")``: images from a ``Dataset`` of
-    ``(image, labels)`` (labels ``(H, W)`` class indices), resumable, in either engine."""
+    ``(image, labels)`` (labels ``(H, W)`` class indices), or an image folder with ``label_maps``
+    (``<labels>/<image name>.png``), resumable, in either engine."""
     settings.check()
     source, errors = run_dataset(
         functools.partial(SegmentationEvaluator, model, settings, batch_size),
         model,
-        images,
+        image_source(images, label_maps=label_maps) if label_maps is not None else images,
         out,
         settings,
         options,

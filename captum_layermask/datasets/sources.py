@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..evaluation.images import IMAGE_EXTENSIONS, image_size, read_image, read_object_mask
+from ..evaluation.images import IMAGE_EXTENSIONS, image_size, read_image, read_label_map, read_object_mask
 
 ImagesSpec = Union[str, Path, Sequence[Union[str, Path]], "torch.utils.data.Dataset", "ImageSource"]
 
@@ -32,6 +32,7 @@ class ImageSource:
         dataset: the ``Dataset`` (None for files).
         object_masks: one object mask file per image (an image folder with ``object_masks``), else None.
         folders: the folders the images (and object masks) are read from, which a run's output must not be in.
+        label_maps: one label map file per image (an image folder with ``label_maps``: a segmentation), else None.
     """
 
     keys: List[str]
@@ -40,6 +41,7 @@ class ImageSource:
     dataset: Any = None
     object_masks: Optional[List[Path]] = None
     folders: Tuple[Path, ...] = ()
+    label_maps: Optional[List[Path]] = None
 
     def subset(self, positions: Sequence[int]) -> ImageSource:
         """The images at ``positions`` (their keys unchanged)."""
@@ -57,6 +59,7 @@ class ImageSource:
             None,
             pick(self.object_masks),
             self.folders,
+            pick(self.label_maps),
         )
 
     def fingerprint(self, index: int, loaded: Optional[Tuple[Tensor, Optional[int], Optional[Tensor]]] = None) -> str:
@@ -64,7 +67,9 @@ class ImageSource:
         and modification time (and its object mask's), or a hash of a dataset item's values (``loaded``, the
         item as :meth:`load` returned it, saves reading it again)."""
         if self.files is not None:
-            paths = [self.files[index]] + ([self.object_masks[index]] if self.object_masks is not None else [])
+            paths = [self.files[index]] + [
+                extra[index] for extra in (self.object_masks, self.label_maps) if extra is not None
+            ]
             try:
                 return ";".join(f"{stat.st_size}:{stat.st_mtime_ns}" for stat in (path.stat() for path in paths))
             except OSError:
@@ -89,6 +94,8 @@ class ImageSource:
             return _dataset_item(self.dataset[index], index)
         image = read_image(self.files[index], size)[0]
         label = None if self.labels is None else self.labels[index]
+        if self.label_maps is not None:
+            label = read_label_map(self.label_maps[index], size)
         mask = None if self.object_masks is None else read_object_mask(self.object_masks[index], size)
         return image, label, mask
 
@@ -169,35 +176,47 @@ def _folder_images(folder: Path) -> List[Path]:
 def _with_object_masks(source: ImageSource, object_masks: Path) -> ImageSource:
     """``source`` with the object mask of each image, each checked before any work: present, one per image, and
     of the image's size."""
-    masks = [object_masks / Path(key).with_suffix(".png") for key in source.keys]
+    masks = _per_image_files(source, object_masks, "object mask")
+    return ImageSource(source.keys, source.files, source.labels, None, masks, (*source.folders, object_masks))
+
+
+def _per_image_files(source: ImageSource, folder: Path, what: str) -> List[Path]:
+    """``<folder>/<image key>.png`` for each image of a folder source, checked: present, one per image, and of
+    its image's size."""
+    masks = [folder / Path(key).with_suffix(".png") for key in source.keys]
     owners: Dict[Path, str] = {}
     for key, path in zip(source.keys, masks):
         if path in owners:
             raise ValueError(
-                f"images {owners[path]} and {key} would share the object mask {path}; give images of one class "
+                f"images {owners[path]} and {key} would share the {what} {path}; give images of one class "
                 "distinct names apart from their suffix."
             )
         owners[path] = key
         if not path.exists():
-            raise FileNotFoundError(f"no object mask {path}: give <masks>/<class>/<image name>.png for every image.")
+            raise FileNotFoundError(f"no {what} {path}: give <folder>/<class>/<image name>.png for every image.")
     for file, path in zip(source.files or [], masks):
         image, mask = image_size(file), image_size(path)
         if image is not None and mask is not None and image != mask:
             raise ValueError(
-                f"object mask {path} is {mask[1]}x{mask[0]} (width x height) but its image {file} is "
-                f"{image[1]}x{image[0]}; give each mask at its image's size."
+                f"{what} {path} is {mask[1]}x{mask[0]} (width x height) but its image {file} is "
+                f"{image[1]}x{image[0]}; give each at its image's size."
             )
-    return ImageSource(source.keys, source.files, source.labels, None, masks, (*source.folders, object_masks))
+    return masks
 
 
-def image_source(images: ImagesSpec, object_masks: Optional[Union[str, Path]] = None) -> ImageSource:
+def image_source(
+    images: ImagesSpec,
+    object_masks: Optional[Union[str, Path]] = None,
+    label_maps: Optional[Union[str, Path]] = None,
+) -> ImageSource:
     """An :class:`ImageSource` from an ImageFolder-layout folder (``<folder>/<class>/<image>``; labels are the
     class subfolders' positions in sorted order, or ImageNet-1k's class indices when every subfolder is an
     ImageNet-1k synset id), a folder of images without classes, a list of image files, or a ``Dataset``.
     Files that are not images are left out with a warning.
 
     ``object_masks`` (with an image folder): a folder laid out like it, ``<masks>/<class>/<image name>.png``,
-    non-zero on the labelled object, each of its image's size.
+    non-zero on the labelled object, each of its image's size. ``label_maps`` (for a segmentation): laid out
+    alike, ``<labels>/<image name>.png`` with one class index per pixel (Pascal VOC's ``SegmentationClass``).
 
     Raises:
         FileNotFoundError: for a missing folder, a folder without images, or an image without its object mask.
@@ -205,6 +224,12 @@ def image_source(images: ImagesSpec, object_masks: Optional[Union[str, Path]] = 
     """
     if isinstance(images, ImageSource):
         return images
+    if label_maps is not None:
+        if not isinstance(images, (str, Path)) or object_masks is not None:
+            raise ValueError("label_maps go with an image folder (no object masks); a Dataset yields (image, labels).")
+        source = image_source(images)
+        maps = _per_image_files(source, Path(label_maps), "label map")
+        return ImageSource(source.keys, source.files, None, None, None, (*source.folders, Path(label_maps)), maps)
     if object_masks is not None:
         if not isinstance(images, (str, Path)):
             raise ValueError("object_masks go with an image folder; a Dataset yields (image, label, object_mask).")

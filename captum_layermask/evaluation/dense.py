@@ -61,7 +61,9 @@ class IoUCurve:
 
 
 def confusion(predicted: Tensor, truth: Tensor, counted: Tensor, classes: int) -> Tensor:
-    """``(classes, classes)`` counts of (true class, predicted class) over the pixels where ``counted`` is True."""
+    """``(classes, classes)`` counts of (true class, predicted class) over the pixels where ``counted`` is True;
+    labels outside the model's classes (Pascal VOC's 255 on object boundaries) are not scored."""
+    counted = counted & (truth >= 0) & (truth < classes)
     pairs = truth[counted] * classes + predicted[counted]
     return torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
 

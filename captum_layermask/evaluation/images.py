@@ -90,3 +90,25 @@ def read_object_mask(path: Path, size: int) -> Tensor:
         raise FileNotFoundError(f"no object mask {path}: give <masks>/<class>/<image name>.png for every image.")
     mask = torch.from_numpy(pixels(path).max(2) > 0)
     return center_square(mask[None, None].float(), size, "nearest")[0, 0] > 0
+
+
+def read_label_map(path: Path, size: int) -> Tensor:
+    """A label map (one class index per pixel: a PNG in palette mode ``P``, as Pascal VOC's, or grey ``L``/``I``)
+    as ``(size, size)`` int64, cropped like :func:`read_image` and resized by nearest neighbour.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        UnreadableImageError: if it cannot be decoded or holds colours rather than class indices.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise FileNotFoundError(f"no label map {path}: give <labels>/<image name>.png for every image.")
+    try:
+        with Image.open(path) as file:
+            if file.mode not in ("P", "L", "I", "I;16"):
+                raise ValueError(f"its mode is {file.mode}; a label map holds one class index per pixel (P, L or I)")
+            labels = torch.from_numpy(np.asarray(file, dtype=np.int64).copy())
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+        raise UnreadableImageError(f"cannot read label map {path}: {error}") from None
+    return center_square(labels[None, None].double(), size, "nearest")[0, 0].long()
