@@ -23,10 +23,15 @@ def parse_arguments(
         parser.add_argument("--model", default=model, help="a torchvision model name, or timm/<name>")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__}).")
-    args.device = torch.device(args.device)
+    args.device = checked_device(parser, args.device)
     return args
+
+
+def checked_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """``--device`` as a ``torch.device``; without a GPU, ``cuda`` stops the benchmark with one line."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}).")
+    return torch.device(name)
 
 
 def synchronize(device: torch.device) -> None:

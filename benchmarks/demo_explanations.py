@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _timing import checked_device
 from captum.attr import Lime
 
 from captum_layermask import LayerMask, layer_masked, patch_segments
@@ -27,14 +28,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--seed", type=int, default=100)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model = load_demo_model()
+    device = checked_device(parser, args.device)
+    model = load_demo_model().to(device)
     masked = layer_masked(model)
     scenes = shapes.render(args.scenes, torch.Generator().manual_seed(args.seed), objects=2)
     segments = patch_segments(shapes.SIZE, shapes.SIZE)
     fills = {
-        "black": (model, shapes.normalize(torch.zeros(1, 3, 1, 1))),
+        "black": (model, shapes.normalize(torch.zeros(1, 3, 1, 1)).to(device)),
         "grey": (model, 0.0),
         "layer masking": (masked, LayerMask()),
     }
@@ -51,14 +54,14 @@ def main() -> None:
             for name, (forward, baseline) in fills.items():
                 torch.manual_seed(index)
                 attribution = Lime(forward).attribute(
-                    x,
+                    x.to(device),
                     target=target,
-                    feature_mask=segments,
+                    feature_mask=segments.to(device),
                     baselines=baseline,
                     n_samples=args.samples,
                     perturbations_per_eval=16,
                 )
-                scores = torch.bincount(segments.flatten(), weights=attribution[0].sum(0).flatten().double())
+                scores = torch.bincount(segments.flatten(), weights=attribution[0].sum(0).flatten().double().cpu())
                 hits[name] += int(on_object[scores.topk(args.top).indices].sum())
             total += args.top
     print(
