@@ -385,3 +385,21 @@ def test_labels_outside_the_classes_are_not_scored():
     truth = torch.tensor([[0, 1, 255]])
     counted = torch.ones_like(truth, dtype=torch.bool)
     assert confusion(torch.tensor([[0, 1, 1]]), truth, counted, 2).sum() == 2
+
+
+def test_a_region_is_never_explained_for_a_label_the_model_does_not_have(tmp_path):
+    from captum_layermask.datasets import evaluate_dataset
+    from captum_layermask.demo import shapes
+    from captum_layermask.demo.model import load_demo_segmenter
+
+    scenes = shapes.render(1, torch.Generator().manual_seed(3))
+    labels = shapes.pixel_labels(scenes)
+    labels[:, :60] = 255  # a "not scored" band larger than the object
+    labels[:, :, :60] = 255
+    assert int((labels == 255).sum()) > int((labels == int(scenes.labels[0, 0]) + 1).sum()) > 0
+    dataset = torch.utils.data.TensorDataset(scenes.images, labels)
+    run = evaluate_dataset(
+        load_demo_segmenter(), dataset, tmp_path / "run", task="segmentation", maskers=["layer"], size=128,
+        mean=shapes.MEAN, std=shapes.STD, lime_images=1, show_progress=False,
+    )  # fmt: skip
+    assert int(run.records()[0]["target"]) == int(scenes.labels[0, 0]) + 1

@@ -106,13 +106,19 @@ class SegmentationEvaluator:
                     output=self.settings.output, per_eval=self.per_eval,
                 )  # fmt: skip
                 record[f"confusion_{order}_{name}"] = counts.numpy()
-        if position < self.settings.explained and bool(objects.any()):
-            record.update(self._shares(position, x, labels, segments))
+        if position < self.settings.explained:
+            record.update(self._shares(position, x, labels, segments, classes=counts.shape[-1]))
         return record
 
-    def _shares(self, position: int, x: Tensor, labels: Tensor, segments: Tensor) -> Dict[str, np.ndarray]:
-        counts = torch.bincount(labels.flatten())
+    def _shares(
+        self, position: int, x: Tensor, labels: Tensor, segments: Tensor, classes: int
+    ) -> Dict[str, np.ndarray]:
+        """The explained class (the one of the model's classes, background apart, with most pixels; labels outside
+        them, VOC's 255, never) and each masker's share on its pixels; nothing for an image without one."""
+        counts = torch.bincount(labels[(labels >= 0) & (labels < classes)], minlength=classes)
         counts[self.settings.background] = 0
+        if int(counts.max()) == 0:
+            return {}
         target = int(counts.argmax())
         shares: Dict[str, np.ndarray] = {"target": np.int64(target)}
         for name in self.settings.maskers:
