@@ -56,8 +56,8 @@ def verify(
     generator = torch.Generator().manual_seed(1)
     image = torch.randn(batch, *input_shape[1:], generator=generator)
     worst = 0.0
+    names = [OUTPUT_NAME, MASK_OUTPUT_NAME] if return_mask else [OUTPUT_NAME]
     for name, mask in verification_masks(batch, *input_shape[2:]).items():
-        names = [OUTPUT_NAME, MASK_OUTPUT_NAME] if return_mask else [OUTPUT_NAME]
         try:
             got, *got_mask = session.run(names, {"image": image.numpy(), "mask": mask.numpy()})
         except Exception as error:  # onnxruntime's own exception types
@@ -89,7 +89,8 @@ def export_masked(
 
     The ONNX graph takes ``image`` (float32, N x C x H x W) and ``mask`` (float32, N x 1 x H x W, 1 = visible)
     and returns ``logits`` (and ``output_mask``, bool, broadcastable to it, with ``return_mask=True``: the cells
-    that some visible pixel reaches, as ``masked(x, mask, return_mask=True)``). Each neighbor-padded layer is one ``captum_layermask::NeighborPad`` function call.
+    that some visible pixel reaches, as ``masked(x, mask, return_mask=True)``). Each neighbor-padded layer is one
+    ``captum_layermask::NeighborPad`` function call.
 
     Args:
         model (nn.Module): a plain CNN (converted with :func:`~captum_layermask.layer_masked`) or a

@@ -16,7 +16,18 @@ from ..evaluation.attribution_metrics import segment_scores
 from ..evaluation.explanations import captum_attribution, captum_baseline
 from ..evaluation.maskers import masker_title
 from ..evaluation.segmentation import get_segmenter, segment_images
-from .io import read_segments
+from .io import CommandError, read_segments
+
+
+def check_target(target: int, classes: int) -> None:
+    """Refuses a class index the model does not have."""
+    if not 0 <= target < classes:
+        raise CommandError(f"target {target} is out of range: the model has {classes} classes (0 to {classes - 1}).")
+
+
+def class_name(classes: Optional[Sequence[str]], index: int) -> str:
+    """A class's name, or its index where the model's classes are not named."""
+    return classes[index] if classes is not None and index < len(classes) else str(index)
 
 
 def segment(image: Tensor, how: str, file: Optional[Path]) -> Tensor:

@@ -14,7 +14,7 @@ from ..evaluation.normalization import normalizer
 from ..evaluation.segmentation import SEGMENTER_NAMES
 from ..weights import Classifier, load_classifier, load_model
 from .arguments import add_common_arguments, add_engine_arguments, add_model_arguments, at_least, check_engine, subset
-from .attributions import attribute, save_explanation, segment
+from .attributions import attribute, check_target, class_name, save_explanation, segment
 from .explain_region import explain_region
 from .io import CommandError, check_output_folder, read_image, staged_output
 
@@ -43,10 +43,8 @@ def explain_image(
     x = normalize(image)
     with torch.no_grad():
         logits = classifier.model(x)
-    classes = logits.shape[1]
     target = int(logits.argmax(1)) if target is None else target
-    if not 0 <= target < classes:
-        raise CommandError(f"target {target} is out of range: the model has {classes} classes (0 to {classes - 1}).")
+    check_target(target, logits.shape[1])
     results = attribute(
         classifier.model,
         x,
@@ -61,18 +59,13 @@ def explain_image(
         seed=seed,
         residual=residual,
     )
-    name = _class_name(classifier, target)
+    name = class_name(classifier.classes, target)
     with staged_output(out, "explain") as staging:
         save_explanation(staging, image, ids, results, target, name, top)
     print(
-        f"predicted '{_class_name(classifier, int(logits.argmax(1)))}'; explained '{name}'; wrote {out}/explanation.png"
+        f"predicted '{class_name(classifier.classes, int(logits.argmax(1)))}'; explained '{name}'; wrote {out}/explanation.png"
     )
     return out
-
-
-def _class_name(classifier: Classifier, index: int) -> str:
-    classes = classifier.classes
-    return classes[index] if classes is not None and index < len(classes) else str(index)
 
 
 EXPLAIN_DESCRIPTION = (

@@ -14,15 +14,8 @@ from ..core.model import select_output
 from ..evaluation.normalization import normalizer
 from ..integrations.segmentation import RegionScores
 from ..weights import Classifier
-from .attributions import attribute, save_explanation, segment
+from .attributions import attribute, check_target, class_name, save_explanation, segment
 from .io import CommandError, read_image, staged_output
-
-
-def check_target(target: Optional[int], classes: int) -> int:
-    """The number of classes, after checking that ``target`` (if given) is one of them."""
-    if target is not None and not 0 <= target < classes:
-        raise CommandError(f"target {target} is out of range: the model has {classes} classes (0 to {classes - 1}).")
-    return classes
 
 
 def predicted_region(logits: Tensor, target: Optional[int], background: Optional[int]) -> Tuple[int, Tensor]:
@@ -36,7 +29,9 @@ def predicted_region(logits: Tensor, target: Optional[int], background: Optional
     Raises:
         CommandError: for a class out of range, or one the model predicts nowhere.
     """
-    classes = check_target(target, logits.shape[1])
+    classes = logits.shape[1]
+    if target is not None:
+        check_target(target, classes)
     predicted = logits[0].argmax(0)
     if target is None:
         counts = torch.bincount(predicted.flatten(), minlength=classes)
@@ -109,7 +104,7 @@ def explain_region(
         residual=residual,
         scores=lambda forward: RegionScores(forward, region, output=model.output),
     )
-    name = model.classes[target] if model.classes is not None and target < len(model.classes) else str(target)
+    name = class_name(model.classes, target)
     with staged_output(out, "explain") as staging:
         save_explanation(staging, image, ids, results, target, name, top, region=region)
     print(f"explained '{name}' over {int(region.sum())} output pixels; wrote {out}/explanation.png")

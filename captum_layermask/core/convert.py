@@ -134,8 +134,9 @@ def trace(
 def _optional_inputs(model: nn.Module) -> Dict[str, None]:
     """The forward's inputs after the image that default to ``None``, traced as ``None`` first: ``torch.fx`` would
     otherwise trace ``if mask is not None`` (Hiera's) with a proxy, take the branch, and the graph would fail
-    when called without them. If that trace fails, the model is traced with them as proxies. Not for Hugging Face models: ``torch.fx`` would return their output objects
-    (``ImageClassifierOutput``) as plain dicts, and ``torch.export``, which keeps them, captures them instead."""
+    when called without them. If that trace fails, the model is traced with them as proxies. Not for Hugging Face
+    models: ``torch.fx`` would return their output objects (``ImageClassifierOutput``) as plain dicts, and
+    ``torch.export``, which keeps them, captures them instead."""
     if type(model).__module__.startswith("transformers."):
         return {}
     try:

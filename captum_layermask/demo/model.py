@@ -53,11 +53,15 @@ class ShapesResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
 
 
-def load_demo_model(path: Path = WEIGHTS) -> ShapesResNet:
-    """The trained demo model in eval mode (weights loaded with ``weights_only=True``)."""
-    model = ShapesResNet()
+def with_weights(model: nn.Module, path: Path) -> nn.Module:
+    """``model`` with the state dict of ``path`` (loaded with ``weights_only=True``), in eval mode."""
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def load_demo_model(path: Path = WEIGHTS) -> ShapesResNet:
+    """The trained demo model in eval mode (weights loaded with ``weights_only=True``)."""
+    return with_weights(ShapesResNet(), path)
 
 
 def shapes_vit(num_classes: int = len(shapes.CLASSES)) -> VisionTransformer:
@@ -76,9 +80,7 @@ def shapes_vit(num_classes: int = len(shapes.CLASSES)) -> VisionTransformer:
 
 def load_demo_vit(path: Path = VIT_WEIGHTS) -> VisionTransformer:
     """The trained demo ViT in eval mode (weights loaded with ``weights_only=True``)."""
-    model = shapes_vit()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
+    return with_weights(shapes_vit(), path)
 
 
 class ConvolutionalStem(nn.Sequential):
@@ -149,9 +151,7 @@ def load_demo_hf_model(name: str) -> torch.nn.Module:
     if name not in models:
         raise ValueError(f"the Hugging Face demo models are 'vit' and 'resnet', got {name!r}.")
     build, path = models[name]
-    model = build()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
+    return with_weights(build(), path)
 
 
 class ShapesSegmenter(nn.Module):
@@ -184,6 +184,4 @@ class ShapesSegmenter(nn.Module):
 
 def load_demo_segmenter(path: Path = SEGMENTER_WEIGHTS) -> ShapesSegmenter:
     """The trained demo segmentation model in eval mode (weights loaded with ``weights_only=True``)."""
-    model = ShapesSegmenter()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
+    return with_weights(ShapesSegmenter(), path)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..core.model import select_output
 from ..integrations.segmentation import RegionScores
-from ._batching import batches, model_device, progress_bar
+from ._batching import model_device, progress_bar
 from ._common import ResultRow, check_images, result_row
 from .explanations import captum_attribution, captum_baseline
 from .maskers import MaskerSpec, get_masker
@@ -110,7 +110,7 @@ def segmentation_removal_curve(
         saliency (Tensor, optional): ``(N, H, W)`` for the salient orders (e.g. the object masks: objects first).
         output: the part of the model's output holding the logits (``"out"`` for torchvision).
         seed (int): seed of the random order.
-        batch_size (int): images per forward pass.
+        batch_size (int): masked images per forward pass.
         show_progress (bool): a progress bar.
     """
     check_images(images)
@@ -124,23 +124,16 @@ def segmentation_removal_curve(
     orders = removal_order(segments, order, saliency, seed)
     masker_ = get_masker(masker)
     forward, device = masker_.bind(model), model_device(model)
-    curve = []
-    with progress_bar(len(images) * len(fractions), f"mean IoU ({masker_.name}, {order})", show_progress) as bar:
-        for fraction in fractions:
-            counts = None
-            for part in batches(len(images), batch_size, bar):
-                kept = torch.stack(
-                    [
-                        ~torch.isin(segments[i], orders[i][: round(fraction * len(orders[i]))])
-                        for i in range(part.start, part.stop)
-                    ]
-                )
-                with torch.no_grad():
-                    logits = select_output(forward(images[part].to(device), kept[:, None].to(device)), output)
-                found = confusion(logits.argmax(1).cpu(), pixel_labels[part].cpu(), kept, logits.shape[1])
-                counts = found if counts is None else counts + found
-            curve.append(mean_iou(counts))
-    return IoUCurve(list(fractions), curve, masker_.name, order, segmenter_name(segmenter))
+    counts = None
+    with progress_bar(len(images), f"mean IoU ({masker_.name}, {order})", show_progress) as bar:
+        for i in range(len(images)):
+            found = removal_confusions(
+                forward, images[i : i + 1].to(device), pixel_labels[i].cpu(), segments[i], orders[i], fractions,
+                output=output, per_eval=batch_size,
+            )  # fmt: skip
+            counts = found if counts is None else counts + found
+            bar.update(1)
+    return curve_from_confusions(counts, fractions, masker_.name, order, segmenter_name(segmenter))
 
 
 @dataclass
