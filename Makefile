@@ -6,7 +6,7 @@ DEMO_OUT ?= demo-output
 EVALUATE_OUT ?= evaluate-output
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup lint format test test-cuda test-slow timm-zoo hf-zoo demo evaluate tutorials benchmark train-demo-model clean
+.PHONY: setup lint format test browser view-screenshot test-cuda test-slow timm-zoo hf-zoo demo evaluate tutorials benchmark train-demo-model clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,19 @@ format: setup
 	$(VENV)/bin/ruff check --fix captum_layermask onnx_export tests benchmarks
 	$(VENV)/bin/ruff format captum_layermask onnx_export tests benchmarks
 
-test: lint
+test: lint browser
 	$(PY) -m pytest -q
+
+# Debian's chromium and chromium-driver, for the browser test of `layermask view` (skipped, saying why, without them).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium chromium-driver >/dev/null; } || \
+	  echo "no chromium here: the browser test of layermask view will be skipped"
+
+# The README's screenshot of `layermask view`.
+view-screenshot: setup browser
+	$(PY) -m tests.view_screenshot docs/images/view.png
 
 test-cuda: setup
 	$(PY) -m pytest -q --device cuda
@@ -73,6 +84,7 @@ train-demo-model: setup
 	$(PY) -m captum_layermask.demo.train --model hf-vit --steps 600 --threads 1
 	$(PY) -m captum_layermask.demo.train --model hf-resnet --steps 800 --threads 1
 	$(PY) -m captum_layermask.demo.train --model segmenter --steps 1200 --batch 32 --threads 1
+	$(PY) -m captum_layermask.demo.train --model detector --steps 2000 --batch 16 --threads 1
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(EVALUATE_OUT) .pytest_cache

@@ -12,6 +12,8 @@ comparable across machines.
     .venv/bin/python benchmarks/engine_speed.py --model hf/vit   # a Hugging Face model at its default config
         (ViT-Base/16 for vit), captured by torch.export: the first call's capture is reported separately
     .venv/bin/python benchmarks/engine_speed.py --model deeplabv3_mobilenet_v3_large   # a segmentation model
+    .venv/bin/python benchmarks/engine_speed.py --model fasterrcnn_mobilenet_v3_large_320_fpn   # a detector, at
+        320x320 (converted by parts; a list of 8 images and their masks)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from captum_layermask import layer_masked
 
 BATCH, SIZE, PATCH = 8, 224, 16
 SEGMENTATION = torchvision.models.list_models(module=torchvision.models.segmentation)
+DETECTION = torchvision.models.list_models(module=torchvision.models.detection)
+DETECTION_SIZE = 320
 
 
 def build(name: str) -> torch.nn.Module:
@@ -42,19 +46,31 @@ def build(name: str) -> torch.nn.Module:
         import timm
 
         return timm.create_model(name.removeprefix("timm/")).eval()
-    if name in SEGMENTATION:
+    if name in SEGMENTATION or name in DETECTION:
         return torchvision.models.get_model(name, weights=None, weights_backbone=None).eval()
     return torchvision.models.get_model(name).eval()
 
 
+def size_of(name: str) -> int:
+    return DETECTION_SIZE if name in DETECTION else SIZE
+
+
 def setup(seed: int = 0, name: str = "resnet50", device: torch.device = torch.device("cpu")):
     torch.manual_seed(seed)
-    model = build(name).to(device)
-    x = torch.randn(BATCH, 3, SIZE, SIZE).to(device)
-    grid = torch.rand(BATCH, 1, SIZE // PATCH, SIZE // PATCH).argsort(-1).argsort(-1) < (SIZE // PATCH) // 2
+    model, size = build(name).to(device), size_of(name)
+    x = torch.randn(BATCH, 3, size, size).to(device)
+    grid = torch.rand(BATCH, 1, size // PATCH, size // PATCH).argsort(-1).argsort(-1) < (size // PATCH) // 2
     mask = grid.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3).to(device)  # half of each row of patches
     if name.startswith("hf/"):
         return (lambda images: model(images).logits), layer_masked(model, output="logits"), x, mask
+    if name in DETECTION:  # images in [0, 1], as lists (the detector's transform resizes them to 320)
+        masked = layer_masked(model)
+        return (
+            lambda images: model(list(images.sigmoid())),
+            lambda images, masks: masked(list(images.sigmoid()), list(masks)),
+            x,
+            mask,
+        )
     if name in SEGMENTATION:  # the per-pixel logits, after the final upsampling
         return (lambda images: model(images)["out"]), layer_masked(model, output="out"), x, mask
     return model, layer_masked(model), x, mask
@@ -102,7 +118,8 @@ def main() -> None:
     plain, layer = statistics.median(times["plain"]), statistics.median(times["masked"])
     time_ratio = ratio_of_pairs(times["masked"], times["plain"])
     print(
-        f"{args.model}, batch {BATCH}, {SIZE}x{SIZE}, half of the {PATCH}x{PATCH} patches removed, "
+        f"{args.model}, batch {BATCH}, {size_of(args.model)}x{size_of(args.model)}, half of the {PATCH}x{PATCH} "
+        "patches removed, "
         f"{args.device}, {args.threads} threads, torch {torch.__version__}"
     )
     print(f"{'':29}{'plain':>10}{'layer-masked':>14}{'ratio':>8}")

@@ -5,6 +5,10 @@ removed pixels, whatever fills them, have no influence on the output.
 
 - :mod:`captum_layermask.core`: the engine (``layer_masked``, rules, neighbor padding); torch only.
 - :mod:`captum_layermask.integrations.captum`: ``LayerMask()``, the Captum baseline.
+- :mod:`captum_layermask.integrations.detection`: ``DetectionScores``, a detector as one score per image, how well
+  it still finds a chosen detection (D-RISE's target).
+- :mod:`captum_layermask.integrations.torchvision_detection`: torchvision's detectors converted by parts, installed
+  the first time a torchvision model is converted.
 - :mod:`captum_layermask.integrations.segmentation`: ``RegionScores``, a segmentation model as per-class scores
   over a region (the target of Captum's methods).
 - :mod:`captum_layermask.integrations.timm`: the rules and leaves of timm's layers, installed the first time a
@@ -39,6 +43,7 @@ from .core import (
     unregister,
 )
 from .integrations.captum import LayerMask
+from .integrations.detection import DetectionScores
 from .integrations.segmentation import RegionScores
 
 register_rule_set("timm", lambda: importlib.import_module("captum_layermask.integrations.timm"))
@@ -46,6 +51,7 @@ register_rule_set("transformers", lambda: importlib.import_module("captum_layerm
 register_rule_set("torchvision", lambda: importlib.import_module("captum_layermask.integrations.torchvision"))
 
 __all__ = [
+    "DetectionScores",
     "LayerMask",
     "LayerMaskError",
     "LayerMaskedModel",

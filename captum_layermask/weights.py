@@ -1,4 +1,5 @@
-"""Classifiers and segmentation models from local weights files: torchvision models and the bundled demo models.
+"""Classifiers, segmentation models and detectors from local weights files: torchvision models and the bundled demo
+models.
 
 Used by the ``layermask`` command and by ``python -m onnx_export``. Weights are read with
 ``torch.load(..., weights_only=True)`` only; nothing is downloaded unless a torchvision weights name is given.
@@ -158,8 +159,55 @@ def torchvision_segmenter(name: str, weights: Optional[str], num_classes: Option
     return Classifier(model.eval(), categories, IMAGENET_MEAN, IMAGENET_STD, 520, output="out", background=0)
 
 
+def demo_detector(weights: Optional[Path] = None) -> Classifier:
+    """The bundled demo detector (FCOS on procedural shapes, 128x128; label 0 is the background). It takes images
+    in [0, 1] and normalises them itself."""
+    from .demo import model as demo_model
+    from .demo import shapes
+
+    model = demo_model.shapes_detector()
+    load_state(model, Path(weights) if weights else demo_model.DETECTOR_WEIGHTS, "the demo detector")
+    classes = demo_model.SEGMENTATION_CLASSES
+    return Classifier(model.eval(), classes, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), shapes.SIZE, background=0)
+
+
+def torchvision_detector(name: str, weights: Optional[str], num_classes: Optional[int] = None) -> Classifier:
+    """A torchvision detector (``fasterrcnn_mobilenet_v3_large_320_fpn``, ``retinanet_resnet50_fpn``, ...) with
+    weights from a state-dict file or a torchvision weights name. It takes images in [0, 1] (its transform
+    normalises and resizes them).
+
+    Raises:
+        WeightsError: for an unknown model, missing weights or a file that does not fit.
+    """
+    if name not in torchvision.models.list_models(module=torchvision.models.detection):
+        raise WeightsError(
+            f"unknown detector '{name}'; use 'demo' or a torchvision one such as retinanet_resnet50_fpn."
+        )
+    if weights is None:
+        raise WeightsError(f"--weights is needed for {name}: a state-dict file or a weights name.")
+    path, raw = Path(weights), ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    if path.exists():
+        options = {"num_classes": num_classes} if num_classes else {}
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, **options)
+        load_state(model, path, name)
+        return Classifier(model.eval(), None, *raw, 512, background=0)
+    try:
+        enum = torchvision.models.get_model_weights(name)[weights]
+    except KeyError:
+        raise WeightsError(f"--weights {weights} is neither a file nor a weights name of {name}.") from None
+    model = torchvision.models.get_model(name, weights=enum)
+    return Classifier(model.eval(), enum.meta["categories"], *raw, 512, background=0)
+
+
 def load_model(name: str, weights: Optional[str], num_classes: Optional[int], task: str) -> Classifier:
-    """A classifier (``task="classification"``) or a segmentation model (``task="segmentation"``) by name."""
+    """A classifier (``task="classification"``), a segmentation model (``"segmentation"``) or a detector
+    (``"detection"``) by name."""
+    if task == "detection":
+        return (
+            demo_detector(Path(weights) if weights else None)
+            if name == "demo"
+            else torchvision_detector(name, weights, num_classes)
+        )
     if task == "segmentation":
         return (
             demo_segmenter(Path(weights) if weights else None)

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from captum.attr import FeatureAblation
 
-from captum_layermask import LayerMask, RegionScores, layer_masked
+from captum_layermask import DetectionScores, LayerMask, RegionScores, layer_masked
 from captum_layermask.cli import main
 from captum_layermask.cli.attributions import segment
 from captum_layermask.cli.io import read_image
@@ -325,6 +325,36 @@ def test_explain_a_segmentation_refuses_a_region_it_cannot_explain(tmp_path):
     assert main(base + ["--target", "9"]) == 2  # the demo model has 7 classes
     assert main(["explain", "--region-file", str(tmp_path / "region.npy"), "--out", str(tmp_path / "o")]) == 2
     assert main(["explain", "--task", "segmentation", "--images", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
+
+
+def test_explain_a_detection_of_the_demo_detector_computes_what_captum_computes(tmp_path):
+    args = ["explain", "--task", "detection", "--method", "ablation", "--maskers", "grey,layer"]
+    assert main(args + ["--out", str(tmp_path)]) == 0
+    saved = torch.load(tmp_path / "attributions.pt", weights_only=True)
+    detector = demo_model.load_demo_detector()
+    image = read_image(demo_model.SCENE, 128)
+    with torch.no_grad():
+        found = detector(list(image))[0]
+    best = int(found["scores"].argmax())
+    box, label = found["boxes"][best], int(found["labels"][best])
+    assert saved["target"] == label and saved["region"][int(box[1]) + 1, int(box[0]) + 1]
+    segments = segment(image, "patches", None)
+    for masker, forward, baseline in (("layer", layer_masked(detector), LayerMask()), ("grey", detector, 0.5)):
+        expected = FeatureAblation(DetectionScores(forward, box, label)).attribute(
+            image, feature_mask=segments, baselines=baseline, perturbations_per_eval=16
+        )
+        got = torch.from_numpy(np.load(tmp_path / f"attributions_{masker}.npy"))
+        assert torch.allclose(got, expected[0], atol=1e-5)
+    assert (tmp_path / "explanation.png").stat().st_size > 10_000
+
+
+def test_explain_a_detection_refuses_a_class_it_does_not_find(tmp_path, capsys):
+    base = ["explain", "--task", "detection", "--out", str(tmp_path / "out")]
+    assert main(base + ["--target", "9"]) == 2  # 7 classes
+    assert "out of range" in capsys.readouterr().err
+    assert main(base + ["--target", "0"]) == 2  # the background is never detected
+    assert "finds no class 0" in capsys.readouterr().err
+    assert main(["explain", "--task", "detection", "--images", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
 
 
 def test_evaluate_a_segmentation_writes_its_tables_and_figure(tmp_path):

@@ -50,6 +50,30 @@ def test_state_dict_has_the_models_own_keys_both_ways(resnet):
         assert torch.equal(fresh(x), model(x))
 
 
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_weights_loaded_after_conversion_reach_buffers_that_forward_computes_with(capture):
+    # torchvision's FrozenBatchNorm2d (its detectors' backbones) computes its scale from its buffers in forward:
+    # a conversion that folded that arithmetic into constants would keep the old statistics
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), FrozenBatchNorm2d(4), nn.ReLU()).eval()
+
+    x, full = torch.randn(2, 3, 8, 8), torch.ones(2, 1, 8, 8)
+    for load_into_masked in (False, True):
+        model = build()
+        masked = layer_masked(model, capture=capture)
+        with torch.no_grad():
+            masked(x, full)
+            state = {key: torch.rand_like(value) + 0.5 for key, value in model.state_dict().items()}
+            (masked if load_into_masked else model).load_state_dict(state)
+            reference = build()
+            reference.load_state_dict(state)
+            assert torch.allclose(masked(x, full), reference(x), atol=1e-6)
+            masked.double()  # converted: its buffers and the model's stay one
+            assert torch.allclose(masked(x.double(), full.double()), reference.double()(x.double()), atol=1e-12)
+
+
 def test_state_dict_of_a_wrapper_around_a_masked_model(resnet):
     model, masked = resnet
     wrapper = nn.Sequential(masked, nn.Softmax(1))

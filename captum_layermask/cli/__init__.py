@@ -4,7 +4,7 @@
 black, grey and layer masking side by side, and writes a figure in the style of the paper's Figure 8 (top
 segments for the class in green, against it in red) with the raw attributions. ``layermask evaluate`` measures
 missingness bias (removal curves, shape bias, LIME metrics, diagnostics). With no arguments both use the bundled
-demo model, offline.
+demo model, offline. ``layermask view`` starts the browser view, ``layermask report`` writes a run as one HTML page.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from ..core.errors import LayerMaskError
 from ..datasets.ray_engine import ClusterUnreachableError
-from . import evaluate, explain
+from . import evaluate, explain, view
 from .io import CommandError
 
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     explain.add_command(commands)
     evaluate.add_command(commands)
+    view.add_commands(commands)
     return parser
 
 

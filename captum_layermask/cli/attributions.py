@@ -4,6 +4,7 @@ the side-by-side figure (for classifiers and for a region of a segmentation mode
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
@@ -37,41 +38,64 @@ def segment(image: Tensor, how: str, file: Optional[Path]) -> Tensor:
     return segment_images(image, read_segments(file, *image.shape[-2:])[None])[:, None]
 
 
+@dataclass
+class ExplainSettings:
+    """What ``layermask explain`` was asked for one image (the command's options)."""
+
+    size: Optional[int]
+    target: Optional[int]
+    method: str
+    segments: str
+    segments_file: Optional[Path]
+    maskers: Sequence[str]
+    samples: int
+    per_eval: int
+    top: int
+    seed: int
+    residual: str = "intersection"
+
+
 def attribute(
     model: nn.Module,
     x: Tensor,
     segments: Tensor,
-    target: int,
+    target: Optional[int],
+    settings: ExplainSettings,
     *,
-    method: str,
-    maskers: Sequence[str],
     mean: Sequence[float],
     std: Sequence[float],
-    samples: int,
-    per_eval: int,
-    seed: int,
-    residual: str = "intersection",
     scores: Optional[Callable[[nn.Module], nn.Module]] = None,
+    fills: Optional[Dict[str, float]] = None,
 ) -> Dict[str, Tensor]:
-    """Attributions of the target class under each masker, with the same random samples.
+    """Attributions of the target under each of ``settings.maskers``, with the same random samples.
 
     Args:
-        model: the plain classifier; the ``layer`` masker explains ``layer_masked(model)`` with ``LayerMask()``.
+        model: the plain model; the ``layer`` masker explains ``layer_masked(model)`` with ``LayerMask()``.
         x: the image ``(1, C, H, W)``, normalised with ``mean`` and ``std``.
         segments: ``(1, 1, H, W)`` feature ids.
-        scores: turns the model (plain or layer-masked) into the class scores explained, e.g. a segmentation
-            model into :class:`~captum_layermask.RegionScores`; the model's output if None.
+        target: the class explained (None for a model with one score per image).
+        scores: turns the model (plain or layer-masked) into the scores explained, e.g. a segmentation model into
+            :class:`~captum_layermask.RegionScores`; the model's output if None.
+        fills: baselines that replace a masker's default (a detector's ``[0, 1]`` input has grey at 0.5).
     """
-    masked = layer_masked(model, residual=residual)
+    masked = layer_masked(model, residual=settings.residual)
     results = {}
-    for masker in maskers:
+    for masker in settings.maskers:
         forward = masked if masker == "layer" else model
         forward = scores(forward) if scores is not None else forward
-        torch.manual_seed(seed)
-        print(f"{method}, {masker_title(masker)}:", file=sys.stderr)
-        baseline = captum_baseline(masker, mean, std)
+        torch.manual_seed(settings.seed)
+        print(f"{settings.method}, {masker_title(masker)}:", file=sys.stderr)
+        baseline = (fills or {}).get(masker, captum_baseline(masker, mean, std))
         result = captum_attribution(
-            method, forward, x, segments, target, baseline, samples, per_eval, show_progress=True
+            settings.method,
+            forward,
+            x,
+            segments,
+            target,
+            baseline,
+            settings.samples,
+            settings.per_eval,
+            show_progress=True,
         )
         results[masker] = result.detach()
     return results
@@ -85,6 +109,7 @@ def plot_explanation(
     top: int,
     path: Path,
     region: Optional[Tensor] = None,
+    region_kind: str = "region",
 ) -> None:
     """Paper Figure 8 style: per masking, the top segments for the class in green and against it in red (and the
     outline of the explained region of a segmentation, in yellow)."""
@@ -93,7 +118,7 @@ def plot_explanation(
     pixels = image[0].permute(1, 2, 0).numpy()
     fig, axes = plt.subplots(1, len(results) + 1, figsize=(3.2 * (len(results) + 1), 3.6))
     axes[0].imshow(pixels)
-    axes[0].set_title(f"input; class '{title}'" if region is None else f"region of '{title}'")
+    axes[0].set_title(f"input; class '{title}'" if region is None else f"{region_kind} of '{title}'")
     ids = segments[:, 0]
     for axis, (masking, attribution) in zip(axes[1:], results.items()):
         scores = segment_scores(attribution, ids)[0]
@@ -126,10 +151,11 @@ def save_explanation(
     name: str,
     top: int,
     region: Optional[Tensor] = None,
+    region_kind: str = "region",
 ) -> None:
     """Writes ``explanation.png``, ``attributions.pt`` (everything), ``attributions_<masker>.npy``,
     ``segments.npy`` and, for a region of a segmentation, ``region.npy`` into ``folder``."""
-    plot_explanation(image, segments, results, name, top, folder / "explanation.png", region=region)
+    plot_explanation(image, segments, results, name, top, folder / "explanation.png", region, region_kind)
     saved = {"attributions": results, "segments": segments, "target": target, "image": image}
     torch.save(saved if region is None else {**saved, "region": region}, folder / "attributions.pt")
     for masker, attribution in results.items():

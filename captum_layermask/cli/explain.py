@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -14,7 +14,8 @@ from ..evaluation.normalization import normalizer
 from ..evaluation.segmentation import SEGMENTER_NAMES
 from ..weights import Classifier, load_classifier, load_model
 from .arguments import add_common_arguments, add_engine_arguments, add_model_arguments, at_least, check_engine, subset
-from .attributions import attribute, check_target, class_name, save_explanation, segment
+from .attributions import ExplainSettings, attribute, check_target, class_name, save_explanation, segment
+from .explain_detection import explain_detection
 from .explain_region import explain_region
 from .io import CommandError, check_output_folder, read_image, staged_output
 
@@ -23,45 +24,21 @@ def explain_image(
     classifier: Classifier,
     image_path: Path,
     out: Path,
-    *,
-    size: Optional[int],
-    target: Optional[int],
-    method: str,
-    segments: str,
-    segments_file: Optional[Path],
-    maskers: Sequence[str],
-    samples: int,
-    per_eval: int,
-    top: int,
-    seed: int,
-    residual: str = "intersection",
+    settings: ExplainSettings,
 ) -> Path:
     """Explains one image and writes ``explanation.png``, ``attributions.pt`` and ``.npy`` files into ``out``."""
-    image = read_image(image_path, size or classifier.size)
+    image = read_image(image_path, settings.size or classifier.size)
     normalize: Callable[[Tensor], Tensor] = normalizer(classifier.mean, classifier.std)
-    ids = segment(image, segments, segments_file)
+    ids = segment(image, settings.segments, settings.segments_file)
     x = normalize(image)
     with torch.no_grad():
         logits = classifier.model(x)
-    target = int(logits.argmax(1)) if target is None else target
+    target = int(logits.argmax(1)) if settings.target is None else settings.target
     check_target(target, logits.shape[1])
-    results = attribute(
-        classifier.model,
-        x,
-        ids,
-        target,
-        method=method,
-        maskers=maskers,
-        mean=classifier.mean,
-        std=classifier.std,
-        samples=samples,
-        per_eval=per_eval,
-        seed=seed,
-        residual=residual,
-    )
+    results = attribute(classifier.model, x, ids, target, settings, mean=classifier.mean, std=classifier.std)
     name = class_name(classifier.classes, target)
     with staged_output(out, "explain") as staging:
-        save_explanation(staging, image, ids, results, target, name, top)
+        save_explanation(staging, image, ids, results, target, name, settings.top)
     print(
         f"predicted '{class_name(classifier.classes, int(logits.argmax(1)))}'; explained '{name}'; wrote {out}/explanation.png"
     )
@@ -93,16 +70,18 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     ex.add_argument(
         "--task",
-        choices=("classification", "segmentation"),
+        choices=("classification", "segmentation", "detection"),
         default="classification",
         help="segmentation: explain a class over a region of a segmentation model's output (--model demo: the "
-        "bundled demo segmentation model; or a torchvision one, e.g. deeplabv3_resnet50)",
+        "bundled demo segmentation model; or a torchvision one, e.g. deeplabv3_resnet50); detection: explain one "
+        "detection of a detector (--model demo: the bundled demo detector; or a torchvision one, e.g. "
+        "retinanet_resnet50_fpn)",
     )
     ex.add_argument(
         "--target",
         type=at_least(0),
         help="class index to explain (default: the top prediction; for segmentation the class predicted on most "
-        "pixels other than the background)",
+        "pixels other than the background; for detection the best-scoring detection, of this class if given)",
     )
     ex.add_argument(
         "--region-file",
@@ -150,7 +129,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.engine != "local" or args.address:
         raise CommandError("--engine and --address apply to a dataset: give --images.")
     check_output_folder(args.out)  # before any work
-    if args.task == "classification" and args.region_file is not None:
+    if args.task != "segmentation" and args.region_file is not None:
         raise CommandError("--region-file is for a segmentation model: give --task segmentation.")
     classifier = load_model(args.model, args.weights, args.num_classes, args.task)
     image = args.image
@@ -162,7 +141,7 @@ def run(args: argparse.Namespace) -> Path:
         from ..demo.model import SCENE
 
         image = SCENE
-    options = dict(
+    settings = ExplainSettings(
         size=args.size,
         target=args.target,
         method=args.method,
@@ -176,8 +155,10 @@ def run(args: argparse.Namespace) -> Path:
         residual=args.residual,
     )
     if args.task == "segmentation":
-        return explain_region(classifier, image, args.out, region_file=args.region_file, **options)
-    return explain_image(classifier, image, args.out, **options)
+        return explain_region(classifier, image, args.out, settings, region_file=args.region_file)
+    if args.task == "detection":
+        return explain_detection(classifier, image, args.out, settings)
+    return explain_image(classifier, image, args.out, settings)
 
 
 def _run_on_dataset(args: argparse.Namespace) -> Path:
@@ -185,7 +166,9 @@ def _run_on_dataset(args: argparse.Namespace) -> Path:
 
     check_engine(args)
     if args.task != "classification":
-        raise CommandError("dataset runs (--images) explain classifiers; explain a segmentation one image at a time.")
+        raise CommandError(
+            "dataset runs (--images) explain classifiers; explain a segmentation or a detection one image at a time."
+        )
     if args.segments_file is not None:
         raise CommandError("--segments-file is for one image; with --images use --segments.")
     if args.residual != "intersection":

@@ -3,8 +3,9 @@ under black, grey and layer masking side by side (the target is :class:`~captum_
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from ..core.model import select_output
 from ..evaluation.normalization import normalizer
 from ..integrations.segmentation import RegionScores
 from ..weights import Classifier
-from .attributions import attribute, check_target, class_name, save_explanation, segment
+from .attributions import ExplainSettings, attribute, check_target, class_name, save_explanation, segment
 from .io import CommandError, read_image, staged_output
 
 
@@ -61,26 +62,16 @@ def explain_region(
     model: Classifier,
     image_path: Path,
     out: Path,
-    *,
-    size: Optional[int],
-    target: Optional[int],
-    region_file: Optional[Path],
-    method: str,
-    segments: str,
-    segments_file: Optional[Path],
-    maskers: Sequence[str],
-    samples: int,
-    per_eval: int,
-    top: int,
-    seed: int,
-    residual: str = "intersection",
+    settings: ExplainSettings,
+    region_file: Optional[Path] = None,
 ) -> Path:
     """Explains a class over a region of one image's segmentation (by default the pixels predicted as the class);
     writes ``explanation.png`` (the region outlined), ``attributions.pt`` and ``.npy`` files into ``out``."""
-    image = read_image(image_path, size or model.size)
+    image = read_image(image_path, settings.size or model.size)
     x = normalizer(model.mean, model.std)(image)
     with torch.no_grad():
         logits = select_output(model.model(x), model.output)
+    target = settings.target
     if region_file is None:
         target, region = predicted_region(logits, target, model.background)
     elif target is None:
@@ -88,24 +79,11 @@ def explain_region(
     else:
         check_target(target, logits.shape[1])
         region = read_region(region_file, *logits.shape[-2:])
-    ids = segment(image, segments, segments_file)
-    results = attribute(
-        model.model,
-        x,
-        ids,
-        target,
-        method=method,
-        maskers=maskers,
-        mean=model.mean,
-        std=model.std,
-        samples=samples,
-        per_eval=per_eval,
-        seed=seed,
-        residual=residual,
-        scores=lambda forward: RegionScores(forward, region, output=model.output),
-    )
+    ids = segment(image, settings.segments, settings.segments_file)
+    scores = functools.partial(RegionScores, region=region, output=model.output)
+    results = attribute(model.model, x, ids, target, settings, mean=model.mean, std=model.std, scores=scores)
     name = class_name(model.classes, target)
     with staged_output(out, "explain") as staging:
-        save_explanation(staging, image, ids, results, target, name, top, region=region)
+        save_explanation(staging, image, ids, results, target, name, settings.top, region=region)
     print(f"explained '{name}' over {int(region.sum())} output pixels; wrote {out}/explanation.png")
     return out

@@ -24,6 +24,7 @@ from .gathering import TokenBlocks, insert_gathering, mark_token_blocks, token_r
 from .masked import Masked, align_rank, map_leaves, map_masked
 from .model import LayerMaskedModel, input_signature
 from .modes import eval_mode
+from .parts import build_parts, part_model_builder
 from .registry import RuleCall, RuleEntry, RuleRegistry, call_method, leaf_functions, leaf_registry, load_rule_sets
 
 
@@ -62,6 +63,9 @@ class _RuleTracer(fx.Tracer):
     def __init__(self, registry: RuleRegistry, leaves: RuleRegistry) -> None:
         super().__init__(autowrap_functions=leaf_functions(registry, leaves))
         self.registry, self.leaves = registry, leaves
+        # buffers read in forward stay attributes of the graph: computed with at every call (FrozenBatchNorm2d's
+        # scale from its statistics), not folded into constants that a later load_state_dict would not reach
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return (
@@ -128,7 +132,22 @@ def trace(
             "needs a traceable forward; make the submodule or function that contains the failing code one "
             "operation with captum_layermask.register_leaf, and give it a rule with register_rule."
         ) from error
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return share_submodules(fx.GraphModule(tracer.root, graph, type(model).__name__), tracer.root)
+
+
+def share_submodules(graph_module: fx.GraphModule, root: nn.Module) -> fx.GraphModule:
+    """Gives ``graph_module`` the root's own submodules where ``torch.fx`` made empty containers for them.
+
+    ``torch.fx`` copies what a graph reads attribute by attribute: a module that is traced into (a
+    ``FrozenBatchNorm2d``) reappears as an empty ``nn.Module`` holding references to its buffers. Those are shared
+    until ``.to()`` or ``.double()`` replaces them in one module and not the other; with the root's submodules in
+    their place, the graph reads the model's own buffers whatever is done to either.
+    """
+    for name, child in list(graph_module.named_children()):
+        original = getattr(root, name, None)
+        if type(child) is nn.Module and isinstance(original, nn.Module) and original is not child:
+            setattr(graph_module, name, original)
+    return graph_module
 
 
 def _optional_inputs(model: nn.Module) -> Dict[str, None]:
@@ -222,7 +241,7 @@ def add_mask_stream(
     if gather_tokens:
         insert_gathering(graph, token_regions(traced, walk.dependent), env)
     graph.lint()
-    return fx.GraphModule(traced, graph, f"LayerMasked{type(traced).__name__}")
+    return share_submodules(fx.GraphModule(traced, graph, f"LayerMasked{type(traced).__name__}"), traced)
 
 
 def _rule_node(
@@ -282,10 +301,14 @@ def layer_masked(
         capture (str): how the model becomes a graph: ``"fx"`` (``torch.fx`` symbolic tracing, once, for every
             input shape), ``"export"`` (``torch.export``, at the first call of each input shape; for models whose
             ``forward`` branches on shapes, e.g. Hugging Face ``transformers``) or ``"auto"`` (``torch.fx``, and
-            ``torch.export`` when tracing fails). See docs/design.md ("Two capture paths").
+            ``torch.export`` when tracing fails; by parts for the registered model classes, torchvision's
+            detectors) or ``"parts"`` (each traceable submodule converted on its own, the Python between them run
+            as written, :mod:`~captum_layermask.core.parts`). See docs/design.md ("Two capture paths").
 
     Returns:
-        A :class:`LayerMaskedModel` called as ``masked(x, mask)``.
+        A :class:`LayerMaskedModel` called as ``masked(x, mask)``; for a model converted by parts, a
+        :class:`~captum_layermask.core.parts.LayerMaskedParts` called as ``masked(images, masks)`` (for a
+        detector, :class:`~captum_layermask.integrations.detection.LayerMaskedDetector`).
 
     Raises:
         UnsupportedLayerError: naming every operation that has no masking rule and where it is.
@@ -317,13 +340,25 @@ def layer_masked(
         raise TypeError(f"layer_masked takes a torch.nn.Module, got {type(model).__name__}.")
     if output is not None and not isinstance(output, (int, str)):
         raise TypeError(f"output is an index or a key of the model's output, got {type(output).__name__}.")
-    if capture not in ("auto", "fx", "export"):
-        raise ValueError(f"capture is 'auto', 'fx' or 'export', got {capture!r}.")
+    if capture not in ("auto", "fx", "export", "parts"):
+        raise ValueError(f"capture is 'auto', 'fx', 'export' or 'parts', got {capture!r}.")
     load_rule_sets(model)
     registry = conversion_registry(padding, residual, rules)  # checks the options
     mask_graph = functools.partial(
         add_mask_stream, registry=registry, prune_padding=prune_padding, gather_tokens=gather_tokens
     )
+    builder = part_model_builder(model)
+    if capture == "parts" or (capture == "auto" and builder is not None):
+        if output is not None:
+            raise LayerMaskError(
+                "output= selects a part of a traced model's output; a model converted by parts "
+                "returns the model's own output."
+            )
+
+        def convert(module: nn.Module) -> fx.GraphModule:
+            return mask_graph(trace(module, registry, leaves=leaves, token_blocks=options["token_blocks"]))
+
+        return (builder or build_parts)(model, options, convert, registry)
     fx_reason = None
     if capture != "export":
         try:

@@ -18,7 +18,7 @@ import sys
 import threading
 import weakref
 from types import FrameType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,8 @@ class PlainModelGuard:
 
     Args:
         marked: ``marked(x) -> bool``, whether an image batch ``(N, C, H, W)`` holds marked (removed) pixels.
-        decoder: the module class that decodes the marks (a call of one, or of ``torch.compile`` of one, passes).
+        decoder: the module class (or a tuple of classes) that decodes the marks (a call of one, or of
+            ``torch.compile`` of one, passes).
         refusal: the message for a plain model, formatted with ``{name}``, the model's class name.
         altered: the message for a wrapper that contains a decoder which did not see the marks (the wrapper changed
             the pixels first), formatted with ``{name}``.
@@ -63,7 +64,7 @@ class PlainModelGuard:
     def __init__(
         self,
         marked: Callable[[Tensor], bool],
-        decoder: type,
+        decoder: Union[type, Tuple[type, ...]],
         refusal: str,
         altered: str,
         before_refusal: Optional[Callable[[Tensor], None]] = None,

@@ -23,7 +23,6 @@ MaskDecoder = Callable[[Tensor, Sequence[Any]], Optional[Tensor]]
 """``decoder(x, other_inputs) -> mask or None``: the mask that the values of the inputs encode, if any."""
 
 MASK_DECODERS: OrderedDict[int, MaskDecoder] = OrderedDict()
-_GRAPH_PREFIX = "graph_module."
 
 
 def register_mask_decoder(decoder: MaskDecoder) -> MaskDecoder:
@@ -142,6 +141,8 @@ class LayerMaskedModel(nn.Module):
     with ``register_rule`` must be registered before loading.
     """
 
+    inner_prefix = "graph_module."
+
     def __init__(
         self, graph_module: fx.GraphModule, source: nn.Module, options: Mapping[str, Any], signature: inspect.Signature
     ) -> None:
@@ -160,8 +161,8 @@ class LayerMaskedModel(nn.Module):
         )
         self.training = source.training
         graph_module.training = source.training
-        self.register_state_dict_post_hook(_strip_graph_prefix)
-        self.register_load_state_dict_pre_hook(_add_graph_prefix)
+        self.register_state_dict_post_hook(strip_inner_prefix)
+        self.register_load_state_dict_pre_hook(add_inner_prefix)
 
     def forward(
         self,
@@ -249,9 +250,10 @@ _JIT_MESSAGE = (
 )
 
 
-def _strip_graph_prefix(module: nn.Module, state: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """State-dict post-hook: ``graph_module.conv1.weight`` becomes ``conv1.weight``, the model's own key."""
-    inner = prefix + _GRAPH_PREFIX
+def strip_inner_prefix(module: nn.Module, state: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook of a wrapper whose ``inner_prefix`` child holds the model: ``graph_module.conv1.weight``
+    becomes ``conv1.weight``, the model's own key."""
+    inner = prefix + module.inner_prefix
     _rename_keys(state, lambda key: prefix + key[len(inner) :] if key.startswith(inner) else key)
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
@@ -259,9 +261,9 @@ def _strip_graph_prefix(module: nn.Module, state: Dict[str, Any], prefix: str, l
         _rename_keys(metadata, lambda key: prefix + key[len(inner) :] if key.startswith(inner) else key)
 
 
-def _add_graph_prefix(module: nn.Module, state: Dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook: the model's own keys are read into the shared modules under ``graph_module``."""
-    inner = prefix + _GRAPH_PREFIX
+def add_inner_prefix(module: nn.Module, state: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: the model's own keys are read into the shared modules under ``inner_prefix``."""
+    inner = prefix + module.inner_prefix
 
     def rename(key: str) -> str:
         outside = not key.startswith(prefix) or key.startswith(inner) or key == prefix

@@ -10,7 +10,9 @@ registries as defaults.
 - rule sets of layer libraries: :func:`~captum_layermask.register_rule_set`;
 - token blocks: :func:`~captum_layermask.register_token_block`
   (:data:`~captum_layermask.core.gathering.TOKEN_BLOCKS`);
-- mask decoders: :func:`~captum_layermask.register_mask_decoder`.
+- mask decoders: :func:`~captum_layermask.register_mask_decoder`;
+- model classes converted by parts: :func:`~captum_layermask.core.parts.register_part_model`
+  (:data:`~captum_layermask.core.parts.PART_MODELS`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from . import registry
 from .gathering import TOKEN_BLOCKS
 from .model import MASK_DECODERS
+from .parts import PART_MODELS
 
 
 def unregister(*registered: Any) -> None:
@@ -27,7 +30,8 @@ def unregister(*registered: Any) -> None:
 
     Args:
         *registered: what a ``register_*`` function returned (a rule function for all the targets it was
-            registered for, a leaf class or function, a loader, a block class, a decoder).
+            registered for, a leaf class or function, a loader, a block class, a decoder, a part-model builder
+            for every class it was registered for), or a model class registered with ``register_part_model``.
 
     Raises:
         KeyError: if one of them is not registered anywhere (a typo would otherwise leave it in place).
@@ -49,5 +53,9 @@ def unregister(*registered: Any) -> None:
         if id(thing) in MASK_DECODERS and MASK_DECODERS[id(thing)] is thing:
             del MASK_DECODERS[id(thing)]
             found = True
+        for model_class, build in list(PART_MODELS.items()):
+            if build is thing or model_class is thing:
+                del PART_MODELS[model_class]
+                found = True
         if not found:
             raise KeyError(f"{thing!r} is not registered: nothing to unregister.")

@@ -4,13 +4,18 @@ ResNet, and a ResNet; they need the ``[hf]`` extra), and a segmentation model on
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VisionTransformer
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.resnet import BasicBlock, conv1x1
+from torchvision.ops import FeaturePyramidNetwork
 
 from . import shapes
 
@@ -19,6 +24,7 @@ VIT_WEIGHTS = Path(__file__).with_name("shapes_vit.pt")
 HF_VIT_WEIGHTS = Path(__file__).with_name("shapes_hf_vit.pt")
 HF_RESNET_WEIGHTS = Path(__file__).with_name("shapes_hf_resnet.pt")
 SEGMENTER_WEIGHTS = Path(__file__).with_name("shapes_segmenter.pt")
+DETECTOR_WEIGHTS = Path(__file__).with_name("shapes_detector.pt")
 SCENE = Path(__file__).with_name("demo_scene.png")
 SEGMENTATION_CLASSES = ("background", *shapes.CLASSES)
 """The segmentation model's classes: background, then the shapes (class ``k + 1`` is ``shapes.CLASSES[k]``)."""
@@ -185,3 +191,51 @@ class ShapesSegmenter(nn.Module):
 def load_demo_segmenter(path: Path = SEGMENTER_WEIGHTS) -> ShapesSegmenter:
     """The trained demo segmentation model in eval mode (weights loaded with ``weights_only=True``)."""
     return with_weights(ShapesSegmenter(), path)
+
+
+class ShapesBackbone(nn.Module):
+    """:class:`ShapesResNet`'s trunk with a feature pyramid (torchvision's ``FeaturePyramidNetwork``) on its last three
+    stages: levels ``"0"``, ``"1"``, ``"2"`` at strides 4, 8, 16, ``out_channels`` each (torchvision's backbone
+    interface for detectors)."""
+
+    def __init__(self, out_channels: int = 32) -> None:
+        super().__init__()
+        trunk = ShapesResNet()
+        self.stem, self.stages = trunk.stem, trunk.stages
+        widths = [stage.conv2.out_channels for stage in self.stages[1:]]
+        self.fpn = FeaturePyramidNetwork(widths, out_channels)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        y = self.stages[0](self.stem(x))
+        levels: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for index, stage in enumerate(self.stages[1:]):
+            y = stage(y)
+            levels[str(index)] = y
+        return self.fpn(levels)
+
+
+def shapes_detector() -> FCOS:
+    """An FCOS detector (Tian et al. 2019; torchvision's ``FCOS``) on :class:`ShapesBackbone`: one point per cell of
+    each pyramid level, a two-convolution head with GroupNorm. Classes are :data:`SEGMENTATION_CLASSES` (label
+    ``k + 1`` is ``shapes.CLASSES[k]``); it takes ``[0, 1]`` images of 128x128 pixels (normalised inside) and
+    keeps at most 10 detections scoring 0.3 or more. About 0.4M parameters."""
+    anchors = AnchorGenerator(sizes=((4,), (8,), (16,)), aspect_ratios=((1.0,),) * 3)  # FCOS: one point per stride
+    head = FCOSHead(32, 1, len(SEGMENTATION_CLASSES), num_convs=2)
+    return FCOS(
+        ShapesBackbone(32),
+        num_classes=len(SEGMENTATION_CLASSES),
+        min_size=shapes.SIZE,
+        max_size=shapes.SIZE,
+        image_mean=list(shapes.MEAN),
+        image_std=list(shapes.STD),
+        anchor_generator=anchors,
+        head=head,
+        score_thresh=0.3,
+        detections_per_img=10,
+    )
+
+
+def load_demo_detector(path: Path = DETECTOR_WEIGHTS) -> FCOS:
+    """The trained demo detector in eval mode (weights loaded with ``weights_only=True``)."""
+    return with_weights(shapes_detector(), path)

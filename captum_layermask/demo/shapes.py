@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -130,3 +130,24 @@ def segmentation_scenes(n: int, generator: torch.Generator) -> Scenes:
     masks = torch.cat([F.pad(one.object_masks, (0, 0, 0, 0, 0, 1)), two.object_masks])
     labels = torch.cat([torch.cat([one.labels, one.labels], 1), two.labels])
     return Scenes(torch.cat([one.images, two.images]), labels, masks)
+
+
+def detection_targets(scenes: Scenes) -> List[Dict[str, Tensor]]:
+    """Each scene's objects as torchvision detection targets: ``boxes`` ``(K, 4)`` enclosing each object's pixels
+    (``x1, y1, x2, y2``, pixel edges) and ``labels`` ``(K,)``, ``label + 1`` (0 is the background)."""
+    targets = []
+    for masks, labels in zip(scenes.object_masks, scenes.labels):
+        present = masks.flatten(1).any(1)
+        boxes = [_enclosing_box(mask) for mask in masks[present]]
+        targets.append(
+            {
+                "boxes": torch.stack(boxes) if boxes else torch.zeros(0, 4),
+                "labels": labels[present] + 1,
+            }
+        )
+    return targets
+
+
+def _enclosing_box(mask: Tensor) -> Tensor:
+    rows, columns = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+    return torch.tensor([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1], dtype=torch.float32)

@@ -28,6 +28,7 @@ from torch import Tensor
 from ..core import LayerMaskedModel, register_mask_decoder
 from ..core.errors import LayerMaskError, MaskShapeError
 from ..core.guard import PlainModelGuard
+from ..core.parts import LayerMaskedParts
 
 SENTINEL = -1.5 * 2.0**-14
 """The value of ``LayerMask()``: a normal number in every float dtype (no flush-to-zero), and exact in each."""
@@ -125,7 +126,7 @@ def _holds_baseline(x: Tensor) -> bool:
 
 _GUARD = PlainModelGuard(
     marked=_holds_baseline,
-    decoder=LayerMaskedModel,
+    decoder=(LayerMaskedModel, LayerMaskedParts),
     refusal=(
         "{name} received a LayerMask() baseline but is not layer-masked, so it would explain a grey fill instead; "
         "pass layer_masked(model) to the Captum method."

@@ -108,3 +108,6 @@ def patch_merging(op: Any, x: Any) -> Masked:
 
 
 register_token_block(EncoderBlock)  # LayerNorm, nn.MultiheadAttention, MLP: nothing reads a token's position
+
+
+from . import torchvision_detection  # noqa: E402,F401  (the detectors' rules and part models)

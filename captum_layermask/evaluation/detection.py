@@ -1,0 +1,217 @@
+"""Detection accuracy: average precision at an IoU threshold (Pascal VOC's all-point interpolation), for the demo
+detector's held-out score and for detections under masking."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+
+def average_precision(
+    detections: Sequence[Dict[str, Tensor]], targets: Sequence[Dict[str, Tensor]], label: int, iou: float = 0.5
+) -> float:
+    """Average precision of one class: the area under its precision-recall curve, precision made monotone
+    (Pascal VOC 2010 onwards).
+
+    Detections of the class, over all images, are taken by decreasing score; each is a true positive when it
+    overlaps a not yet matched object of the class in its image at ``iou`` or more (the best such object).
+
+    Args:
+        detections: per image, a dict with ``boxes`` ``(K, 4)``, ``labels`` ``(K,)``, ``scores`` ``(K,)``.
+        targets: per image, a dict with ``boxes`` ``(M, 4)`` and ``labels`` ``(M,)``.
+        label: the class.
+        iou: the overlap a match needs.
+
+    Returns:
+        AP in ``[0, 1]``; NaN if no image has an object of the class.
+    """
+    objects = [target["boxes"][target["labels"] == label] for target in targets]
+    total = sum(len(boxes) for boxes in objects)
+    if total == 0:
+        return float("nan")
+    found = []
+    for image, item in enumerate(detections):
+        keep = item["labels"] == label
+        found += [(float(score), image, box) for score, box in zip(item["scores"][keep], item["boxes"][keep])]
+    found.sort(key=lambda entry: -entry[0])
+    matched = [torch.zeros(len(boxes), dtype=torch.bool) for boxes in objects]
+    hits = []
+    for _, image, box in found:
+        hit = False
+        if len(objects[image]):
+            overlap = box_iou(box[None], objects[image])[0]
+            overlap[matched[image]] = -1
+            best = int(overlap.argmax())
+            if float(overlap[best]) >= iou:
+                matched[image][best], hit = True, True
+        hits.append(hit)
+    return _area(torch.tensor(hits, dtype=torch.float64), total)
+
+
+def _area(hits: Tensor, total: int) -> float:
+    if len(hits) == 0:
+        return 0.0
+    true = hits.cumsum(0)
+    recall = torch.cat([torch.zeros(1, dtype=torch.float64), true / total])
+    precision = true / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    precision = torch.cat([precision, torch.zeros(1, dtype=torch.float64)]).flip(0).cummax(0).values.flip(0)
+    return float(((recall[1:] - recall[:-1]) * precision[:-1]).sum())
+
+
+def mean_average_precision(
+    detections: Sequence[Dict[str, Tensor]],
+    targets: Sequence[Dict[str, Tensor]],
+    labels: Sequence[int],
+    iou: float = 0.5,
+) -> float:
+    """The mean of :func:`average_precision` over ``labels`` that occur in ``targets`` (mAP@``iou``)."""
+    values: List[float] = [average_precision(detections, targets, label, iou) for label in labels]
+    present = [value for value in values if value == value]
+    return sum(present) / len(present) if present else float("nan")
+
+
+FILLS = {"black": 0.0, "grey": 0.5}
+"""The colour fills of a detector's ``[0, 1]`` input (it normalises inside): black and mid-grey."""
+
+
+def detect(
+    detector: nn.Module, images: Tensor, masks: Tensor, masking: str, min_visible: float = 0.5
+) -> List[Dict[str, Tensor]]:
+    """Detections on images with removed pixels, under one masking, with the detection rule of layer masking
+    (:func:`~captum_layermask.integrations.torchvision_detection.visible_detections`) applied to every masking,
+    so that the fills are compared on the same footing.
+
+    Args:
+        detector: the plain detector (``"layer"`` converts it).
+        images (Tensor): ``(N, 3, H, W)`` in ``[0, 1]``.
+        masks (Tensor): ``(N, 1, H, W)``, 1 = visible.
+        masking: ``"layer"``, ``"black"`` or ``"grey"``.
+    """
+    from ..core.convert import layer_masked
+    from ..integrations.torchvision_detection import visible_detections
+
+    with torch.no_grad():
+        if masking == "layer":
+            found = layer_masked(detector)(list(images), list(masks))
+        else:
+            found = detector(list(torch.where(masks > 0, images, FILLS[masking])))
+    return [visible_detections(item, mask[0], min_visible) for item, mask in zip(found, masks)]
+
+
+def visible_targets(
+    targets: Sequence[Dict[str, Tensor]], object_masks: Tensor, masks: Tensor, share: float = 0.5
+) -> Tuple[List[Dict[str, Tensor]], List[Dict[str, Tensor]]]:
+    """Splits each image's objects into those with at least ``share`` of their pixels visible (to be found) and
+    the others (ignored: a detection of one is neither right nor wrong, as Pascal VOC's "difficult" objects).
+
+    Args:
+        targets: per image, ``boxes`` and ``labels`` of its objects, in the order of ``object_masks``' present
+            objects (:func:`~captum_layermask.demo.shapes.detection_targets`).
+        object_masks (Tensor): ``(N, K, H, W)`` bool.
+        masks (Tensor): ``(N, 1, H, W)``.
+    """
+    kept, ignored = [], []
+    for target, objects, mask in zip(targets, object_masks, masks):
+        objects = objects[objects.flatten(1).any(1)]
+        visible = (objects & (mask > 0)).flatten(1).sum(1) / objects.flatten(1).sum(1)
+        found = visible >= share
+        kept.append({key: value[found] for key, value in target.items()})
+        ignored.append({key: value[~found] for key, value in target.items()})
+    return kept, ignored
+
+
+def without_ignored(found: Dict[str, Tensor], ignored: Dict[str, Tensor], iou: float = 0.5) -> Dict[str, Tensor]:
+    """The detections that do not match an ignored object of their class at ``iou``."""
+    if len(ignored["boxes"]) == 0 or len(found["boxes"]) == 0:
+        return found
+    overlap = box_iou(found["boxes"], ignored["boxes"]) >= iou
+    same = found["labels"][:, None] == ignored["labels"][None]
+    keep = ~(overlap & same).any(1)
+    return {key: value[keep] for key, value in found.items()}
+
+
+def removal_map(
+    detector: nn.Module,
+    images: Tensor,
+    object_masks: Tensor,
+    targets: Sequence[Dict[str, Tensor]],
+    labels: Sequence[int],
+    fractions: Sequence[float],
+    maskings: Sequence[str] = ("black", "grey", "layer"),
+    patch: int = 16,
+    seed: int = 0,
+) -> Dict[str, List[float]]:
+    """mAP@0.5 under random removal of a fraction of the ``patch`` x ``patch`` patches, per masking: the objects
+    with at least half their pixels visible are to be found, detections of the others are ignored, and every
+    masking keeps only detections whose boxes are at least half visible. The same removed patches for every
+    masking."""
+    from ..core.patches import random_patch_masks
+
+    curves: Dict[str, List[float]] = {masking: [] for masking in maskings}
+    for fraction in fractions:
+        height, width = images.shape[-2:]
+        masks = random_patch_masks(len(images), height, width, patch, keep=1 - fraction, seed=seed)
+        kept, ignored = visible_targets(targets, object_masks, masks)
+        for masking in maskings:
+            found = detect(detector, images, masks.float(), masking)
+            found = [without_ignored(item, skip) for item, skip in zip(found, ignored)]
+            curves[masking].append(mean_average_precision(found, kept, labels))
+    return curves
+
+
+def lime_object_share(
+    detector: nn.Module,
+    images: Tensor,
+    object_masks: Tensor,
+    targets: Sequence[Dict[str, Tensor]],
+    maskings: Sequence[str] = ("black", "grey", "layer"),
+    samples: int = 200,
+    top: int = 5,
+    patch: int = 16,
+    seed: int = 0,
+) -> Tuple[Dict[str, float], int]:
+    """How often Lime's top patches for a detection lie on the detected object, per masking.
+
+    For each image, the detection explained is the detector's best match (IoU >= 0.5, same class) with the image's
+    first object; images where the detector misses it are skipped. Lime (``samples`` samples, ``patch`` x
+    ``patch`` patches, the same samples for every masking) explains :class:`~captum_layermask.DetectionScores`;
+    a patch is on the object when a fifth of its pixels are.
+
+    Returns:
+        The mean share of the ``top`` patches on the object, per masking, and the number of images explained.
+    """
+    from captum.attr import Lime
+
+    from ..core.convert import layer_masked
+    from ..core.patches import patch_segments
+    from ..integrations.captum import LayerMask
+    from ..integrations.detection import DetectionScores
+
+    masked = layer_masked(detector)
+    segments = patch_segments(*images.shape[-2:], patch)
+    ids = segments[0, 0]
+    count = int(ids.max()) + 1
+    shares: Dict[str, List[float]] = {masking: [] for masking in maskings}
+    for image, objects, target in zip(images, object_masks, targets):
+        with torch.no_grad():
+            found = detector([image])[0]
+        same = found["labels"] == target["labels"][0]
+        overlap = box_iou(found["boxes"][same], target["boxes"][:1])[:, 0] if bool(same.any()) else torch.zeros(0)
+        if len(overlap) == 0 or float(overlap.max()) < 0.5:
+            continue
+        box, label = found["boxes"][same][overlap.argmax()], int(target["labels"][0])
+        on_object = torch.stack([objects[0][ids == s].float().mean() for s in range(count)]) >= 0.2
+        for masking in maskings:
+            forward = DetectionScores(masked if masking == "layer" else detector, box, label)
+            baseline = LayerMask() if masking == "layer" else FILLS[masking]
+            torch.manual_seed(seed)
+            attribution = Lime(forward).attribute(
+                image[None], feature_mask=segments, baselines=baseline, n_samples=samples, perturbations_per_eval=16
+            )[0, 0]
+            scores = torch.stack([attribution[ids == s].mean() for s in range(count)])
+            shares[masking].append(float(on_object[scores.argsort(descending=True)[:top]].float().mean()))
+    explained = len(next(iter(shares.values())))
+    return {masking: sum(values) / max(len(values), 1) for masking, values in shares.items()}, explained

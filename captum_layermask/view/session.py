@@ -1,0 +1,192 @@
+"""What ``layermask view`` computes, without the web: images, their segments, predictions under each masking with
+some segments removed, and Lime/KernelShap maps. The web app (:mod:`captum_layermask.view.app`) only moves these
+results to the browser."""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.convert import layer_masked
+from ..core.errors import LayerMaskError
+from ..evaluation.attribution_metrics import segment_scores
+from ..evaluation.explanations import captum_attribution, captum_baseline
+from ..evaluation.maskers import get_masker
+from ..evaluation.normalization import normalizer
+from ..evaluation.segmentation import get_segmenter, segment_images
+from ..weights import Classifier
+
+MASKINGS = ("layer", "grey", "black", "blur")
+"""The maskings compared side by side: layer masking and three fills."""
+EXPLAINED = ("layer", "grey", "black")
+"""The maskings Lime and KernelShap explain under (Captum's baselines express these)."""
+SEGMENTERS = ("patches", "slic", "quickshift")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MAX_UPLOAD_BYTES = 8 * 2**20
+MAX_UPLOAD_PIXELS = 4096 * 4096
+
+
+class ViewError(LayerMaskError, ValueError):
+    """A request the view cannot serve (an unknown image, a bad upload); its message is shown to the user."""
+
+
+@dataclass
+class ImageLibrary:
+    """The images the view offers: those of a folder (listed once, by name, never by a path from a request) and
+    uploads kept in memory. Every image is ``(3, size, size)`` in ``[0, 1]``."""
+
+    size: int
+    images: Dict[str, Tensor] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def from_folder(cls, folder: Path, size: int, limit: int = 200) -> ImageLibrary:
+        library = cls(size)
+        files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+        for path in files:
+            with open(path, "rb") as file:
+                library.add(path.relative_to(folder).as_posix(), file.read())
+        return library
+
+    def add(self, name: str, data: bytes) -> str:
+        """Decodes ``data`` as an image (nothing else is ever decoded) and stores it under a fresh id.
+
+        Raises:
+            ViewError: for data over the size limit or that is not an image.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ViewError(f"the image is {len(data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB.")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > MAX_UPLOAD_PIXELS:
+                    raise ViewError(f"the image is {image.width}x{image.height} pixels; the limit is 4096x4096.")
+                rgb = image.convert("RGB").resize((self.size, self.size))
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+            raise ViewError(f"'{name}' is not an image that PIL can read (PNG, JPEG, BMP, WebP).") from None
+        tensor = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255).permute(2, 0, 1)
+        with self.lock:
+            key = f"{len(self.images)}:{Path(name).name}"
+            self.images[key] = tensor
+        return key
+
+    def get(self, key: str) -> Tensor:
+        if key not in self.images:
+            raise ViewError(f"no image '{key}'; pick one from the list or upload one.")
+        return self.images[key]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """An ``(H, W, 3)`` array in ``[0, 1]`` as PNG bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def heatmap(values: np.ndarray) -> np.ndarray:
+    """Signed values ``(H, W)`` as colours: red for, blue against, white at 0 (symmetric scale)."""
+    import matplotlib
+
+    limit = float(np.abs(values).max()) or 1.0
+    return matplotlib.colormaps["RdBu_r"]((values / limit + 1) / 2)[..., :3]
+
+
+class ViewSession:
+    """A classifier with the maskings it is compared under.
+
+    Args:
+        model: the classifier and its normalisation (:mod:`captum_layermask.weights`).
+        library: the images.
+    """
+
+    def __init__(self, model: Classifier, library: ImageLibrary) -> None:
+        self.model, self.library = model, library
+        self.normalize = normalizer(model.mean, model.std)
+        self.masked = layer_masked(model.model)
+        self.maskers = {name: get_masker(name, model.mean, model.std) for name in MASKINGS}
+        self.lock = threading.Lock()  # one model call at a time: torch's own threads do the parallel work
+
+    def segments(self, key: str, segmenter: str) -> np.ndarray:
+        """Segment ids ``(H, W)`` of an image."""
+        if segmenter not in SEGMENTERS:
+            raise ViewError(f"unknown segmenter '{segmenter}'; use one of {', '.join(SEGMENTERS)}.")
+        image = self.library.get(key)[None]
+        ids = segment_images(image, get_segmenter(segmenter, mean=(0, 0, 0), std=(1, 1, 1)))
+        return ids[0].numpy().astype(np.int32)
+
+    def keep_mask(self, key: str, segmenter: str, removed: Sequence[int]) -> Tuple[Tensor, np.ndarray]:
+        ids = self.segments(key, segmenter)
+        keep = ~np.isin(ids, np.asarray(list(removed), dtype=np.int64))
+        return torch.from_numpy(keep)[None, None], ids
+
+    def predict(self, key: str, segmenter: str, removed: Sequence[int], top: int = 5) -> Dict[str, Dict]:
+        """The top predictions under each masking with ``removed`` segments removed, and the image each masking
+        gives the model (removed pixels white for layer masking: the model does not see them)."""
+        image = self.library.get(key)
+        keep, _ = self.keep_mask(key, segmenter, removed)
+        x = self.normalize(image[None])
+        results = {}
+        with self.lock, torch.no_grad():
+            for name, masker in self.maskers.items():
+                forward = (lambda x, m: self.masked(x, mask=m)) if name == "layer" else masker.bind(self.model.model)
+                probabilities = forward(x, keep.float()).softmax(1)[0]
+                values, indices = probabilities.topk(min(top, len(probabilities)))
+                shown = self._seen(name, masker, x, keep, image)
+                results[name] = {
+                    "top": [[self._class(int(i)), float(v)] for v, i in zip(values, indices)],
+                    "image": png(shown),
+                }
+        return results
+
+    def _seen(self, name: str, masker, x: Tensor, keep: Tensor, image: Tensor) -> np.ndarray:
+        if name == "layer":
+            shown = torch.where(keep[0], image, 1.0)
+        else:
+            filled = torch.where(keep, x, masker.fill_values(x, keep.float()))[0]
+            mean = torch.tensor(self.model.mean).view(3, 1, 1)
+            std = torch.tensor(self.model.std).view(3, 1, 1)
+            shown = filled * std + mean
+        return shown.permute(1, 2, 0).numpy()
+
+    def _class(self, index: int) -> str:
+        classes = self.model.classes
+        return classes[index] if classes is not None and index < len(classes) else str(index)
+
+    def explain(
+        self, key: str, segmenter: str, method: str, samples: int, target: Optional[int] = None
+    ) -> Dict[str, Dict]:
+        """Lime or KernelShap of the target (default: the plain model's top class) under each masking, with the
+        same samples: per masking the map as an image and the score of each segment."""
+        if method not in ("lime", "kernelshap"):
+            raise ViewError(f"unknown method '{method}'; use lime or kernelshap.")
+        if not 10 <= samples <= 2000:
+            raise ViewError(f"samples must be between 10 and 2000, got {samples}.")
+        image = self.library.get(key)
+        ids = torch.from_numpy(self.segments(key, segmenter))[None, None].long()
+        x = self.normalize(image[None])
+        results = {}
+        with self.lock:
+            with torch.no_grad():
+                target = int(self.model.model(x).argmax(1)) if target is None else target
+            for name in EXPLAINED:
+                forward = self.masked if name == "layer" else self.model.model
+                torch.manual_seed(0)
+                baseline = captum_baseline(name, self.model.mean, self.model.std)
+                attribution = captum_attribution(method, forward, x, ids, target, baseline, samples, 16)
+                scores = segment_scores(attribution, ids[:, 0])[0]
+                values = scores[ids[0, 0]].numpy()
+                results[name] = {"image": png(heatmap(values)), "scores": scores.tolist()}
+        return {"target": self._class(target), "maps": results}
+
+    def classes(self) -> List[str]:
+        return list(self.model.classes) if self.model.classes is not None else []
