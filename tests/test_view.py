@@ -220,7 +220,7 @@ def test_the_view_in_a_browser(server, browser, classifier, tmp_path):
     browser.find_element(By.ID, "samples").send_keys("40")
     browser.find_element(By.ID, "explain-button").click()
     wait_until(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#maps img")) == 3)
-    assert "explained class" in browser.find_element(By.ID, "explain-target").text
+    assert "explained: square" in browser.find_element(By.ID, "explain-target").text
     browser.save_screenshot(str(tmp_path / "view-lime.png"))
     # a bad upload: a message, and the page keeps working
     bad = tmp_path / "notes.png"
@@ -234,3 +234,70 @@ def test_the_view_in_a_browser(server, browser, classifier, tmp_path):
     wait_until(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#run-view .gallery img")) == 4)
     browser.save_screenshot(str(tmp_path / "view-run.png"))
     assert (tmp_path / "view-lime.png").stat().st_size > 20_000
+
+
+def test_the_dense_views_show_what_direct_calls_compute():
+    from captum_layermask import layer_masked
+    from captum_layermask.integrations.torchvision_detection import visible_detections
+    from captum_layermask.view.dense import session_for
+    from captum_layermask.weights import demo_detector, demo_segmenter
+
+    removed = [8, 9, 16, 17]  # the star's patches
+    segmenter = demo_segmenter()
+    session = session_for(segmenter, demo_library(segmenter.size, scenes=0), "segmentation")
+    keep, _ = session.keep_mask("0:demo_scene.png", "patches", removed)
+    x = session.normalize(session.library.get("0:demo_scene.png")[None])
+    with torch.no_grad():
+        logits, visible = layer_masked(segmenter.model)(x, keep.float(), return_mask=True)
+    labels = logits[0].argmax(0)[visible[0, 0].expand(128, 128)]
+    shares = torch.bincount(labels, minlength=7) / labels.numel()
+    shown = dict(session.predict("0:demo_scene.png", "patches", removed)["layer"]["top"])
+    assert all(shown[segmenter.classes[c]] == pytest.approx(float(shares[c])) for c in range(7) if shares[c] > 0)
+    assert session.choose("0:demo_scene.png", 85, 80)["class"] == segmenter.classes.index("square")
+    with pytest.raises(ViewError, match="background"):
+        session.choose("0:demo_scene.png", 2, 120)
+    detector = demo_detector()
+    session = session_for(detector, demo_library(detector.size, scenes=0), "detection")
+    image = session.library.get("0:demo_scene.png")
+    with torch.no_grad():
+        found = visible_detections(layer_masked(detector.model)([image], [keep[0].float()])[0], keep[0, 0].float(), 0.5)
+    shown = session.predict("0:demo_scene.png", "patches", removed)["layer"]["top"]
+    assert [label for label, _ in shown] == [detector.classes[int(label)] for label in found["labels"]]
+    assert [score for _, score in shown] == pytest.approx(found["scores"].tolist())
+    assert session.choose("0:demo_scene.png", 85, 80)["label"] == detector.classes.index("square")
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_a_dense_model_s_target_is_chosen_by_clicking_in_the_browser(task, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from captum_layermask.weights import load_model
+
+    model = load_model("demo", None, None, task)
+    server = start(model, demo_library(model.size, scenes=0), task=task)
+    try:
+        browser.get(server.url)
+        wait_until(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        wait_until(browser, idle)
+        browser.find_element(By.CSS_SELECTOR, "input[name=mode][value=choose]").click()
+        canvas = browser.find_element(By.ID, "canvas")
+        size = canvas.size["width"]
+        at = int(85 / 128 * size) - size // 2, int(80 / 128 * size) - size // 2  # on the square
+        ActionChains(browser).move_to_element_with_offset(canvas, *at).click().perform()
+        wait_until(browser, lambda d: "square" in d.find_element(By.ID, "explain-what").text)
+        browser.find_element(By.ID, "samples").clear()
+        browser.find_element(By.ID, "samples").send_keys("20")
+        browser.find_element(By.ID, "explain-button").click()
+        wait_until(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#maps img")) == 3)
+        assert "square" in browser.find_element(By.ID, "explain-target").text
+    finally:
+        server.should_exit = True
+
+
+def test_the_view_command_refuses_what_it_cannot_show(tmp_path, capsys):
+    assert main(["view", "--images", str(tmp_path / "missing"), "--no-browser"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["view", "--images", str(tmp_path), "--no-browser"]) == 2
+    assert "holds no PNG" in capsys.readouterr().err
+    assert main(["view", "--runs", str(tmp_path / "missing"), "--no-browser"]) == 2

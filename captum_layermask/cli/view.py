@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..weights import load_classifier
+from ..weights import load_model
 from .arguments import add_model_arguments
 from .io import CommandError
 
@@ -20,6 +20,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     """Adds ``layermask view`` and ``layermask report``."""
     view = commands.add_parser("view", help="the browser view (needs the [view] extra)", description=VIEW_DESCRIPTION)
     add_model_arguments(view)
+    view.add_argument(
+        "--task",
+        choices=("classification", "segmentation", "detection"),
+        default="classification",
+        help="the model's task (--model demo: the bundled demo classifier, segmentation model or detector)",
+    )
     view.add_argument("--images", type=Path, help="folder of images to offer (default: demo scenes)")
     view.add_argument("--runs", type=Path, nargs="*", default=[], help="dataset run folders to open in the view")
     view.add_argument("--size", type=int, help="input resolution (default: the model's)")
@@ -41,7 +47,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def run_view(args: argparse.Namespace) -> None:
     from ..view import ImageLibrary, demo_library, serve
 
-    classifier = load_classifier(args.model, args.weights, args.num_classes)
+    classifier = load_model(args.model, args.weights, args.num_classes, args.task)
     size = args.size or classifier.size
     if args.images is None:
         if args.model != "demo":
@@ -58,7 +64,7 @@ def run_view(args: argparse.Namespace) -> None:
     for folder in args.runs:
         if not folder.is_dir():
             raise CommandError(f"--runs {folder} is not a folder.")
-    serve(classifier, library, args.runs, args.host, args.port, open_browser=not args.no_browser)
+    serve(classifier, library, args.runs, args.host, args.port, open_browser=not args.no_browser, task=args.task)
 
 
 def run_report(args: argparse.Namespace) -> None:

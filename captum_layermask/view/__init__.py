@@ -49,7 +49,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def _server(model: Classifier, library: ImageLibrary, runs: Sequence[Path], host: str, port: int) -> Any:
+def _server(model: Classifier, library: ImageLibrary, runs: Sequence[Path], host: str, port: int, task: str) -> Any:
     try:
         import uvicorn
 
@@ -58,7 +58,9 @@ def _server(model: Classifier, library: ImageLibrary, runs: Sequence[Path], host
         raise ViewError(
             f"layermask view needs the [view] extra ({error.name} is missing): pip install 'captum-layermask[view]'."
         ) from None
-    app = create_app(ViewSession(model, library), runs)
+    from .dense import session_for
+
+    app = create_app(session_for(model, library, task), runs)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
 
 
@@ -68,11 +70,12 @@ def start(
     runs: Sequence[Path] = (),
     host: str = "127.0.0.1",
     port: Optional[int] = None,
+    task: str = "classification",
 ) -> Any:
     """Starts the app in a background thread (for tests and notebooks); returns the server, whose ``url``
     attribute is set and whose ``should_exit = True`` stops it."""
     port = port or free_port(host)
-    server = _server(model, library, runs, host, port)
+    server = _server(model, library, runs, host, port, task)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started and thread.is_alive():
@@ -88,11 +91,12 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
     open_browser: bool = True,
+    task: str = "classification",
 ) -> None:
     """Runs the app until interrupted (``layermask view``), opening it in the default browser."""
     import webbrowser
 
-    server = _server(model, library, runs, host, port)
+    server = _server(model, library, runs, host, port, task)
     url = f"http://{host}:{port}/"
     print(f"layermask view: {url} (Ctrl+C stops it)")
     if open_browser:

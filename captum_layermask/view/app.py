@@ -5,7 +5,7 @@ as images only (:class:`~captum_layermask.view.session.ImageLibrary`)."""
 
 import base64
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from fastapi import FastAPI, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -31,10 +31,19 @@ class Removal(Segmentation):
 
 
 class Explanation(Segmentation):
-    """Lime or KernelShap under each masking."""
+    """Lime or KernelShap under each masking, of a target chosen by a click (dense models) or the top class."""
 
     method: str = "lime"
     samples: int = 200
+    target: Optional[Dict[str, Any]] = None
+
+
+class Click(BaseModel):
+    """A click on the image at pixel ``(x, y)`` of the model's input."""
+
+    key: str
+    x: int
+    y: int
 
 
 def _data_url(data: bytes) -> str:
@@ -62,6 +71,7 @@ def create_app(session: ViewSession, runs: Sequence[Path] = (), title: str = "la
     def info() -> Dict[str, Any]:
         return {
             "title": title,
+            "task": session.task,
             "images": list(session.library.images),
             "segmenters": list(SEGMENTERS),
             "maskings": list(MASKINGS),
@@ -91,9 +101,13 @@ def create_app(session: ViewSession, runs: Sequence[Path] = (), title: str = "la
 
     @app.post("/api/explain")
     def explain(request: Explanation) -> Dict[str, Any]:
-        results = session.explain(request.key, request.segmenter, request.method, request.samples)
+        results = session.explain(request.key, request.segmenter, request.method, request.samples, request.target)
         maps = {name: {"image": _data_url(r["image"]), "scores": r["scores"]} for name, r in results["maps"].items()}
         return {"target": results["target"], "maps": maps}
+
+    @app.post("/api/choose")
+    def choose(request: Click) -> Dict[str, Any]:
+        return session.choose(request.key, request.x, request.y)
 
     @app.get("/api/runs/{index}", response_class=HTMLResponse)
     def run(index: int) -> str:

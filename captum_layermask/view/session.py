@@ -8,7 +8,7 @@ import io
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -102,12 +102,14 @@ def heatmap(values: np.ndarray) -> np.ndarray:
 
 
 class ViewSession:
-    """A classifier with the maskings it is compared under.
+    """A classifier with the maskings it is compared under (subclasses: a segmentation model, a detector).
 
     Args:
-        model: the classifier and its normalisation (:mod:`captum_layermask.weights`).
+        model: the model and its normalisation (:mod:`captum_layermask.weights`).
         library: the images.
     """
+
+    task = "classification"
 
     def __init__(self, model: Classifier, library: ImageLibrary) -> None:
         self.model, self.library = model, library
@@ -130,43 +132,61 @@ class ViewSession:
         return torch.from_numpy(keep)[None, None], ids
 
     def predict(self, key: str, segmenter: str, removed: Sequence[int], top: int = 5) -> Dict[str, Dict]:
-        """The top predictions under each masking with ``removed`` segments removed, and the image each masking
-        gives the model (removed pixels white for layer masking: the model does not see them)."""
+        """Under each masking with ``removed`` segments removed: what the model says (``top``: pairs of a name and
+        a number) and the image it shows (the input as the model sees it, removed pixels white for layer
+        masking: the model does not see them; with the model's output drawn on it for dense models)."""
         image = self.library.get(key)
         keep, _ = self.keep_mask(key, segmenter, removed)
         x = self.normalize(image[None])
-        results = {}
         with self.lock, torch.no_grad():
-            for name, masker in self.maskers.items():
-                forward = (lambda x, m: self.masked(x, mask=m)) if name == "layer" else masker.bind(self.model.model)
-                probabilities = forward(x, keep.float()).softmax(1)[0]
-                values, indices = probabilities.topk(min(top, len(probabilities)))
-                shown = self._seen(name, masker, x, keep, image)
-                results[name] = {
-                    "top": [[self._class(int(i)), float(v)] for v, i in zip(values, indices)],
-                    "image": png(shown),
-                }
-        return results
+            return {name: self.describe(name, x, keep, self._seen(name, x, keep, image), top) for name in MASKINGS}
 
-    def _seen(self, name: str, masker, x: Tensor, keep: Tensor, image: Tensor) -> np.ndarray:
+    def forward(self, name: str) -> Callable[[Tensor, Tensor], Any]:
+        """``forward(x, keep)`` under one masking."""
+        if name == "layer":
+            return lambda x, keep: self.masked(x, mask=keep.float())
+        return self.maskers[name].bind(self.model.model)
+
+    def describe(self, name: str, x: Tensor, keep: Tensor, seen: np.ndarray, top: int) -> Dict[str, Any]:
+        """The top classes and their probabilities, and the image as the model sees it."""
+        probabilities = self.forward(name)(x, keep).softmax(1)[0]
+        values, indices = probabilities.topk(min(top, len(probabilities)))
+        return {"top": [[self.class_name(int(i)), float(v)] for v, i in zip(values, indices)], "image": png(seen)}
+
+    def _seen(self, name: str, x: Tensor, keep: Tensor, image: Tensor) -> np.ndarray:
         if name == "layer":
             shown = torch.where(keep[0], image, 1.0)
         else:
-            filled = torch.where(keep, x, masker.fill_values(x, keep.float()))[0]
+            filled = torch.where(keep, x, self.maskers[name].fill_values(x, keep.float()))[0]
             mean = torch.tensor(self.model.mean).view(3, 1, 1)
             std = torch.tensor(self.model.std).view(3, 1, 1)
             shown = filled * std + mean
-        return shown.permute(1, 2, 0).numpy()
+        return shown.permute(1, 2, 0).clamp(0, 1).numpy()
 
-    def _class(self, index: int) -> str:
+    def class_name(self, index: int) -> str:
         classes = self.model.classes
         return classes[index] if classes is not None and index < len(classes) else str(index)
 
+    def choose(self, key: str, x: int, y: int) -> Dict[str, Any]:
+        """What to explain, chosen by a click at pixel ``(x, y)`` (dense models; a classifier explains its top
+        class)."""
+        raise ViewError("a classifier explains its top class; choosing by clicking is for segmentation and detection.")
+
+    def explained(self, image: Tensor, x: Tensor, target: Optional[Dict[str, Any]]) -> Tuple[Any, Any, str]:
+        """``(scores, target, description)``: how to turn a model into Captum's scores, Captum's target, and what is
+        explained. A classifier: its logits and the plain model's top class."""
+        with torch.no_grad():
+            index = int(self.model.model(x).argmax(1))
+        return None, index, self.class_name(index)
+
+    def baseline(self, name: str) -> Any:
+        return captum_baseline(name, self.model.mean, self.model.std)
+
     def explain(
-        self, key: str, segmenter: str, method: str, samples: int, target: Optional[int] = None
-    ) -> Dict[str, Dict]:
-        """Lime or KernelShap of the target (default: the plain model's top class) under each masking, with the
-        same samples: per masking the map as an image and the score of each segment."""
+        self, key: str, segmenter: str, method: str, samples: int, target: Optional[Dict[str, Any]] = None
+    ) -> Dict[str, Any]:
+        """Lime or KernelShap under each masking, with the same samples: per masking the map as an image and the
+        score of each segment."""
         if method not in ("lime", "kernelshap"):
             raise ViewError(f"unknown method '{method}'; use lime or kernelshap.")
         if not 10 <= samples <= 2000:
@@ -176,17 +196,14 @@ class ViewSession:
         x = self.normalize(image[None])
         results = {}
         with self.lock:
-            with torch.no_grad():
-                target = int(self.model.model(x).argmax(1)) if target is None else target
+            scores, captum_target, description = self.explained(image, x, target)
             for name in EXPLAINED:
                 forward = self.masked if name == "layer" else self.model.model
+                forward = scores(forward) if scores is not None else forward
                 torch.manual_seed(0)
-                baseline = captum_baseline(name, self.model.mean, self.model.std)
-                attribution = captum_attribution(method, forward, x, ids, target, baseline, samples, 16)
-                scores = segment_scores(attribution, ids[:, 0])[0]
-                values = scores[ids[0, 0]].numpy()
-                results[name] = {"image": png(heatmap(values)), "scores": scores.tolist()}
-        return {"target": self._class(target), "maps": results}
-
-    def classes(self) -> List[str]:
-        return list(self.model.classes) if self.model.classes is not None else []
+                attribution = captum_attribution(
+                    method, forward, x, ids, captum_target, self.baseline(name), samples, 16
+                )
+                values = segment_scores(attribution, ids[:, 0])[0]
+                results[name] = {"image": png(heatmap(values[ids[0, 0]].numpy())), "scores": values.tolist()}
+        return {"target": description, "maps": results}
