@@ -194,6 +194,7 @@ def idle(driver):
 def test_the_view_in_a_browser(server, browser, classifier, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     browser.get(server.url)
     wait_until(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
@@ -222,14 +223,32 @@ def test_the_view_in_a_browser(server, browser, classifier, tmp_path):
     wait_until(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#maps img")) == 3)
     assert "explained: square" in browser.find_element(By.ID, "explain-target").text
     browser.save_screenshot(str(tmp_path / "view-lime.png"))
+    # the same image uploaded with noise in that segment: layer masking, which never reads it, says the same
+    noisy = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    noisy[~keep.numpy()] = np.random.default_rng(0).integers(0, 256, (int((~keep).sum()), 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "noisy.png")
+    layer_before = shown_top(browser, "layer")
+    browser.find_element(By.ID, "upload").send_keys(str(tmp_path / "noisy.png"))
+    wait_until(
+        browser, lambda d: "noisy.png" in d.find_element(By.ID, "image-select").get_attribute("value") and idle(d)
+    )
+    ActionChains(browser).move_to_element_with_offset(
+        canvas, removed_at[0] - size // 2, removed_at[1] - size // 2
+    ).click().perform()
+    wait_until(browser, lambda d: idle(d) and d.find_elements(By.CSS_SELECTOR, "#pred-layer li"))
+    wait_until(browser, lambda d: shown_top(d, "layer") == layer_before)
+    # another image, other segments
+    Select(browser.find_element(By.ID, "image-select")).select_by_index(1)
+    wait_until(browser, idle)
+    Select(browser.find_element(By.ID, "segmenter")).select_by_value("slic")
+    wait_until(browser, idle)
+    assert browser.execute_script("return Math.max(...state.ids)") > 30  # SLIC's segments, not 64 patches
     # a bad upload: a message, and the page keeps working
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"not an image")
     browser.find_element(By.ID, "upload").send_keys(str(bad))
     wait_until(browser, lambda d: "not an image" in d.find_element(By.ID, "error").text)
     # a finished run
-    from selenium.webdriver.support.ui import Select
-
     Select(browser.find_element(By.ID, "run-select")).select_by_index(1)
     wait_until(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#run-view .gallery img")) == 4)
     browser.save_screenshot(str(tmp_path / "view-run.png"))
