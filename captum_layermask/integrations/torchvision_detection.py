@@ -103,8 +103,9 @@ def roi_align_rule(op: Any, x: Any, boxes: Any, *args: Any, **kwargs: Any) -> An
     if not isinstance(x, Masked):
         return op(x, boxes, *args, **kwargs)
     mask = align_rank(x.mask, 4).expand(x.value.shape[0], 1, *x.value.shape[-2:])
-    sums, visible, removed = (op(t, boxes, *args, **kwargs) for t in (x.value * mask, mask, 1 - mask))
-    return _visible_mean(sums, visible, removed)
+    sums = op(x.value * mask, boxes, *args, **kwargs)
+    shares = op(torch.cat([mask, 1 - mask], 1), boxes, *args, **kwargs)  # visible and removed, one call
+    return _visible_mean(sums, shares[:, :1], shares[:, 1:])
 
 
 @builtin_rule(MultiScaleRoIAlign)
@@ -120,9 +121,8 @@ def multiscale_roi_align(op: MultiScaleRoIAlign, x: Mapping[str, Any], boxes: Li
         name: align_rank(level.mask, 4).expand(batch, 1, *level.value.shape[-2:]) for name, level in levels.items()
     }
     sums = op({name: level.value * masks[name] for name, level in levels.items()}, boxes, image_shapes)
-    visible = op(masks, boxes, image_shapes)
-    removed = op({name: 1 - mask for name, mask in masks.items()}, boxes, image_shapes)
-    return _visible_mean(sums, visible, removed)
+    shares = op({name: torch.cat([mask, 1 - mask], 1) for name, mask in masks.items()}, boxes, image_shapes)
+    return _visible_mean(sums, shares[:, :1], shares[:, 1:])
 
 
 def background_fill(num_classes: int) -> Fill:
