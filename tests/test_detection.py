@@ -150,6 +150,14 @@ def test_conversion_by_parts_leaves_the_model_as_it_was_and_keeps_its_keys():
         copied = pickle.loads(pickle.dumps(masked))
         assert same_detections(expected, copied(image, [torch.ones(64, 64)])[0])
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    other = detector("fasterrcnn_mobilenet_v3_large_320_fpn")
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.1)
+    fresh = layer_masked(other)
+    fresh.load_state_dict(masked.state_dict())  # the detector's own keys, both ways
+    with torch.no_grad():
+        assert same_detections(expected, fresh(image, [torch.ones(64, 64)])[0])
 
 
 def test_detector_calls_are_checked():

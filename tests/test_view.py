@@ -131,6 +131,11 @@ def test_uploads_are_decoded_as_images_only_and_limited(classifier):
 def test_the_server_refuses_bad_requests_and_keeps_serving(server):
     status, body = upload(server, "notes.txt", b"not an image at all")
     assert status == 400 and "not an image" in json.loads(body)["error"]
+    try:  # refused before its body is read: the answer, or the connection closed while still sending
+        status, body = upload(server, "huge.png", b"0" * (9 * 2**20))
+        assert status == 413 and "under 8 MB" in json.loads(body)["error"]
+    except urllib.error.URLError:
+        pass
     status, body = request(server, "api/image?key=../../../etc/passwd")
     assert status == 400
     status, body = request(server, "api/runs/7")

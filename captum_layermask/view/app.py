@@ -55,6 +55,16 @@ def create_app(session: ViewSession, runs: Sequence[Path] = (), title: str = "la
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
     run_folders = [Path(folder) for folder in runs]
 
+    @app.middleware("http")
+    async def limit_uploads(request: Request, call_next: Any) -> Any:
+        """Refuses an upload larger than the limit before its body is read (and spooled to disk)."""
+        if request.url.path == "/api/upload":
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit() or int(length) > MAX_UPLOAD_BYTES + 2**16:
+                limit = MAX_UPLOAD_BYTES // 2**20
+                return JSONResponse({"error": f"uploads must state their size and stay under {limit} MB."}, 413)
+        return await call_next(request)
+
     @app.exception_handler(ViewError)
     async def refuse(request: Request, error: ViewError) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=400)
