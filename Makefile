@@ -68,6 +68,7 @@ tutorials: setup
 
 benchmark: setup
 	$(PY) benchmarks/engine_speed.py
+	$(PY) benchmarks/engine_speed.py --model fasterrcnn_mobilenet_v3_large_320_fpn --repeats 9
 	$(PY) benchmarks/engine_speed.py --model timm/tf_efficientnet_b0
 	$(PY) benchmarks/captum_lime.py
 	$(PY) benchmarks/engine_speed.py --model vit_b_16

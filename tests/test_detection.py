@@ -480,3 +480,15 @@ def test_the_demo_detector_finds_held_out_shapes_and_converts():
     with torch.no_grad():
         plain = model(list(scenes.images[:8]))
     assert all(same_detections(a, b, 1e-4) for a, b in zip(plain, found[:8]))
+
+
+def test_the_detection_report_prints_its_tables_and_draws_its_figure(tmp_path, capsys, monkeypatch):
+    from captum_layermask.evaluation import detection_report
+
+    figure = tmp_path / "detection.png"
+    arguments = ["detection_report", "--scenes", "4", "--lime-scenes", "1", "--samples", "10", "--figure", str(figure)]
+    monkeypatch.setattr("sys.argv", arguments)
+    detection_report.main()
+    printed = capsys.readouterr().out
+    assert "mAP@0.5 under random removal" in printed and "share of Lime's top 5 patches" in printed
+    assert figure.stat().st_size > 10_000
