@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from captum.attr import FeatureAblation, Lime
 from torch import nn
 from torchvision.models import detection
@@ -18,6 +19,7 @@ from captum_layermask import (
     LayerMaskError,
     MaskShapeError,
     TracingError,
+    UnsupportedLayerError,
     layer_masked,
     unregister,
 )
@@ -341,6 +343,25 @@ def test_a_registered_part_model_class_converts_by_parts_until_unregistered():
         layer_masked(LoopOverLevels().eval(), capture="fx")
     with pytest.raises(KeyError):
         unregister(build)
+
+
+class OwnWeightInALoop(nn.Module):
+    """A parameter of its own used in shape-dependent Python: neither traceable nor splittable into children."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, 3, 1, 1))
+
+    def forward(self, x):
+        while x.shape[-1] > 8:
+            x = F.avg_pool2d(x * self.scale, 2)
+        return x
+
+
+def test_a_module_with_its_own_parameters_that_does_not_trace_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), OwnWeightInALoop()).eval()
+    with pytest.raises(UnsupportedLayerError, match="'1' \\(OwnWeightInALoop\\) holds parameters of its own"):
+        layer_masked(model, capture="parts")
 
 
 def test_a_part_given_a_tensor_no_part_produced_refuses_to_guess():

@@ -63,6 +63,7 @@ def test_the_wheel_and_sdist_hold_the_license_the_demo_and_onnx_export(dist):
         "captum_layermask/demo/shapes_segmenter.pt",
         "captum_layermask/demo/shapes_detector.pt",
         "captum_layermask/demo/demo_scene.png",
+        "captum_layermask/view/index.html",
         "captum_layermask/datasets/imagenet_synsets.txt",
         "onnx_export/__main__.py",
     ):
