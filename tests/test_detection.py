@@ -362,6 +362,8 @@ def test_a_module_with_its_own_parameters_that_does_not_trace_is_refused_by_name
     model = nn.Sequential(nn.Conv2d(3, 3, 1), OwnWeightInALoop()).eval()
     with pytest.raises(UnsupportedLayerError, match="'1' \\(OwnWeightInALoop\\) holds parameters of its own"):
         layer_masked(model, capture="parts")
+    with pytest.raises(UnsupportedLayerError, match="'OwnWeightInALoop' .* holds parameters of its own"):
+        layer_masked(OwnWeightInALoop().eval(), capture="parts")
 
 
 def test_a_part_given_a_tensor_no_part_produced_refuses_to_guess():

@@ -222,6 +222,7 @@ def _convert_module(
         return _with_part(module, Part(path, module, None, registry, fill), parts)
     if not any(True for _ in module.parameters()):
         return module  # anchors, box coders, NMS: they read shapes and coordinates, never activations
+    reason: Any = "the model's own forward uses them between its parts"
     if path:
         try:
             return _with_part(module, Part(path, module, convert(module), registry, fill), parts)
