@@ -117,14 +117,17 @@ class ViewSession:
         self.masked = layer_masked(model.model)
         self.maskers = {name: get_masker(name, model.mean, model.std) for name in MASKINGS}
         self.lock = threading.Lock()  # one model call at a time: torch's own threads do the parallel work
+        self._segments: Dict[Tuple[str, str], np.ndarray] = {}
 
     def segments(self, key: str, segmenter: str) -> np.ndarray:
-        """Segment ids ``(H, W)`` of an image."""
+        """Segment ids ``(H, W)`` of an image (computed once per image and segmenter)."""
         if segmenter not in SEGMENTERS:
             raise ViewError(f"unknown segmenter '{segmenter}'; use one of {', '.join(SEGMENTERS)}.")
-        image = self.library.get(key)[None]
-        ids = segment_images(image, get_segmenter(segmenter, mean=(0, 0, 0), std=(1, 1, 1)))
-        return ids[0].numpy().astype(np.int32)
+        if (key, segmenter) not in self._segments:
+            image = self.library.get(key)[None]
+            ids = segment_images(image, get_segmenter(segmenter, mean=(0, 0, 0), std=(1, 1, 1)))
+            self._segments[key, segmenter] = ids[0].numpy().astype(np.int32)
+        return self._segments[key, segmenter]
 
     def keep_mask(self, key: str, segmenter: str, removed: Sequence[int]) -> Tuple[Tensor, np.ndarray]:
         ids = self.segments(key, segmenter)
