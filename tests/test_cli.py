@@ -1,5 +1,7 @@
 """The layermask command: explain on the bundled demo, a torchvision model from a weights file, bad input."""
 
+import csv
+import json
 import subprocess
 import sys
 
@@ -364,3 +366,46 @@ def test_evaluate_a_segmentation_writes_its_tables_and_figure(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "Mean IoU removal curves" in text and "layer masking" in text and "share on the region" in text
     assert main(["evaluate", "--task", "segmentation", "--model", "resnet18", "--out", str(tmp_path / "x")]) == 2
+
+
+def coco_folder(folder, scenes):
+    """Demo scenes as PNG files with a COCO-style annotation file of their objects' boxes."""
+    from captum_layermask.demo.model import SEGMENTATION_CLASSES
+
+    (folder / "images").mkdir()
+    entries, annotations = [], []
+    for index, (image, target) in enumerate(zip(scenes.images, shapes.detection_targets(scenes))):
+        torchvision.utils.save_image(image, folder / "images" / f"{index}.png")
+        entries.append({"id": index, "file_name": f"{index}.png", "width": 128, "height": 128})
+        for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
+            x1, y1, x2, y2 = box
+            annotations.append({"image_id": index, "bbox": [x1, y1, x2 - x1, y2 - y1], "category_id": label})
+    categories = [{"id": k, "name": name} for k, name in enumerate(SEGMENTATION_CLASSES) if k]
+    document = {"images": entries, "annotations": annotations, "categories": categories}
+    (folder / "boxes.json").write_text(json.dumps(document))
+    return folder / "images", folder / "boxes.json"
+
+
+def test_evaluate_a_detector_on_coco_style_annotations(tmp_path):
+    scenes = shapes.segmentation_scenes(6, torch.Generator().manual_seed(4))
+    images, boxes = coco_folder(tmp_path, scenes)
+    args = ["evaluate", "--task", "detection", "--images", str(images), "--annotations", str(boxes)]
+    assert main([*args, "--lime-images", "1", "--samples", "10", "--out", str(tmp_path / "out")]) == 0
+    rows = list(csv.reader(open(tmp_path / "out" / "results.csv")))
+    assert rows[1][:2] == ["map50", "0.0"] and [float(v) for v in rows[1][2:]] == [1.0, 1.0, 1.0]
+    assert (tmp_path / "out" / "detection_removal.png").stat().st_size > 10_000
+
+
+def test_evaluate_a_detector_refuses_what_it_cannot_read(tmp_path, capsys):
+    scenes = shapes.segmentation_scenes(2, torch.Generator().manual_seed(4))
+    images, boxes = coco_folder(tmp_path, scenes)
+    document = json.loads(boxes.read_text())
+    document["images"][0]["file_name"] = "../../outside.png"
+    boxes.write_text(json.dumps(document))
+    args = ["evaluate", "--task", "detection", "--images", str(images), "--out", str(tmp_path / "o")]
+    assert main([*args, "--annotations", str(boxes)]) == 2
+    assert "lies outside" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert main([*args, "--annotations", str(tmp_path / "bad.json")]) == 2
+    assert "not a COCO-style annotation file" in capsys.readouterr().err
+    assert main(["evaluate", "--task", "detection", "--images", str(images), "--out", str(tmp_path / "p")]) == 2

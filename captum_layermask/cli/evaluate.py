@@ -22,6 +22,7 @@ from ..evaluation.report import EvaluationReport, diagnose
 from ..evaluation.segmentation import SEGMENTER_NAMES
 from ..weights import Classifier, load_classifier, load_model
 from .arguments import add_common_arguments, add_engine_arguments, add_model_arguments, at_least, check_engine, subset
+from .evaluate_detection import evaluate_detection
 from .io import MANIFEST, CommandError, check_output_folder
 
 DESCRIPTION = (
@@ -172,11 +173,18 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(ev)
     ev.add_argument(
         "--task",
-        choices=("classification", "segmentation"),
+        choices=("classification", "segmentation", "detection"),
         default="classification",
         help="segmentation: mean IoU removal curves on the visible pixels and where a region's explanation lies, "
         "for a segmentation model (demo, or a torchvision one such as deeplabv3_resnet50) on --images with "
-        "--labels (default: held-out demo scenes; docs/evaluation.md)",
+        "--labels (default: held-out demo scenes; docs/evaluation.md); detection: mAP@0.5 under patch removal and "
+        "where Lime's top patches for a detection lie, for a detector (demo, or a torchvision one) on --images with "
+        "COCO-style --annotations",
+    )
+    ev.add_argument(
+        "--annotations",
+        type=Path,
+        help="--task detection: a COCO-style JSON file of --images' boxes (images, annotations, categories)",
     )
     ev.add_argument(
         "--images", type=Path, help="ImageNet-style folder <images>/<class>/<image> (default: held-out demo scenes)"
@@ -243,6 +251,10 @@ def run(args: argparse.Namespace) -> Path:
     check_output_folder(args.out)  # before any work
     if args.task == "segmentation":
         return _evaluate_segmentation(args)
+    if args.task == "detection":
+        if args.engine != "local":
+            raise CommandError("--task detection runs in this process; --engine is for dataset runs.")
+        return evaluate_detection(args)
     classifier = load_classifier(args.model, args.weights, args.num_classes)
     source = evaluation_source(
         classifier,

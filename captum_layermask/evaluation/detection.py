@@ -3,7 +3,10 @@ detector's held-out score and for detections under masking."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -215,3 +218,63 @@ def lime_object_share(
             shares[masking].append(float(on_object[scores.argsort(descending=True)[:top]].float().mean()))
     explained = len(next(iter(shares.values())))
     return {masking: sum(values) / max(len(values), 1) for masking, values in shares.items()}, explained
+
+
+def box_masks(targets: Sequence[Dict[str, Tensor]], height: int, width: int) -> Tensor:
+    """Each image's boxes as object masks ``(N, K, H, W)`` (bool; K the most boxes of an image, the others empty),
+    for data annotated with boxes only: a box covers the pixels it touches, at least one."""
+    count = max([len(target["boxes"]) for target in targets], default=0)
+    masks = torch.zeros(len(targets), count, height, width, dtype=torch.bool)
+    for index, target in enumerate(targets):
+        for k, (x1, y1, x2, y2) in enumerate(target["boxes"].tolist()):
+            left, top = min(int(x1), width - 1), min(int(y1), height - 1)
+            right, bottom = max(math.ceil(x2), left + 1), max(math.ceil(y2), top + 1)
+            masks[index, k, top:bottom, left:right] = True
+    return masks
+
+
+def read_coco(
+    annotations: Path, images: Path, size: int, limit: Optional[int] = None
+) -> Tuple[Tensor, List[Dict[str, Tensor]], Dict[int, str]]:
+    """Images and their boxes from a COCO-style annotation file (``images``, ``annotations`` with ``bbox`` as
+    ``[x, y, width, height]`` and ``category_id``, ``categories``); crowd annotations are left out.
+
+    Returns:
+        The images resized to ``(size, size)`` in ``[0, 1]`` ``(N, 3, size, size)``, their targets (``boxes`` scaled
+        alike, ``labels`` the category ids) and the category names by id.
+
+    Raises:
+        ValueError: for a file that is not such an annotation file, or an image outside ``images``.
+    """
+    from .images import read_image
+
+    try:
+        data = json.loads(Path(annotations).read_text())
+        entries = {entry["id"]: entry for entry in data["images"]}
+        names = {int(category["id"]): str(category["name"]) for category in data.get("categories", [])}
+        boxes: Dict[Any, List[Tuple[List[float], int]]] = {key: [] for key in entries}
+        for item in data["annotations"]:
+            if not item.get("iscrowd", 0):
+                boxes[item["image_id"]].append(([float(v) for v in item["bbox"]], int(item["category_id"])))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{annotations} is not a COCO-style annotation file ({type(error).__name__}: {error})."
+        ) from None
+    root = Path(images).resolve()
+    pictures, targets = [], []
+    for key, entry in list(entries.items())[:limit]:
+        path = (root / entry["file_name"]).resolve()
+        if root not in path.parents:
+            raise ValueError(f"{entry['file_name']} lies outside {images}; give file names relative to it.")
+        scale_x, scale_y = size / float(entry["width"]), size / float(entry["height"])
+        pictures.append(read_image(path, size)[0])
+        rows = [[x * scale_x, y * scale_y, (x + w) * scale_x, (y + h) * scale_y] for (x, y, w, h), _ in boxes[key]]
+        targets.append(
+            {
+                "boxes": torch.tensor(rows, dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor([label for _, label in boxes[key]], dtype=torch.long),
+            }
+        )
+    if not pictures:
+        raise ValueError(f"{annotations} lists no image.")
+    return torch.stack(pictures), targets, names
