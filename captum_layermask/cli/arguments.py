@@ -8,6 +8,9 @@ from typing import Callable, List, Sequence
 
 from .io import CommandError
 
+TASKS = ("classification", "segmentation", "detection")
+"""The model tasks the commands take (``--task``)."""
+
 
 def subset(choices: Sequence[str], what: str) -> Callable[[str], List[str]]:
     def parse(value: str) -> List[str]:

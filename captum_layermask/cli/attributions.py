@@ -3,7 +3,6 @@ the side-by-side figure (for classifiers and for a region of a segmentation mode
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 
 from ..core.convert import layer_masked
 from ..evaluation.attribution_metrics import segment_scores
-from ..evaluation.explanations import captum_attribution, captum_baseline
+from ..evaluation.explanations import attributions_per_masker, captum_baseline
 from ..evaluation.maskers import masker_title
 from ..evaluation.segmentation import get_segmenter, segment_images
 from .io import CommandError, read_segments
@@ -78,27 +77,22 @@ def attribute(
             :class:`~captum_layermask.RegionScores`; the model's output if None.
         fills: baselines that replace a masker's default (a detector's ``[0, 1]`` input has grey at 0.5).
     """
-    masked = layer_masked(model, residual=settings.residual)
-    results = {}
-    for masker in settings.maskers:
-        forward = masked if masker == "layer" else model
-        forward = scores(forward) if scores is not None else forward
-        torch.manual_seed(settings.seed)
-        print(f"{settings.method}, {masker_title(masker)}:", file=sys.stderr)
-        baseline = (fills or {}).get(masker, captum_baseline(masker, mean, std))
-        result = captum_attribution(
-            settings.method,
-            forward,
-            x,
-            segments,
-            target,
-            baseline,
-            settings.samples,
-            settings.per_eval,
-            show_progress=True,
-        )
-        results[masker] = result.detach()
-    return results
+    baselines = {masker: (fills or {}).get(masker, captum_baseline(masker, mean, std)) for masker in settings.maskers}
+    return attributions_per_masker(
+        model,
+        layer_masked(model, residual=settings.residual),
+        x,
+        segments,
+        target,
+        maskers=settings.maskers,
+        baselines=baselines,
+        method=settings.method,
+        samples=settings.samples,
+        per_eval=settings.per_eval,
+        seed=settings.seed,
+        scores=scores,
+        show_progress=True,
+    )
 
 
 def plot_explanation(

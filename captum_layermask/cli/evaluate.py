@@ -21,7 +21,15 @@ from ..evaluation.normalization import normalizer
 from ..evaluation.report import EvaluationReport, diagnose
 from ..evaluation.segmentation import SEGMENTER_NAMES
 from ..weights import Classifier, load_classifier, load_model
-from .arguments import add_common_arguments, add_engine_arguments, add_model_arguments, at_least, check_engine, subset
+from .arguments import (
+    TASKS,
+    add_common_arguments,
+    add_engine_arguments,
+    add_model_arguments,
+    at_least,
+    check_engine,
+    subset,
+)
 from .evaluate_detection import evaluate_detection
 from .io import MANIFEST, CommandError, check_output_folder
 
@@ -173,7 +181,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(ev)
     ev.add_argument(
         "--task",
-        choices=("classification", "segmentation", "detection"),
+        choices=TASKS,
         default="classification",
         help="segmentation: mean IoU removal curves on the visible pixels and where a region's explanation lies, "
         "for a segmentation model (demo, or a torchvision one such as deeplabv3_resnet50) on --images with "

@@ -5,19 +5,16 @@ where Lime's top patches for a detection lie, under black, grey and layer maskin
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Sequence
 
 import torch
 
-from ..evaluation.detection import FILLS, box_masks, lime_object_share, read_coco, removal_map
-from ..evaluation.detection_report import FRACTIONS, plot
+from ..evaluation.detection import FILLS, box_masks, read_coco
+from ..evaluation.detection_report import MASKINGS, evaluate_detector
 from ..weights import load_model
 from .io import MANIFEST, CommandError
-
-MASKINGS = ("black", "grey", "layer")
 
 
 def evaluation_data(args: argparse.Namespace, size: int):
@@ -36,27 +33,6 @@ def evaluation_data(args: argparse.Namespace, size: int):
     return images, targets, box_masks(targets, size, size), labels
 
 
-def write_results(out: Path, curves: Dict[str, List[float]], shares: Dict[str, float], explained: int) -> List[str]:
-    """``results.md``, ``results.csv`` and ``detection_removal.png`` in ``out``; returns their names."""
-    maskings = list(curves)
-    lines = ["# Missingness bias of the detector", "", "## mAP@0.5 under random removal of 16x16 patches", ""]
-    lines += ["| share removed | " + " | ".join(maskings) + " |", "|---" * (len(maskings) + 1) + "|"]
-    for index, fraction in enumerate(FRACTIONS):
-        lines.append(f"| {fraction:.1f} | " + " | ".join(f"{curves[m][index]:.3f}" for m in maskings) + " |")
-    lines += ["", f"## Lime's top 5 patches on the detected object ({explained} detections)", ""]
-    lines += ["| masking | share on the object |", "|---|---|"]
-    lines += [f"| {masking} | {share:.3f} |" for masking, share in shares.items()]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    with open(out / "results.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["measure", "share_removed", *maskings])
-        for index, fraction in enumerate(FRACTIONS):
-            writer.writerow(["map50", fraction, *(f"{curves[m][index]:.6f}" for m in maskings)])
-        writer.writerow(["lime_top5_on_object", "", *(f"{shares.get(m, float('nan')):.6f}" for m in maskings)])
-    plot(curves, FRACTIONS, shares, out / "detection_removal.png")
-    return ["results.md", "results.csv", "detection_removal.png"]
-
-
 def evaluate_detection(args: argparse.Namespace) -> Path:
     """``--task detection``: the detector (the demo one by default) on held-out demo scenes or on ``--images``
     with ``--annotations``; writes the tables and the figure into ``--out``."""
@@ -69,15 +45,12 @@ def evaluate_detection(args: argparse.Namespace) -> Path:
     model = load_model(args.model, args.weights, args.num_classes, "detection")
     maskings: Sequence[str] = [m for m in args.maskers if m in MASKINGS] or list(MASKINGS)
     images, targets, objects, labels = evaluation_data(args, args.size or model.size)
-    torch.manual_seed(args.seed)
-    curves = removal_map(model.model, images, objects, targets, labels, FRACTIONS, maskings, seed=args.seed)
-    k = args.lime_images
-    shares, explained = lime_object_share(
-        model.model, images[:k], objects[:k], targets[:k], maskings, samples=args.samples, seed=args.seed
+    report = evaluate_detector(
+        model.model, images, objects, targets, labels, maskings, args.lime_images, args.samples, args.seed
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    files = write_results(args.out, curves, shares, explained)
+    files = report.save(args.out)
     (args.out / MANIFEST).write_text(json.dumps({"command": "evaluate", "files": files}, indent=1) + "\n")
-    print((args.out / "results.md").read_text())
+    print(report.markdown())
     print(f"wrote {args.out}/results.md (fills of the detector's [0, 1] input: {FILLS})")
     return args.out

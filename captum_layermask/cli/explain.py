@@ -13,7 +13,15 @@ from ..evaluation.explanations import EXPLANATION_MASKERS, METHODS
 from ..evaluation.normalization import normalizer
 from ..evaluation.segmentation import SEGMENTER_NAMES
 from ..weights import Classifier, load_classifier, load_model
-from .arguments import add_common_arguments, add_engine_arguments, add_model_arguments, at_least, check_engine, subset
+from .arguments import (
+    TASKS,
+    add_common_arguments,
+    add_engine_arguments,
+    add_model_arguments,
+    at_least,
+    check_engine,
+    subset,
+)
 from .attributions import ExplainSettings, attribute, check_target, class_name, save_explanation, segment
 from .explain_detection import explain_detection
 from .explain_region import explain_region
@@ -70,7 +78,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     ex.add_argument(
         "--task",
-        choices=("classification", "segmentation", "detection"),
+        choices=TASKS,
         default="classification",
         help="segmentation: explain a class over a region of a segmentation model's output (--model demo: the "
         "bundled demo segmentation model; or a torchvision one, e.g. deeplabv3_resnet50); detection: explain one "

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..evaluation.detection import FILLS
+from ..evaluation.detection import FILLS, box_masks
 from ..integrations.detection import DetectionScores
 from ..weights import Classifier
 from .attributions import ExplainSettings, attribute, check_target, class_name, save_explanation, segment
@@ -36,12 +36,6 @@ def chosen_detection(found: Dict[str, Tensor], label: Optional[int], classes: in
     return found["boxes"][best], int(found["labels"][best]), float(found["scores"][best])
 
 
-def box_region(box: Tensor, height: int, width: int) -> Tensor:
-    """The pixels a box ``(x1, y1, x2, y2)`` covers, as an ``(H, W)`` bool map (its outline is drawn)."""
-    rows, columns = torch.arange(height)[:, None] + 0.5, torch.arange(width)[None] + 0.5
-    return (columns >= box[0]) & (columns <= box[2]) & (rows >= box[1]) & (rows <= box[3])
-
-
 def explain_detection(
     model: Classifier,
     image_path: Path,
@@ -61,7 +55,7 @@ def explain_detection(
         model.model, image, ids, None, settings, mean=model.mean, std=model.std, scores=scores, fills=FILLS
     )
     name = class_name(model.classes, label)
-    region = box_region(box, *image.shape[-2:])
+    region = box_masks([{"boxes": box[None]}], *image.shape[-2:])[0, 0]
     with staged_output(out, "explain") as staging:
         save_explanation(staging, image, ids, results, label, name, settings.top, region, "detection")
     print(

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..weights import load_model
-from .arguments import add_model_arguments
+from .arguments import TASKS, add_model_arguments
 from .io import CommandError
 
 VIEW_DESCRIPTION = (
@@ -22,7 +22,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(view)
     view.add_argument(
         "--task",
-        choices=("classification", "segmentation", "detection"),
+        choices=TASKS,
         default="classification",
         help="the model's task (--model demo: the bundled demo classifier, segmentation model or detector)",
     )

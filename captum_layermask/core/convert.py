@@ -24,7 +24,7 @@ from .gathering import TokenBlocks, insert_gathering, mark_token_blocks, token_r
 from .masked import Masked, align_rank, map_leaves, map_masked
 from .model import LayerMaskedModel, input_signature
 from .modes import eval_mode
-from .parts import build_parts, part_model_builder
+from .parts import build_parts, part_model_builder, zero_fill
 from .registry import RuleCall, RuleEntry, RuleRegistry, call_method, leaf_functions, leaf_registry, load_rule_sets
 
 
@@ -40,7 +40,7 @@ def masked_input(image: Tensor, mask: Optional[Tensor]) -> Any:
 def masked_output(tree: Any) -> Tuple[Any, Any]:
     """The last node: the outputs, each tensor with 0 in the cells (or samples) that see no visible pixel, and
     their output masks (:func:`output_mask`), both in the output's structure."""
-    values = map_masked(tree, lambda out: torch.where(align_rank(out.mask, out.value.ndim) > 0, out.value, 0))
+    values = map_masked(tree, lambda out: zero_fill(out.value, out.mask))
     return values, map_leaves(tree, output_mask)
 
 

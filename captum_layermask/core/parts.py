@@ -86,7 +86,7 @@ class MaskCarrier:
             mask = self.find(leaf)
             if mask is None:
                 return leaf
-            return Masked(torch.where(align_rank(mask, leaf.ndim) > 0, leaf, 0) if clear else leaf, mask)
+            return Masked(zero_fill(leaf, mask) if clear else leaf, mask)
 
         return map_leaves(tree, pair)
 
@@ -399,10 +399,10 @@ def build_parts(model: nn.Module, options: Mapping[str, Any], convert: Convert, 
 def _rebuild_parts(
     source: nn.Module, options: Mapping[str, Any], state: Mapping[str, Any], training: bool, kept: Mapping[str, Any]
 ) -> nn.Module:
-    from .convert import layer_masked
+    """How a model converted by parts unpickles: converted again (as a layer-masked model), then its settings."""
+    from .convert import _rebuild
 
-    masked = layer_masked(source, **options)
-    masked.load_state_dict(state)
+    masked = _rebuild(source, options, state, training)
     for name, value in kept.items():
         setattr(masked, name, value)
-    return masked.train(training)
+    return masked

@@ -4,7 +4,6 @@ detector's held-out score and for detections under masking."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -80,27 +79,42 @@ FILLS = {"black": 0.0, "grey": 0.5}
 """The colour fills of a detector's ``[0, 1]`` input (it normalises inside): black and mid-grey."""
 
 
+def filled(images: Tensor, masks: Tensor, masking: str) -> Tensor:
+    """Images with their removed pixels filled: ``"black"`` or ``"grey"`` (:data:`FILLS`), or ``"blur"`` (a blurred
+    copy of the image, :class:`~captum_layermask.evaluation.maskers.BlurFill`)."""
+    from .maskers import BlurFill
+
+    fill = BlurFill().fill_values(images, masks) if masking == "blur" else FILLS[masking]
+    return torch.where(masks > 0, images, fill)
+
+
 def detect(
-    detector: nn.Module, images: Tensor, masks: Tensor, masking: str, min_visible: float = 0.5
+    detector: nn.Module,
+    images: Tensor,
+    masks: Tensor,
+    masking: str,
+    min_visible: float = 0.5,
+    masked: Optional[nn.Module] = None,
 ) -> List[Dict[str, Tensor]]:
     """Detections on images with removed pixels, under one masking, with the detection rule of layer masking
     (:func:`~captum_layermask.integrations.torchvision_detection.visible_detections`) applied to every masking,
     so that the fills are compared on the same footing.
 
     Args:
-        detector: the plain detector (``"layer"`` converts it).
+        detector: the plain detector.
         images (Tensor): ``(N, 3, H, W)`` in ``[0, 1]``.
         masks (Tensor): ``(N, 1, H, W)``, 1 = visible.
-        masking: ``"layer"``, ``"black"`` or ``"grey"``.
+        masking: ``"layer"``, ``"black"``, ``"grey"`` or ``"blur"``.
+        masked: ``layer_masked(detector)``, for ``"layer"`` (converted here if not given).
     """
     from ..core.convert import layer_masked
     from ..integrations.torchvision_detection import visible_detections
 
     with torch.no_grad():
         if masking == "layer":
-            found = layer_masked(detector)(list(images), list(masks))
+            found = (masked or layer_masked(detector))(list(images), list(masks))
         else:
-            found = detector(list(torch.where(masks > 0, images, FILLS[masking])))
+            found = detector(list(filled(images, masks, masking)))
     return [visible_detections(item, mask[0], min_visible) for item, mask in zip(found, masks)]
 
 
@@ -151,15 +165,17 @@ def removal_map(
     with at least half their pixels visible are to be found, detections of the others are ignored, and every
     masking keeps only detections whose boxes are at least half visible. The same removed patches for every
     masking."""
+    from ..core.convert import layer_masked
     from ..core.patches import random_patch_masks
 
+    masked = layer_masked(detector)
     curves: Dict[str, List[float]] = {masking: [] for masking in maskings}
     for fraction in fractions:
         height, width = images.shape[-2:]
         masks = random_patch_masks(len(images), height, width, patch, keep=1 - fraction, seed=seed)
         kept, ignored = visible_targets(targets, object_masks, masks)
         for masking in maskings:
-            found = detect(detector, images, masks.float(), masking)
+            found = detect(detector, images, masks.float(), masking, masked=masked)
             found = [without_ignored(item, skip) for item, skip in zip(found, ignored)]
             curves[masking].append(mean_average_precision(found, kept, labels))
     return curves
@@ -222,13 +238,15 @@ def lime_object_share(
 
 def box_masks(targets: Sequence[Dict[str, Tensor]], height: int, width: int) -> Tensor:
     """Each image's boxes as object masks ``(N, K, H, W)`` (bool; K the most boxes of an image, the others empty),
-    for data annotated with boxes only: a box covers the pixels it touches, at least one."""
+    for data annotated with boxes only: a box covers the pixels it touches (the pixels whose visible share the
+    detection rule counts, :func:`~captum_layermask.integrations.torchvision_detection.box_pixels`)."""
+    from ..integrations.torchvision_detection import box_pixels
+
     count = max([len(target["boxes"]) for target in targets], default=0)
     masks = torch.zeros(len(targets), count, height, width, dtype=torch.bool)
     for index, target in enumerate(targets):
-        for k, (x1, y1, x2, y2) in enumerate(target["boxes"].tolist()):
-            left, top = min(int(x1), width - 1), min(int(y1), height - 1)
-            right, bottom = max(math.ceil(x2), left + 1), max(math.ceil(y2), top + 1)
+        ranges = zip(*(bound.tolist() for bound in box_pixels(target["boxes"], height, width)))
+        for k, (left, top, right, bottom) in enumerate(ranges):
             masks[index, k, top:bottom, left:right] = True
     return masks
 

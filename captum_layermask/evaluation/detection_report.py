@@ -11,11 +11,14 @@ patches and Lime samples for every masking (:mod:`captum_layermask.evaluation.de
 from __future__ import annotations
 
 import argparse
+import csv
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
+from torch import Tensor, nn
 
 from ..demo import shapes
 from ..demo.model import load_demo_detector
@@ -44,6 +47,69 @@ def plot(curves: Dict[str, List[float]], fractions: Sequence[float], shares: Dic
     plt.close(fig)
 
 
+@dataclass
+class DetectionReport:
+    """What :func:`evaluate_detector` measured.
+
+    Attributes:
+        curves: per masking, mAP@0.5 at each of :data:`FRACTIONS` of the patches removed.
+        shares: per masking, the share of Lime's top 5 patches on the detected object.
+        explained: how many detections Lime explained.
+    """
+
+    curves: Dict[str, List[float]]
+    shares: Dict[str, float]
+    explained: int
+
+    def markdown(self) -> str:
+        """The two tables."""
+        maskings = list(self.curves)
+        lines = ["# Missingness bias of the detector", "", "## mAP@0.5 under random removal of 16x16 patches", ""]
+        lines += ["| share removed | " + " | ".join(maskings) + " |", "|---" * (len(maskings) + 1) + "|"]
+        for index, fraction in enumerate(FRACTIONS):
+            lines.append(f"| {fraction:.1f} | " + " | ".join(f"{self.curves[m][index]:.3f}" for m in maskings) + " |")
+        lines += ["", f"## share of Lime's top 5 patches on the detected object ({self.explained} detections)", ""]
+        lines += ["| masking | share on the object |", "|---|---|"]
+        lines += [f"| {masking} | {share:.3f} |" for masking, share in self.shares.items()]
+        return "\n".join(lines) + "\n"
+
+    def save(self, out: Path) -> List[str]:
+        """Writes ``results.md``, ``results.csv`` and ``detection_removal.png`` into ``out``; returns their names."""
+        maskings = list(self.curves)
+        (out / "results.md").write_text(self.markdown())
+        with open(out / "results.csv", "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["measure", "share_removed", *maskings])
+            for index, fraction in enumerate(FRACTIONS):
+                writer.writerow(["map50", fraction, *(f"{self.curves[m][index]:.6f}" for m in maskings)])
+            shares = (f"{self.shares.get(m, float('nan')):.6f}" for m in maskings)
+            writer.writerow(["lime_top5_on_object", "", *shares])
+        plot(self.curves, FRACTIONS, self.shares, out / "detection_removal.png")
+        return ["results.md", "results.csv", "detection_removal.png"]
+
+
+def evaluate_detector(
+    detector: nn.Module,
+    images: Tensor,
+    object_masks: Tensor,
+    targets: Sequence[Dict[str, Tensor]],
+    labels: Sequence[int],
+    maskings: Sequence[str] = MASKINGS,
+    lime_images: int = 30,
+    samples: int = 200,
+    seed: int = 0,
+) -> DetectionReport:
+    """mAP under random patch removal (:func:`~captum_layermask.evaluation.detection.removal_map`) on every image
+    and Lime's top patches (:func:`~captum_layermask.evaluation.detection.lime_object_share`) on the first
+    ``lime_images``, under each masking."""
+    curves = removal_map(detector, images, object_masks, targets, labels, FRACTIONS, maskings, seed=seed)
+    k = lime_images
+    shares, explained = lime_object_share(
+        detector, images[:k], object_masks[:k], targets[:k], maskings, samples=samples, seed=seed
+    )
+    return DetectionReport(curves, shares, explained)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=200)
@@ -53,24 +119,23 @@ def main() -> None:
     parser.add_argument("--figure", type=Path)
     args = parser.parse_args()
     started = time.time()
-    detector = load_demo_detector()
     scenes = shapes.segmentation_scenes(args.scenes, torch.Generator().manual_seed(args.seed))
     targets = shapes.detection_targets(scenes)
     labels = range(1, len(shapes.CLASSES) + 1)
-    curves = removal_map(detector, scenes.images, scenes.object_masks, targets, labels, FRACTIONS, MASKINGS)
-    print(f"mAP@0.5 under random removal of 16x16 patches ({args.scenes} scenes)")
-    print(f"{'removed':>10}" + "".join(f"{masking:>8}" for masking in MASKINGS))
-    for index, fraction in enumerate(FRACTIONS):
-        print(f"{fraction:>10.1f}" + "".join(f"{curves[masking][index]:>8.3f}" for masking in MASKINGS))
-    k = args.lime_scenes
-    shares, explained = lime_object_share(
-        detector, scenes.images[:k], scenes.object_masks[:k], targets[:k], MASKINGS, samples=args.samples
+    report = evaluate_detector(
+        load_demo_detector(),
+        scenes.images,
+        scenes.object_masks,
+        targets,
+        labels,
+        MASKINGS,
+        args.lime_scenes,
+        args.samples,
     )
-    print(f"share of Lime's top 5 patches on the detected object ({explained} detections, {args.samples} samples)")
-    print("".join(f"{masking:>8}" for masking in MASKINGS))
-    print("".join(f"{shares[masking]:>8.3f}" for masking in MASKINGS))
+    print(f"{args.scenes} scenes, Lime with {args.samples} samples")
+    print(report.markdown())
     if args.figure:
-        plot(curves, FRACTIONS, shares, args.figure)
+        plot(report.curves, FRACTIONS, report.shares, args.figure)
         print(f"figure: {args.figure}")
     print(f"{time.time() - started:.0f} s")
 

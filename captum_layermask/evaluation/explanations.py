@@ -3,7 +3,8 @@ runs compute for each image (one place, so that both give the same attributions)
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import sys
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -59,3 +60,44 @@ def captum_attribution(
         return FeatureAblation(forward).attribute(x, feature_mask=segments, **common)
     channels = x.shape[1]
     return Occlusion(forward).attribute(x, sliding_window_shapes=(channels, 16, 16), strides=(channels, 8, 8), **common)
+
+
+def attributions_per_masker(
+    model: nn.Module,
+    masked: nn.Module,
+    x: Tensor,
+    segments: Tensor,
+    target: Optional[int],
+    *,
+    maskers: Sequence[str],
+    baselines: Mapping[str, Any],
+    method: str,
+    samples: int,
+    per_eval: int,
+    seed: int,
+    scores: Optional[Callable[[nn.Module], nn.Module]] = None,
+    show_progress: bool = False,
+) -> Dict[str, Tensor]:
+    """Attributions of ``target`` under each masker, with the same random samples (the seed is set before each):
+    ``masked`` (the layer-masked model) for ``"layer"``, the plain ``model`` for the fills, each with its
+    ``baselines[masker]``.
+
+    Args:
+        scores: turns the model (plain or layer-masked) into the scores explained, e.g. a segmentation model into
+            :class:`~captum_layermask.RegionScores`; the model's output if None.
+        show_progress: Captum's progress bars, each headed by the method and the masker (on stderr).
+    """
+    from .maskers import masker_title
+
+    results = {}
+    for masker in maskers:
+        forward = masked if masker == "layer" else model
+        forward = scores(forward) if scores is not None else forward
+        torch.manual_seed(seed)
+        if show_progress:
+            print(f"{method}, {masker_title(masker)}:", file=sys.stderr)
+        attribution = captum_attribution(
+            method, forward, x, segments, target, baselines[masker], samples, per_eval, show_progress=show_progress
+        )
+        results[masker] = attribution.detach()
+    return results

@@ -190,6 +190,23 @@ class LayerMaskedDetector(LayerMaskedParts):
         return f"{super().extra_repr()}, min_visible={self.min_visible}"
 
 
+def box_pixels(boxes: Tensor, height: int, width: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The pixels each box touches, as index ranges: columns ``x1 .. x2 - 1`` and rows ``y1 .. y2 - 1``
+    (``floor`` of the first corner, ``ceil`` of the second, clipped to the image, at least one pixel).
+
+    Args:
+        boxes (Tensor): ``(K, 4)`` as ``(x1, y1, x2, y2)`` in pixels.
+
+    Returns:
+        Four ``(K,)`` integer tensors.
+    """
+    x1 = boxes[:, 0].floor().long().clamp(0, width - 1)
+    y1 = boxes[:, 1].floor().long().clamp(0, height - 1)
+    x2 = torch.maximum(boxes[:, 2].ceil().long().clamp(0, width), x1 + 1)
+    y2 = torch.maximum(boxes[:, 3].ceil().long().clamp(0, height), y1 + 1)
+    return x1, y1, x2, y2
+
+
 def visible_share(boxes: Tensor, mask: Tensor) -> Tensor:
     """The share of visible pixels among those each box covers.
 
@@ -198,15 +215,11 @@ def visible_share(boxes: Tensor, mask: Tensor) -> Tensor:
         mask (Tensor): ``(H, W)``, 1 for visible pixels.
 
     Returns:
-        Tensor of shape ``(K,)``: for each box, the mean of ``mask`` over the pixels it touches (rows
-        ``floor(y1) .. ceil(y2) - 1``, columns alike, clipped to the image; at least one pixel).
+        Tensor of shape ``(K,)``: for each box, the mean of ``mask`` over the pixels it touches
+        (:func:`box_pixels`).
     """
-    height, width = mask.shape
     table = F.pad(mask.to(torch.float64).cumsum(0).cumsum(1), (1, 0, 1, 0))
-    x1 = boxes[:, 0].floor().long().clamp(0, width - 1)
-    y1 = boxes[:, 1].floor().long().clamp(0, height - 1)
-    x2 = torch.maximum(boxes[:, 2].ceil().long().clamp(0, width), x1 + 1)
-    y2 = torch.maximum(boxes[:, 3].ceil().long().clamp(0, height), y1 + 1)
+    x1, y1, x2, y2 = box_pixels(boxes, *mask.shape)
     visible = table[y2, x2] - table[y1, x2] - table[y2, x1] + table[y1, x1]
     return (visible / ((y2 - y1) * (x2 - x1))).to(boxes.dtype)
 

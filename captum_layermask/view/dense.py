@@ -4,19 +4,18 @@ detector (the detections drawn per masking, one detection explained), each chose
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..core.model import select_output
-from ..evaluation.detection import FILLS
+from ..evaluation.detection import FILLS, detect
 from ..evaluation.maskers import BlurFill, ConstantFill
 from ..integrations.captum import LayerMask
 from ..integrations.detection import DetectionScores
 from ..integrations.segmentation import RegionScores
-from ..integrations.torchvision_detection import visible_detections
 from .session import ImageLibrary, ViewError, ViewSession, png
 
 
@@ -98,19 +97,10 @@ class DetectionViewSession(ViewSession):
         self.maskers = {"grey": ConstantFill(FILLS["grey"], "grey"), "black": ConstantFill(FILLS["black"], "black")}
         self.maskers["blur"] = BlurFill()
 
-    def forward(self, name: str) -> Callable[[Tensor, Tensor], Any]:
-        if name == "layer":
-            return lambda x, keep: self.masked(list(x), list(keep.float()))
-        masker = self.maskers[name]
-        return lambda x, keep: self.model.model(list(torch.where(keep, x, masker.fill_values(x, keep.float()))))
-
-    def detections(self, name: str, x: Tensor, keep: Tensor) -> Dict[str, Tensor]:
-        return visible_detections(self.forward(name)(x, keep)[0], keep[0, 0].float(), 0.5)
-
     def describe(self, name: str, x: Tensor, keep: Tensor, seen: np.ndarray, top: int) -> Dict[str, Any]:
         from PIL import Image, ImageDraw
 
-        found = self.detections(name, x, keep)
+        found = detect(self.model.model, x, keep.float(), name, masked=self.masked)[0]
         picture = Image.fromarray((seen * 255).astype(np.uint8))
         draw = ImageDraw.Draw(picture)
         for box, label in zip(found["boxes"].tolist(), found["labels"].tolist()):

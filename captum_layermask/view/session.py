@@ -17,7 +17,7 @@ from torch import Tensor
 from ..core.convert import layer_masked
 from ..core.errors import LayerMaskError
 from ..evaluation.attribution_metrics import segment_scores
-from ..evaluation.explanations import captum_attribution, captum_baseline
+from ..evaluation.explanations import attributions_per_masker, captum_baseline
 from ..evaluation.maskers import get_masker
 from ..evaluation.normalization import normalizer
 from ..evaluation.segmentation import get_segmenter, segment_images
@@ -197,16 +197,24 @@ class ViewSession:
         image = self.library.get(key)
         ids = torch.from_numpy(self.segments(key, segmenter))[None, None].long()
         x = self.normalize(image[None])
-        results = {}
         with self.lock:
             scores, captum_target, description = self.explained(image, x, target)
-            for name in EXPLAINED:
-                forward = self.masked if name == "layer" else self.model.model
-                forward = scores(forward) if scores is not None else forward
-                torch.manual_seed(0)
-                attribution = captum_attribution(
-                    method, forward, x, ids, captum_target, self.baseline(name), samples, 16
-                )
-                values = segment_scores(attribution, ids[:, 0])[0]
-                results[name] = {"image": png(heatmap(values[ids[0, 0]].numpy())), "scores": values.tolist()}
+            attributions = attributions_per_masker(
+                self.model.model,
+                self.masked,
+                x,
+                ids,
+                captum_target,
+                maskers=EXPLAINED,
+                baselines={name: self.baseline(name) for name in EXPLAINED},
+                method=method,
+                samples=samples,
+                per_eval=16,
+                seed=0,
+                scores=scores,
+            )
+        results = {}
+        for name, attribution in attributions.items():
+            values = segment_scores(attribution, ids[:, 0])[0]
+            results[name] = {"image": png(heatmap(values[ids[0, 0]].numpy())), "scores": values.tolist()}
         return {"target": description, "maps": results}
