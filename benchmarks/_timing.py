@@ -21,6 +21,9 @@ def parse_arguments(
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N): where the models and inputs run")
     if model:
         parser.add_argument("--model", default=model, help="a torchvision model name, or timm/<name>")
+        parser.add_argument(
+            "--channels-last", action="store_true", help="weights and inputs in channels-last memory (both models)"
+        )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.device = checked_device(parser, args.device)

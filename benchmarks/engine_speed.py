@@ -55,10 +55,14 @@ def size_of(name: str) -> int:
     return DETECTION_SIZE if name in DETECTION else SIZE
 
 
-def setup(seed: int = 0, name: str = "resnet50", device: torch.device = torch.device("cpu")):
+def setup(
+    seed: int = 0, name: str = "resnet50", device: torch.device = torch.device("cpu"), channels_last: bool = False
+):
     torch.manual_seed(seed)
     model, size = build(name).to(device), size_of(name)
     x = torch.randn(BATCH, 3, size, size).to(device)
+    if channels_last:  # the weights and the input in channels-last memory (both models)
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     grid = torch.rand(BATCH, 1, size // PATCH, size // PATCH).argsort(-1).argsort(-1) < (size // PATCH) // 2
     mask = grid.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3).to(device)  # half of each row of patches
     if name.startswith("hf/"):
@@ -104,7 +108,7 @@ def peak_tensor_memory_mib(function, device: torch.device = torch.device("cpu"))
 
 def main() -> None:
     args = parse_arguments(__doc__.splitlines()[0], "--repeats", 15, model="resnet50")
-    model, masked, x, mask = setup(name=args.model, device=args.device)
+    model, masked, x, mask = setup(name=args.model, device=args.device, channels_last=args.channels_last)
     with torch.no_grad():
         start = time.perf_counter()
         masked(x, mask)  # a model captured by torch.export converts at its first call
@@ -121,6 +125,7 @@ def main() -> None:
         f"{args.model}, batch {BATCH}, {size_of(args.model)}x{size_of(args.model)}, half of the {PATCH}x{PATCH} "
         "patches removed, "
         f"{args.device}, {args.threads} threads, torch {torch.__version__}"
+        + (", channels-last" if args.channels_last else "")
     )
     print(f"{'':29}{'plain':>10}{'layer-masked':>14}{'ratio':>8}")
     print(f"{'forward time (s)':29}{plain:>10.3f}{layer:>14.3f}{time_ratio:>8.2f}")

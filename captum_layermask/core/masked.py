@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, List
 
 import torch
 from torch import Tensor
@@ -26,16 +26,18 @@ class Masked:
     mask: Tensor
 
 
-def _leaves(tree: Any) -> Iterator[Masked]:
-    """Every :class:`Masked` in a nested list/tuple/dict argument, in order."""
+def _leaves(tree: Any, found: List[Masked]) -> List[Masked]:
+    """Appends every :class:`Masked` in a nested list/tuple/dict argument to ``found``, in order (a loop rather
+    than a generator: every rule call runs it on its arguments)."""
     if isinstance(tree, Masked):
-        yield tree
+        found.append(tree)
     elif isinstance(tree, (list, tuple)):
         for item in tree:
-            yield from _leaves(item)
+            _leaves(item, found)
     elif isinstance(tree, dict):
         for item in tree.values():
-            yield from _leaves(item)
+            _leaves(item, found)
+    return found
 
 
 def map_leaves(tree: Any, function: Callable[[Any], Any]) -> Any:
@@ -59,7 +61,13 @@ def map_masked(tree: Any, function: Callable[[Masked], Any]) -> Any:
 
 def is_masked(tree: Any) -> bool:
     """Whether a (possibly nested) argument holds a :class:`Masked` value."""
-    return next(_leaves(tree), None) is not None
+    if isinstance(tree, Masked):
+        return True
+    if isinstance(tree, (list, tuple)):
+        return any(map(is_masked, tree))
+    if isinstance(tree, dict):
+        return any(map(is_masked, tree.values()))
+    return False
 
 
 def unwrap(tree: Any) -> Any:
@@ -69,7 +77,7 @@ def unwrap(tree: Any) -> Any:
 
 def masks_of(tree: Any) -> List[Tensor]:
     """The masks of every :class:`Masked` in a nested argument, in order."""
-    return [masked.mask for masked in _leaves(tree)]
+    return [masked.mask for masked in _leaves(tree, [])]
 
 
 def align_rank(mask: Tensor, ndim: int) -> Tensor:

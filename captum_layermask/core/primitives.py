@@ -6,11 +6,14 @@ visible cells and 0 for removed ones, in a floating dtype.
 
 from __future__ import annotations
 
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+import functools
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .native import native_neighbor_pad
 
 IntPair = Union[int, Tuple[int, int], Sequence[int]]
 
@@ -140,21 +143,26 @@ def _rings(mask: Tensor, width: int) -> Iterator[_Ring]:
         known = grown
 
 
-def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tuple[Tensor, List[Tensor]]:
-    """``neighbor_pad`` and the mask after each ring (bool).
+def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tuple[Tensor, Callable[[int], Tensor]]:
+    """``neighbor_pad``, and a function giving the mask after ``r`` rings (bool) for ``1 <= r <= width``.
 
     After ``max(H, W) - 1`` rings every cell of the grid is within reach of any visible cell (Chebyshev distance),
     so later rings are empty: they are not computed (a dilated convolution on a small map, DeepLab's atrous
-    pyramid at rate 36 on a 14x14 map, asks for 72), and the mask they would give is the last one.
+    pyramid at rate 36 on a 14x14 map, asks for 72), and the mask they would give is the last one. On the CPU the
+    compiled padding of :mod:`~captum_layermask.core.native` runs where it loads; the PyTorch passes otherwise.
     """
+    computed = min(width, max(x.shape[-2:]) - 1)
+    native = native_neighbor_pad(x, mask, computed) if computed > 0 else None
+    if native is not None:
+        padded, levels = native
+        return padded, lambda rings: levels <= rings
     padded = (x * (mask > 0)).contiguous()
     grown: List[Tensor] = []
-    computed = min(width, max(x.shape[-2:]) - 1)
     if torch.is_grad_enabled() and padded.requires_grad:
         for ring in _rings(mask, computed):
             padded = padded + box_sum_3x3(padded) * ring.weights(x.dtype)
             grown.append(ring.grown)
-        return padded, _all_rings(grown, mask, width)
+        return padded, _ring_masks(grown, mask)
     height, row = padded.shape[-2:]
     columns = torch.empty_like(padded)
     planes, column_planes = padded.view(-1, height * row), columns.view(-1, height * row)
@@ -168,13 +176,12 @@ def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tuple[Tensor, List[Ten
         padded.addcmul_(columns, weight)
         padded[..., :-1].addcmul_(columns[..., 1:], weight[..., :-1])
         grown.append(ring.grown)
-    return padded, _all_rings(grown, mask, width)
+    return padded, _ring_masks(grown, mask)
 
 
-def _all_rings(grown: List[Tensor], mask: Tensor, width: int) -> List[Tensor]:
-    """The masks after each of ``width`` rings, from those computed: the rings not computed leave the last."""
-    last = grown[-1] if grown else mask > 0
-    return grown + [last] * (width - len(grown))
+def _ring_masks(grown: List[Tensor], mask: Tensor) -> Callable[[int], Tensor]:
+    """The mask after ``r`` rings, from those computed: the rings not computed leave the last."""
+    return lambda rings: grown[min(rings, len(grown)) - 1] if grown else mask > 0
 
 
 def centred_radius(
@@ -222,17 +229,31 @@ def pad_for_convolution(
         ``(padded, output_mask)``: ``padded`` of the shape of ``x``; ``output_mask`` of shape
         ``(N, 1, H_out, W_out)`` in ``mask``'s dtype.
     """
-    reach = receptive_reach(kernel_size, dilation)
+    reach, radius = _padding_plan(_hashable(kernel_size), _hashable(padding), _hashable(dilation), padding_mode)
     width = reach if rings is None else min(rings, reach)
-    radius = centred_radius(kernel_size, padding, dilation, padding_mode)
     if reach == 0 or radius is None or torch.compiler.is_exporting():
         padded = neighbor_pad(x, mask, width) if width else x
         return padded, propagate_mask(mask, kernel_size, stride, padding, dilation, padding_mode)
-    padded, grown = _neighbor_pad(x, mask, width) if width else (x, [])
-    if len(grown) < radius:
-        grown = [ring.grown for ring in _rings(mask, radius)]
+    if width >= radius:
+        padded, grown = _neighbor_pad(x, mask, width)
+    else:  # fewer rings padded than the output mask grows by
+        padded = neighbor_pad(x, mask, width) if width else x
+        grown = _ring_masks([ring.grown for ring in _rings(mask, radius)], mask)
     sh, sw = _pair(stride)
-    return padded, grown[radius - 1][..., ::sh, ::sw].to(mask.dtype)
+    return padded, grown(radius)[..., ::sh, ::sw].to(mask.dtype)
+
+
+def _hashable(value: Union[str, IntPair]) -> Union[str, int, Tuple[int, ...]]:
+    return value if isinstance(value, (str, int)) else tuple(int(item) for item in value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _padding_plan(
+    kernel_size: IntPair, padding: Union[str, IntPair], dilation: IntPair, padding_mode: str
+) -> Tuple[int, Optional[int]]:
+    """``receptive_reach`` and ``centred_radius`` of a convolution, computed once per geometry (every call of a
+    convolution rule asks)."""
+    return receptive_reach(kernel_size, dilation), centred_radius(kernel_size, padding, dilation, padding_mode)
 
 
 def conv_padding(

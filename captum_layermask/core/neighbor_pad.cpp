@@ -1,0 +1,185 @@
+// Neighbor padding (Algorithm 1 of the paper) as a PyTorch operation with a compiled CPU kernel.
+//
+// Built and loaded by captum_layermask/core/native.py. The PyTorch code of primitives.py computes the same values
+// (to float rounding: here each filled cell sums its known neighbours in one expression) and runs wherever this
+// operation does not (no C++ compiler, autograd, CUDA, other dtypes).
+//
+// The rings depend on the mask only, so the cells of each ring and their known neighbours are found once per
+// image; every channel of that image is then padded by visiting those cells only, instead of eager PyTorch's
+// dense passes over whole planes. The work runs on PyTorch's own intra-op threads (at::parallel_for).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr uint8_t kNotReached = 255;
+
+// The ring cells of one image, innermost ring first: each cell's index, the indices of its 3x3 neighbours known
+// before its ring (the cell's own index in place of the others: it holds x * 0 until it is filled, so it adds
+// nothing, or keeps a NaN there as the PyTorch code does), and the number of known neighbours.
+struct RingCells {
+  std::vector<int32_t> cells;
+  std::vector<int32_t> neighbours;  // 9 per cell
+  std::vector<uint8_t> counts;
+};
+
+// Fills `level` (height * width bytes: 0 visible, r on ring r, 255 not reached) and returns the ring cells.
+// Each ring first marks the cells with a known cell in their 3x3 window (a row pass and a column pass over
+// bytes, which vectorise), then lists the neighbours of the unknown ones among them.
+RingCells find_rings(const uint8_t* visible, int64_t height, int64_t width, int64_t rings, uint8_t* level) {
+  RingCells found;
+  const int64_t size = height * width;
+  std::vector<uint8_t> known(size), across(size), near(size);
+  for (int64_t i = 0; i < size; ++i) {
+    known[i] = visible[i] != 0;
+    level[i] = known[i] ? 0 : kNotReached;
+  }
+  for (int64_t ring = 1; ring <= rings; ++ring) {
+    for (int64_t y = 0; y < height; ++y) {
+      const uint8_t* row = known.data() + y * width;
+      uint8_t* out = across.data() + y * width;
+      out[0] = row[0] | (width > 1 ? row[1] : 0);
+      for (int64_t x = 1; x + 1 < width; ++x) out[x] = row[x - 1] | row[x] | row[x + 1];
+      if (width > 1) out[width - 1] = row[width - 2] | row[width - 1];
+    }
+    for (int64_t y = 0; y < height; ++y) {
+      const uint8_t* above = across.data() + (y > 0 ? y - 1 : y) * width;
+      const uint8_t* here = across.data() + y * width;
+      const uint8_t* below = across.data() + (y + 1 < height ? y + 1 : y) * width;
+      uint8_t* out = near.data() + y * width;
+      for (int64_t x = 0; x < width; ++x) out[x] = (above[x] | here[x] | below[x]) & !known[y * width + x];
+    }
+    const size_t first = found.cells.size();
+    for (int64_t cell = 0; cell < size; ++cell) {
+      if (!near[cell]) continue;
+      const int64_t y = cell / width, x = cell % width;
+      int32_t neighbours[9];
+      int count = 0;
+      for (int dy = -1; dy <= 1; ++dy) {
+        for (int dx = -1; dx <= 1; ++dx) {
+          const int64_t ny = y + dy, nx = x + dx, neighbour = ny * width + nx;
+          const bool is_known = ny >= 0 && ny < height && nx >= 0 && nx < width && known[neighbour];
+          neighbours[(dy + 1) * 3 + dx + 1] = static_cast<int32_t>(is_known ? neighbour : cell);
+          count += is_known;
+        }
+      }
+      found.cells.push_back(static_cast<int32_t>(cell));
+      found.neighbours.insert(found.neighbours.end(), neighbours, neighbours + 9);
+      found.counts.push_back(static_cast<uint8_t>(count));
+    }
+    if (found.cells.size() == first) break;
+    for (size_t k = first; k < found.cells.size(); ++k) {
+      known[found.cells[k]] = 1;
+      level[found.cells[k]] = static_cast<uint8_t>(ring);
+    }
+  }
+  return found;
+}
+
+// Channels `first` to `last - 1` of one image in (channels, height * width) memory.
+template <typename T>
+void pad_planes(const T* x, T* out, int64_t size, int64_t first, int64_t last, const uint8_t* visible,
+                const RingCells& rings) {
+  const T reciprocal[10] = {0, 1, T(1) / 2, T(1) / 3, T(1) / 4, T(1) / 5, T(1) / 6, T(1) / 7, T(1) / 8, T(1) / 9};
+  for (int64_t channel = first; channel < last; ++channel) {
+    const T* source = x + channel * size;
+    T* target = out + channel * size;
+    for (int64_t i = 0; i < size; ++i) target[i] = source[i] * T(visible[i]);
+    for (size_t k = 0; k < rings.cells.size(); ++k) {
+      const int32_t* known = &rings.neighbours[9 * k];
+      const T sum = target[known[0]] + target[known[1]] + target[known[2]] + target[known[3]] + target[known[4]] +
+                    target[known[5]] + target[known[6]] + target[known[7]] + target[known[8]];
+      target[rings.cells[k]] += sum * reciprocal[rings.counts[k]];
+    }
+  }
+}
+
+// The same in channels-last memory, (height * width, channels): each ring cell's update runs over contiguous
+// channels, which the compiler vectorises. `zeros` holds last - first zeros, read for the neighbours not known
+// (so that the target row never overlaps a row it reads).
+template <typename T>
+void pad_channels_last(const T* x, T* out, int64_t size, int64_t channels, int64_t first, int64_t last,
+                       const uint8_t* visible, const RingCells& rings, const T* zeros) {
+  const T reciprocal[10] = {0, 1, T(1) / 2, T(1) / 3, T(1) / 4, T(1) / 5, T(1) / 6, T(1) / 7, T(1) / 8, T(1) / 9};
+  const int64_t span = last - first;
+  for (int64_t i = 0; i < size; ++i) {
+    const T* source = x + i * channels + first;
+    T* target = out + i * channels + first;
+    const T scale = T(visible[i]);
+    for (int64_t c = 0; c < span; ++c) target[c] = source[c] * scale;
+  }
+  for (size_t k = 0; k < rings.cells.size(); ++k) {
+    const int32_t* known = &rings.neighbours[9 * k];
+    const int64_t cell = rings.cells[k];
+    const T* rows[9];
+    for (int b = 0; b < 9; ++b) rows[b] = known[b] != cell ? out + known[b] * channels + first : zeros;
+    T* __restrict__ target = out + cell * channels + first;
+    const T weight = reciprocal[rings.counts[k]];
+    for (int64_t c = 0; c < span; ++c) {
+      target[c] += (rows[0][c] + rows[1][c] + rows[2][c] + rows[3][c] + rows[4][c] + rows[5][c] + rows[6][c] +
+                    rows[7][c] + rows[8][c]) * weight;
+    }
+  }
+}
+
+// x: (N, C, H, W) float32/float64, contiguous or channels-last; visible: (N or 1, 1, H, W) uint8.
+// Returns the padded activations (in x's memory format) and the ring levels (visible's shape, uint8).
+std::tuple<at::Tensor, at::Tensor> neighbor_pad_cpu(const at::Tensor& x_in, const at::Tensor& visible_in,
+                                                    int64_t rings) {
+  TORCH_CHECK(x_in.dim() == 4 && visible_in.dim() == 4, "neighbor_pad: 4-D activations and mask expected");
+  TORCH_CHECK(rings >= 0 && rings < kNotReached, "neighbor_pad: rings must be in [0, 254]");
+  const bool channels_last = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  const at::Tensor visible = visible_in.contiguous();
+  const int64_t batch = x.size(0), channels = x.size(1), size = x.size(2) * x.size(3);
+  const int64_t images = visible.size(0);
+  at::Tensor levels = at::empty_like(visible);
+  std::vector<RingCells> found(images);
+  const uint8_t* visible_data = visible.data_ptr<uint8_t>();
+  uint8_t* level_data = levels.data_ptr<uint8_t>();
+  at::parallel_for(0, images, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t image = begin; image < end; ++image) {
+      found[image] = find_rings(visible_data + image * size, x.size(2), x.size(3), rings, level_data + image * size);
+    }
+  });
+  at::Tensor out = at::empty_like(x);
+  const int64_t planes = batch * channels;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(size, 1));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "neighbor_pad_cpu", [&] {
+    const scalar_t* source = x.data_ptr<scalar_t>();
+    scalar_t* target = out.data_ptr<scalar_t>();
+    const at::Tensor zeros = at::zeros({channels}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+      while (begin < end) {
+        const int64_t image = begin / channels, first = begin % channels;
+        const int64_t last = std::min(end - image * channels, channels);
+        const int64_t ring = images > 1 ? image : 0;
+        const int64_t offset = image * channels * size;
+        if (channels_last) {
+          pad_channels_last(source + offset, target + offset, size, channels, first, last,
+                            visible_data + ring * size, found[ring], zeros.data_ptr<scalar_t>());
+        } else {
+          pad_planes(source + offset, target + offset, size, first, last, visible_data + ring * size, found[ring]);
+        }
+        begin = image * channels + last;
+      }
+    });
+  });
+  return {out, levels};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(captum_layermask_native, m) {
+  m.def("neighbor_pad(Tensor x, Tensor visible, int rings) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(captum_layermask_native, CPU, m) { m.impl("neighbor_pad", &neighbor_pad_cpu); }
