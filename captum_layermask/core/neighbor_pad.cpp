@@ -15,6 +15,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -84,20 +85,29 @@ RingCells find_rings(const uint8_t* visible, int64_t height, int64_t width, int6
   return found;
 }
 
-// Channels `first` to `last - 1` of one image in (channels, height * width) memory.
+// Channels `first` to `last - 1` of one image in (channels, height * width) memory, a few planes at a time so
+// that each ring cell's neighbour list is read once for all of them.
 template <typename T>
 void pad_planes(const T* x, T* out, int64_t size, int64_t first, int64_t last, const uint8_t* visible,
                 const RingCells& rings) {
+  constexpr int64_t kPlanes = 8;
   const T reciprocal[10] = {0, 1, T(1) / 2, T(1) / 3, T(1) / 4, T(1) / 5, T(1) / 6, T(1) / 7, T(1) / 8, T(1) / 9};
-  for (int64_t channel = first; channel < last; ++channel) {
-    const T* source = x + channel * size;
-    T* target = out + channel * size;
-    for (int64_t i = 0; i < size; ++i) target[i] = source[i] * T(visible[i]);
+  for (int64_t block = first; block < last; block += kPlanes) {
+    const int64_t planes = std::min(kPlanes, last - block);
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      const T* source = x + (block + plane) * size;
+      T* target = out + (block + plane) * size;
+      for (int64_t i = 0; i < size; ++i) target[i] = source[i] * T(visible[i]);
+    }
     for (size_t k = 0; k < rings.cells.size(); ++k) {
       const int32_t* known = &rings.neighbours[9 * k];
-      const T sum = target[known[0]] + target[known[1]] + target[known[2]] + target[known[3]] + target[known[4]] +
-                    target[known[5]] + target[known[6]] + target[known[7]] + target[known[8]];
-      target[rings.cells[k]] += sum * reciprocal[rings.counts[k]];
+      const T weight = reciprocal[rings.counts[k]];
+      T* target = out + block * size;
+      for (int64_t plane = 0; plane < planes; ++plane, target += size) {
+        const T sum = target[known[0]] + target[known[1]] + target[known[2]] + target[known[3]] +
+                      target[known[4]] + target[known[5]] + target[known[6]] + target[known[7]] + target[known[8]];
+        target[rings.cells[k]] += sum * weight;
+      }
     }
   }
 }
