@@ -8,7 +8,7 @@ written with these; a rule for your own layer can be too (docs/custom-layers.md)
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,19 @@ def spatial_mask(x: Masked) -> Tensor:
     if tuple(mask.shape[-2:]) != tuple(x.value.shape[-2:]):
         mask = mask.expand(*mask.shape[:-2], *x.value.shape[-2:])
     return mask
+
+
+def visible_spatial_sum(value: Tensor, mask: Tensor) -> Optional[Tensor]:
+    """``(value * mask).sum((2, 3), keepdim=True)`` for ``value (N, C, H, W)`` and ``mask (N or 1, 1, H, W)``,
+    as a batched matrix-vector product that reads ``value`` once and writes no product (squeeze-excitation means
+    run on the widest activations); ``None`` for other shapes and dtypes."""
+    if value.dim() != 4 or mask.dim() != 4 or not value.is_floating_point() or mask.shape[1] != 1:
+        return None
+    if tuple(mask.shape[2:]) != tuple(value.shape[2:]) or mask.shape[0] not in (1, value.shape[0]):
+        return None
+    batch, channels = value.shape[:2]
+    weights = mask.reshape(mask.shape[0], -1, 1).to(value.dtype)
+    return torch.matmul(value.reshape(batch, channels, -1), weights).reshape(batch, channels, 1, 1)
 
 
 def fill_removed(value: Tensor, mask: Tensor, fill: float) -> Tensor:

@@ -21,6 +21,7 @@ from .common import (
     require_masked,
     safe_divide,
     spatial_mask,
+    visible_spatial_sum,
 )
 
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
@@ -83,8 +84,12 @@ def adaptive_avg_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     x = require_masked(x, "adaptive average pooling")
     output_size = layer_parameters(op, args, kwargs, ("output_size",), {})["output_size"]
     mask = spatial_mask(x)
-    total = op(x.value * mask, *args, **kwargs)
     visible = F.adaptive_avg_pool2d(mask, output_size)
+    total = visible_spatial_sum(x.value, mask) if visible.shape[-2:] == (1, 1) else None
+    if total is None:
+        total = op(x.value * mask, *args, **kwargs)
+    else:  # global pooling: the sum over the visible cells, and their number
+        visible = mask.sum((-2, -1), keepdim=True)
     return Masked(safe_divide(total, visible), as_mask(visible > 0, mask))
 
 

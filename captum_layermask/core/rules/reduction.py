@@ -19,6 +19,7 @@ from .common import (
     normalized_dims,
     require_masked,
     safe_divide,
+    visible_spatial_sum,
 )
 from .pointwise import pointwise
 
@@ -59,7 +60,12 @@ def _visible_count(value: Tensor, mask: Tensor, dims: List[int], keepdim: bool) 
 
 def _visible_mean(value: Tensor, mask: Tensor, dims: List[int], keepdim: bool) -> Tensor:
     """The mean over ``dims`` of the visible cells (0 where none)."""
-    return safe_divide((value * mask).sum(dims, keepdim=keepdim), _visible_count(value, mask, dims, keepdim))
+    total = visible_spatial_sum(value, mask) if sorted(dims) == [2, 3] else None
+    if total is None:
+        total = (value * mask).sum(dims, keepdim=keepdim)
+    elif not keepdim:
+        total = total.flatten(2)[..., 0]
+    return safe_divide(total, _visible_count(value, mask, dims, keepdim))
 
 
 @builtin_rule(torch.mean, "mean")
