@@ -69,7 +69,9 @@ tutorials: setup
 benchmark: setup
 	$(PY) benchmarks/engine_speed.py
 	$(PY) benchmarks/engine_speed.py --model fasterrcnn_mobilenet_v3_large_320_fpn --repeats 9
-	$(PY) benchmarks/engine_speed.py --model timm/tf_efficientnet_b0
+	for model in timm/tf_efficientnet_b0 efficientnet_b0 timm/mobilenetv3_large_100 timm/convnext_tiny timm/regnety_016 \
+		deeplabv3_mobilenet_v3_large; do $(PY) benchmarks/engine_speed.py --model $$model || exit 1; done
+	$(PY) benchmarks/captum_lime.py --model efficientnet_b0 --rounds 1
 	$(PY) benchmarks/captum_lime.py
 	$(PY) benchmarks/engine_speed.py --model vit_b_16
 	$(PY) benchmarks/captum_lime.py --model vit_b_16 --rounds 1

@@ -18,6 +18,7 @@ from _timing import paired_times, parse_arguments, print_medians, ratio_of_pairs
 from captum.attr import Lime
 
 from captum_layermask import LayerMask, layer_masked, patch_segments
+from captum_layermask.core import native
 
 SIZE, PATCH, SAMPLES, PER_EVAL = 224, 16, 500, 16
 
@@ -50,7 +51,7 @@ def main() -> None:
     )
     grey, layer = times.values()
     print(
-        f"Lime, {args.model}, {SIZE}x{SIZE}, {(SIZE // PATCH) ** 2} patches, {SAMPLES} samples, perturbations_per_eval={PER_EVAL}, {args.device}, {args.threads} threads"
+        f"Lime, {args.model}, {SIZE}x{SIZE}, {(SIZE // PATCH) ** 2} patches, {SAMPLES} samples, perturbations_per_eval={PER_EVAL}, {args.device}, {args.threads} threads; neighbor padding: {native.status()}"
     )
     print_medians(times, decimals=2)
     print(f"  ratio (median of pairs): {ratio_of_pairs(layer, grey):.2f}")

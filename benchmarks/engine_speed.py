@@ -8,7 +8,7 @@ allocation events; the model's weights and the inputs are not counted). Ratios a
 comparable across machines.
 
     .venv/bin/python benchmarks/engine_speed.py [--model resnet50 | --model timm/tf_efficientnet_b0]
-        [--repeats 15] [--threads 2] [--device cpu | cuda]
+        [--repeats 15] [--threads 2] [--device cpu | cuda] [--channels-last]
     .venv/bin/python benchmarks/engine_speed.py --model hf/vit   # a Hugging Face model at its default config
         (ViT-Base/16 for vit), captured by torch.export: the first call's capture is reported separately
     .venv/bin/python benchmarks/engine_speed.py --model deeplabv3_mobilenet_v3_large   # a segmentation model
@@ -27,6 +27,7 @@ from _timing import paired_times, parse_arguments, ratio_of_pairs, synchronize
 from torch.profiler import ProfilerActivity, profile
 
 from captum_layermask import layer_masked
+from captum_layermask.core import native
 
 BATCH, SIZE, PATCH = 8, 224, 16
 SEGMENTATION = torchvision.models.list_models(module=torchvision.models.segmentation)
@@ -126,6 +127,7 @@ def main() -> None:
         "patches removed, "
         f"{args.device}, {args.threads} threads, torch {torch.__version__}"
         + (", channels-last" if args.channels_last else "")
+        + f"; neighbor padding: {native.status()}"
     )
     print(f"{'':29}{'plain':>10}{'layer-masked':>14}{'ratio':>8}")
     print(f"{'forward time (s)':29}{plain:>10.3f}{layer:>14.3f}{time_ratio:>8.2f}")
