@@ -72,12 +72,15 @@ def spatial_mask(x: Masked) -> Tensor:
 
 
 def visible_spatial_sum(value: Tensor, mask: Tensor) -> Optional[Tensor]:
-    """``(value * mask).sum((2, 3), keepdim=True)`` for ``value (N, C, H, W)`` and ``mask (N or 1, 1, H, W)``,
-    as a batched matrix-vector product that reads ``value`` once and writes no product (squeeze-excitation means
-    run on the widest activations); ``None`` for other shapes and dtypes."""
+    """``(value * mask).sum((2, 3), keepdim=True)`` for ``value (N, C, H, W)`` and ``mask (N or 1, 1, H, W)`` on
+    the CPU, as a batched matrix-vector product that reads ``value`` once and writes no product (the means of
+    squeeze-excitation blocks run on the widest activations); ``None`` for other shapes, devices and dtypes, and
+    where nothing is removed, so that a full mask keeps the model's own mean to the bit."""
     if value.dim() != 4 or mask.dim() != 4 or not value.is_floating_point() or mask.shape[1] != 1:
         return None
     if tuple(mask.shape[2:]) != tuple(value.shape[2:]) or mask.shape[0] not in (1, value.shape[0]):
+        return None
+    if value.device.type != "cpu" or bool(mask.min() > 0):
         return None
     batch, channels = value.shape[:2]
     weights = mask.reshape(mask.shape[0], -1, 1).to(value.dtype)
