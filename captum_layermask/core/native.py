@@ -80,6 +80,7 @@ def _build(compiler: str) -> Path:
     if target.exists():
         return target
     partial = folder / f"{name}.{os.getpid()}.{threading.get_ident()}.part"
+    _logger.info("captum_layermask: building the compiled neighbor padding with %s into %s", compiler, folder)
     try:
         subprocess.run(_command(compiler, partial), check=True, capture_output=True, timeout=300)
         os.replace(partial, target)  # atomic: processes building at once each write their own file first

@@ -81,6 +81,9 @@ def neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tensor:
     neighbours times 1 / (their number), which only the cells being filled receive (float rounding apart, the
     paper's value to a relative 1e-8).
 
+    On the CPU, without autograd, it runs as the compiled operation of :mod:`~captum_layermask.core.native`
+    where that builds (the same values to float rounding; channels-last activations stay channels-last).
+
     Args:
         x (Tensor): activations, shape ``(N, C, H, W)``, finite.
         mask (Tensor): shape ``(N, 1, H, W)`` or ``(1, 1, H, W)``; 1 (or True) for visible cells, 0 for removed.

@@ -80,7 +80,9 @@ def visible_spatial_sum(value: Tensor, mask: Tensor) -> Optional[Tensor]:
         return None
     if tuple(mask.shape[2:]) != tuple(value.shape[2:]) or mask.shape[0] not in (1, value.shape[0]):
         return None
-    if value.device.type != "cpu" or bool(mask.min() > 0):
+    if value.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return None  # exported and compiled graphs keep one path, with no data-dependent branch
+    if bool(mask.min() > 0):
         return None
     batch, channels = value.shape[:2]
     weights = mask.reshape(mask.shape[0], -1, 1).to(value.dtype)
