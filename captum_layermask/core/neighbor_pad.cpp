@@ -85,13 +85,20 @@ RingCells find_rings(const uint8_t* visible, int64_t height, int64_t width, int6
   return found;
 }
 
+// 1 / k for the k known neighbours of a ring cell (k = 0 never occurs: such a cell is not a ring cell).
+template <typename T>
+const T* reciprocals() {
+  static const T table[10] = {0, 1, T(1) / 2, T(1) / 3, T(1) / 4, T(1) / 5, T(1) / 6, T(1) / 7, T(1) / 8, T(1) / 9};
+  return table;
+}
+
 // Channels `first` to `last - 1` of one image in (channels, height * width) memory, a few planes at a time so
 // that each ring cell's neighbour list is read once for all of them.
 template <typename T>
 void pad_planes(const T* x, T* out, int64_t size, int64_t first, int64_t last, const uint8_t* visible,
                 const RingCells& rings) {
   constexpr int64_t kPlanes = 8;
-  const T reciprocal[10] = {0, 1, T(1) / 2, T(1) / 3, T(1) / 4, T(1) / 5, T(1) / 6, T(1) / 7, T(1) / 8, T(1) / 9};
+  const T* reciprocal = reciprocals<T>();
   for (int64_t block = first; block < last; block += kPlanes) {
     const int64_t planes = std::min(kPlanes, last - block);
     for (int64_t plane = 0; plane < planes; ++plane) {
@@ -118,7 +125,7 @@ void pad_planes(const T* x, T* out, int64_t size, int64_t first, int64_t last, c
 template <typename T>
 void pad_channels_last(const T* x, T* out, int64_t size, int64_t channels, int64_t first, int64_t last,
                        const uint8_t* visible, const RingCells& rings, const T* zeros) {
-  const T reciprocal[10] = {0, 1, T(1) / 2, T(1) / 3, T(1) / 4, T(1) / 5, T(1) / 6, T(1) / 7, T(1) / 8, T(1) / 9};
+  const T* reciprocal = reciprocals<T>();
   const int64_t span = last - first;
   for (int64_t i = 0; i < size; ++i) {
     const T* source = x + i * channels + first;
