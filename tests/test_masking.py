@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torchvision
 
-from captum_layermask import neighbor_pad, propagate_mask
+from captum_layermask import layer_masked, neighbor_pad, propagate_mask
 from captum_layermask.core.primitives import pad_for_convolution
 
 from .helpers import paper_neighbor_pad, visible_any
@@ -110,3 +111,18 @@ def test_propagate_mask_same_padding_matches_conv_output_size():
 def test_tensors_and_layers_are_created_on_the_device_the_suite_runs_on(request):
     expected = torch.device(request.config.getoption("--device")).type
     assert torch.empty(1).device.type == expected and torch.nn.Linear(2, 2).weight.device.type == expected
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnet18", "efficientnet_b0"])
+def test_a_full_mask_gives_the_model_itself_to_the_bit(name):
+    """With nothing removed no convolution is padded and every mean is the layer's own (eager mode)."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 48, 48)
+    masked = layer_masked(model)
+    with torch.no_grad():
+        assert torch.equal(masked(x, torch.ones(2, 1, 48, 48)), model(x))
+        assert torch.equal(masked(x, torch.ones(48, 48, dtype=torch.bool)), model(x))
+    image = torch.randn(1, 3, 9, 9)
+    padded, output_mask = pad_for_convolution(image, torch.ones(1, 1, 9, 9), 3, stride=2, padding=1)
+    assert padded is image and torch.equal(output_mask, torch.ones(1, 1, 5, 5))

@@ -82,6 +82,68 @@ def test_output_masks_are_those_of_the_pytorch_rings(kernel, stride, padding, ri
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool, torch.uint8])
+@pytest.mark.parametrize("grow,stride", [(0, (1, 1)), (1, (2, 2)), (2, (1, 3)), (9, (2, 1))])
+def test_grown_masks_of_every_mask_dtype_are_those_of_the_pytorch_rings(dtype, grow, stride, monkeypatch):
+    x, mask = random_case(3, 2, 7, 10, mask_batch=3, share=0.1)
+    mask[1] = 0  # an image with no visible cell: no ring reaches any cell
+    mask = mask.to(dtype)
+    padded, reached = primitives._neighbor_pad(x, mask, 4, grow, stride)
+    monkeypatch.setattr(primitives, "native_neighbor_pad", lambda *args: None)
+    expected_padded, expected = primitives._neighbor_pad(x, mask, 4, grow, stride)
+    assert reached.dtype == dtype and torch.equal(reached, expected)
+    torch.testing.assert_close(padded, expected_padded, rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_padding_in_place_fills_the_rings_of_the_activation_itself(channels_last):
+    x, mask = random_case(3, 5, 16, 13, mask_batch=3, share=0.3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    original = x.clone()
+    expected, expected_mask = native.native_neighbor_pad(x, mask, 2, 1, (2, 2))
+    padded, reached = native.native_neighbor_pad(x, mask, 2, 1, (2, 2), overwrite=True)
+    assert padded is x and torch.equal(reached, expected_mask)
+    within = primitives._neighbor_pad(x, mask, 2, 2)[1] > 0  # visible cells and the two rings
+    assert torch.equal(torch.where(within, x, 0), torch.where(within, expected, 0))
+    assert torch.equal(torch.where(within, 0, x), torch.where(within, 0, original))  # the rest as it was
+    strided = original.transpose(2, 3)  # neither contiguous nor channels-last: padded into a copy
+    assert native.native_neighbor_pad(strided, mask.transpose(2, 3), 2, overwrite=True)[0] is not strided
+
+
+class Branches(torch.nn.Module):
+    """One activation read by two convolutions of different reach, a max pool and a residual sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.small, self.large = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 5, padding=2)
+        self.pool = torch.nn.MaxPool2d(3, 1, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return torch.cat([self.small(x) + x, self.large(x), self.pool(x)], 1).mean((2, 3))
+
+
+@needs_native
+@pytest.mark.parametrize("residual", ["intersection", "union"])
+def test_activations_padded_in_place_leave_every_later_layer_as_with_copies(residual, monkeypatch):
+    torch.manual_seed(0)
+    model = Branches().eval().to(CPU)
+    masked = layer_masked(model, residual=residual)
+    x, mask = random_case(4, 3, 20, 20, mask_batch=4, share=0.4)
+    with torch.no_grad():
+        in_place = masked(x, mask)
+    with torch.enable_grad():  # autograd: the PyTorch passes, into copies
+        expected = masked(x, mask)
+    monkeypatch.setattr(primitives, "native_neighbor_pad", lambda *args: None)
+    with torch.no_grad():
+        torch.testing.assert_close(masked(x, mask), expected)
+    torch.testing.assert_close(in_place, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+@needs_native
 def test_results_do_not_depend_on_the_number_of_threads():
     x, mask = random_case(4, 33, 24, 24, mask_batch=4)
     threads = torch.get_num_threads()

@@ -124,27 +124,40 @@ def status() -> str:
     return ("compiled" if available() else "PyTorch") + f" ({_state['reason']})"
 
 
-def native_neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Optional[Tuple[Tensor, Tensor]]:
+def native_neighbor_pad(
+    x: Tensor, mask: Tensor, width: int, grow: int = 0, stride: Tuple[int, int] = (1, 1), overwrite: bool = False
+) -> Optional[Tuple[Tensor, Tensor]]:
     """Neighbor padding by the compiled operation, or ``None`` where it does not apply.
 
     It applies to float32/float64 CPU activations of shape ``(N, C, H, W)`` (contiguous or channels-last; the
-    result keeps channels-last memory) with a mask of shape ``(N, 1, H, W)`` or ``(1, 1, H, W)`` on the CPU,
-    ``1 <= width <= 254``, without autograd, when the operation loads.
+    result keeps channels-last memory) with a mask of shape ``(N, 1, H, W)`` or ``(1, 1, H, W)`` on the CPU
+    (float32, float64, bool or uint8; visible where > 0), ``1 <= width <= 254``, without autograd, when the
+    operation loads.
+
+    With ``overwrite``, ``x`` itself is padded where it is contiguous or channels-last (the ring cells are
+    overwritten; the removed cells beyond the rings keep their values instead of 0): no copy is made, for an
+    ``x`` whose removed cells nothing else reads.
 
     Returns:
-        ``(padded, levels)``: ``padded`` as :func:`~captum_layermask.core.primitives.neighbor_pad` returns it;
-        ``levels`` of the mask's shape, ``uint8``: 0 on visible cells, ``r`` on the cells filled by ring ``r``,
-        255 on those left at 0.
+        ``(padded, reached)``: ``padded`` as :func:`~captum_layermask.core.primitives.neighbor_pad` returns it
+        (``x`` itself with ``overwrite``); ``reached``, in the mask's dtype, 1 on the cells within ``grow`` rings
+        of a visible cell, at every ``stride``-th row and column (shape ``(N or 1, 1, ceil(H / sh),
+        ceil(W / sw))``): the output mask of a centred convolution with that radius and stride.
     """
     if not _applies(x, mask, width) or not available():
         return None
-    return torch.ops.captum_layermask_native.neighbor_pad(x, (mask > 0).to(torch.uint8), width)
+    operations = torch.ops.captum_layermask_native
+    if overwrite and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return x, operations.neighbor_pad_(x, mask, width, grow, *stride)
+    return operations.neighbor_pad(x, mask, width, grow, *stride)
 
 
 def _applies(x: Tensor, mask: Tensor, width: int) -> bool:
     if type(x) is not Tensor or type(mask) is not Tensor:  # fake and other subclassed tensors hold no memory
         return False
     if x.dim() != 4 or mask.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if mask.dtype not in (torch.float32, torch.float64, torch.bool, torch.uint8):
         return False
     if x.device.type != "cpu" or mask.device.type != "cpu" or not 1 <= width <= MAX_RINGS:
         return False

@@ -32,15 +32,16 @@ struct RingCells {
   std::vector<uint8_t> counts;
 };
 
-// Fills `level` (height * width bytes: 0 visible, r on ring r, 255 not reached) and returns the ring cells.
-// Each ring first marks the cells with a known cell in their 3x3 window (a row pass and a column pass over
-// bytes, which vectorise), then lists the neighbours of the unknown ones among them.
-RingCells find_rings(const uint8_t* visible, int64_t height, int64_t width, int64_t rings, uint8_t* level) {
+// Fills `level` (height * width bytes: 0 visible, r on ring r, 255 not reached) from a mask (visible where > 0)
+// and returns the ring cells. Each ring first marks the cells with a known cell in their 3x3 window (a row pass
+// and a column pass over bytes, which vectorise), then lists the neighbours of the unknown ones among them.
+template <typename M>
+RingCells find_rings(const M* mask, int64_t height, int64_t width, int64_t rings, uint8_t* level) {
   RingCells found;
   const int64_t size = height * width;
   std::vector<uint8_t> known(size), across(size), near(size);
   for (int64_t i = 0; i < size; ++i) {
-    known[i] = visible[i] != 0;
+    known[i] = mask[i] > M(0);
     level[i] = known[i] ? 0 : kNotReached;
   }
   for (int64_t ring = 1; ring <= rings; ++ring) {
@@ -93,9 +94,10 @@ const T* reciprocals() {
 }
 
 // Channels `first` to `last - 1` of one image in (channels, height * width) memory, a few planes at a time so
-// that each ring cell's neighbour list is read once for all of them.
+// that each ring cell's neighbour list is read once for all of them. `level` is 0 on the visible cells. With
+// out == x the padding is done in place: the ring cells are overwritten and the other cells keep their values.
 template <typename T>
-void pad_planes(const T* x, T* out, int64_t size, int64_t first, int64_t last, const uint8_t* visible,
+void pad_planes(const T* x, T* out, int64_t size, int64_t first, int64_t last, const uint8_t* level,
                 const RingCells& rings) {
   constexpr int64_t kPlanes = 8;
   const T* reciprocal = reciprocals<T>();
@@ -104,7 +106,11 @@ void pad_planes(const T* x, T* out, int64_t size, int64_t first, int64_t last, c
     for (int64_t plane = 0; plane < planes; ++plane) {
       const T* source = x + (block + plane) * size;
       T* target = out + (block + plane) * size;
-      for (int64_t i = 0; i < size; ++i) target[i] = source[i] * T(visible[i]);
+      if (source != target) {
+        for (int64_t i = 0; i < size; ++i) target[i] = source[i] * T(level[i] == 0);
+      } else {  // in place: only the ring cells are cleared, the other removed cells keep their values
+        for (const int32_t cell : rings.cells) target[cell] = T(0);
+      }
     }
     for (size_t k = 0; k < rings.cells.size(); ++k) {
       const int32_t* known = &rings.neighbours[9 * k];
@@ -124,14 +130,18 @@ void pad_planes(const T* x, T* out, int64_t size, int64_t first, int64_t last, c
 // (so that the target row never overlaps a row it reads).
 template <typename T>
 void pad_channels_last(const T* x, T* out, int64_t size, int64_t channels, int64_t first, int64_t last,
-                       const uint8_t* visible, const RingCells& rings, const T* zeros) {
+                       const uint8_t* level, const RingCells& rings, const T* zeros) {
   const T* reciprocal = reciprocals<T>();
   const int64_t span = last - first;
-  for (int64_t i = 0; i < size; ++i) {
-    const T* source = x + i * channels + first;
-    T* target = out + i * channels + first;
-    const T scale = T(visible[i]);
-    for (int64_t c = 0; c < span; ++c) target[c] = source[c] * scale;
+  if (x != out) {
+    for (int64_t i = 0; i < size; ++i) {
+      const T* source = x + i * channels + first;
+      T* target = out + i * channels + first;
+      const T scale = T(level[i] == 0);
+      for (int64_t c = 0; c < span; ++c) target[c] = source[c] * scale;
+    }
+  } else {
+    for (const int32_t cell : rings.cells) std::fill_n(out + cell * channels + first, span, T(0));
   }
   for (size_t k = 0; k < rings.cells.size(); ++k) {
     const int32_t* known = &rings.neighbours[9 * k];
@@ -147,27 +157,54 @@ void pad_channels_last(const T* x, T* out, int64_t size, int64_t channels, int64
   }
 }
 
-// x: (N, C, H, W) float32/float64, contiguous or channels-last; visible: (N or 1, 1, H, W) uint8.
-// Returns the padded activations (in x's memory format) and the ring levels (visible's shape, uint8).
-std::tuple<at::Tensor, at::Tensor> neighbor_pad_cpu(const at::Tensor& x_in, const at::Tensor& visible_in,
-                                                    int64_t rings) {
-  TORCH_CHECK(x_in.dim() == 4 && visible_in.dim() == 4, "neighbor_pad: 4-D activations and mask expected");
-  TORCH_CHECK(rings >= 0 && rings < kNotReached, "neighbor_pad: rings must be in [0, 254]");
-  const bool channels_last = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
-  const at::Tensor visible = visible_in.contiguous();
-  const int64_t batch = x.size(0), channels = x.size(1), size = x.size(2) * x.size(3);
-  const int64_t images = visible.size(0);
-  at::Tensor levels = at::empty_like(visible);
-  std::vector<RingCells> found(images);
-  const uint8_t* visible_data = visible.data_ptr<uint8_t>();
-  uint8_t* level_data = levels.data_ptr<uint8_t>();
-  at::parallel_for(0, images, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t image = begin; image < end; ++image) {
-      found[image] = find_rings(visible_data + image * size, x.size(2), x.size(3), rings, level_data + image * size);
+// Whether each cell of every `stride_h`-th row and `stride_w`-th column is within `grow` rings of the visible
+// cells, as 0/1 in `reached`'s dtype: a convolution's output mask (section 3.2) from the levels.
+void write_reached(const at::Tensor& levels, int64_t grow, int64_t stride_h, int64_t stride_w, at::Tensor& reached) {
+  const int64_t images = levels.size(0), height = levels.size(2), width = levels.size(3);
+  const int64_t rows = reached.size(2), columns = reached.size(3);
+  const uint8_t* level = levels.data_ptr<uint8_t>();
+  const int64_t limit = std::min<int64_t>(grow, kNotReached - 1);  // cells no ring reaches stay removed
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kByte, reached.scalar_type(), "neighbor_pad_reached", [&] {
+    scalar_t* out = reached.data_ptr<scalar_t>();
+    for (int64_t image = 0; image < images; ++image) {
+      for (int64_t y = 0; y < rows; ++y) {
+        const uint8_t* row = level + (image * height + y * stride_h) * width;
+        scalar_t* target = out + (image * rows + y) * columns;
+        for (int64_t x = 0; x < columns; ++x) target[x] = scalar_t(row[x * stride_w] <= limit);
+      }
     }
   });
-  at::Tensor out = at::empty_like(x);
+}
+
+// Pads x (N, C, H, W; float32/float64, contiguous or channels-last) into `out` (x's shape and memory format; x
+// itself to pad in place) from a mask (N or 1, 1, H, W; visible where > 0; float32, float64, bool or uint8).
+// Returns the mask grown by `grow` rings and subsampled by the stride (the mask's dtype; shape (N or 1, 1,
+// ceil(H / stride_h), ceil(W / stride_w))).
+at::Tensor pad_into(const at::Tensor& x, at::Tensor& out, const at::Tensor& mask_in, int64_t rings, int64_t grow,
+                    int64_t stride_h, int64_t stride_w) {
+  TORCH_CHECK(x.dim() == 4 && mask_in.dim() == 4, "neighbor_pad: 4-D activations and mask expected");
+  TORCH_CHECK(rings >= 0 && rings < kNotReached, "neighbor_pad: rings must be in [0, 254]");
+  TORCH_CHECK(grow >= 0 && stride_h >= 1 && stride_w >= 1, "neighbor_pad: grow >= 0 and strides >= 1 expected");
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(x.is_contiguous() || channels_last, "neighbor_pad: contiguous or channels-last activations expected");
+  const bool boolean = mask_in.scalar_type() == at::kBool;
+  const at::Tensor mask = boolean ? mask_in.contiguous().view(at::kByte) : mask_in.contiguous();
+  const int64_t batch = x.size(0), channels = x.size(1), size = x.size(2) * x.size(3);
+  const int64_t images = mask.size(0);
+  at::Tensor levels = at::empty(mask.sizes(), mask.options().dtype(at::kByte));
+  std::vector<RingCells> found(images);
+  uint8_t* level_data = levels.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kByte, mask.scalar_type(), "neighbor_pad_rings", [&] {
+    const scalar_t* mask_data = mask.data_ptr<scalar_t>();
+    at::parallel_for(0, images, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t image = begin; image < end; ++image) {
+        found[image] = find_rings(mask_data + image * size, x.size(2), x.size(3), rings, level_data + image * size);
+      }
+    });
+  });
+  at::Tensor reached = at::empty({images, 1, (x.size(2) + stride_h - 1) / stride_h,
+                                  (x.size(3) + stride_w - 1) / stride_w}, mask.options());
+  write_reached(levels, grow, stride_h, stride_w, reached);
   const int64_t planes = batch * channels;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(size, 1));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "neighbor_pad_cpu", [&] {
@@ -182,21 +219,42 @@ std::tuple<at::Tensor, at::Tensor> neighbor_pad_cpu(const at::Tensor& x_in, cons
         const int64_t offset = image * channels * size;
         if (channels_last) {
           pad_channels_last(source + offset, target + offset, size, channels, first, last,
-                            visible_data + ring * size, found[ring], zeros.data_ptr<scalar_t>());
+                            level_data + ring * size, found[ring], zeros.data_ptr<scalar_t>());
         } else {
-          pad_planes(source + offset, target + offset, size, first, last, visible_data + ring * size, found[ring]);
+          pad_planes(source + offset, target + offset, size, first, last, level_data + ring * size, found[ring]);
         }
         begin = image * channels + last;
       }
     });
   });
-  return {out, levels};
+  return boolean ? reached.view(at::kBool) : reached;
+}
+
+// The padded copy of x (x's memory format; a non-contiguous x is copied first) and the grown mask.
+std::tuple<at::Tensor, at::Tensor> neighbor_pad_cpu(const at::Tensor& x_in, const at::Tensor& mask, int64_t rings,
+                                                    int64_t grow, int64_t stride_h, int64_t stride_w) {
+  const bool channels_last = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  at::Tensor out = at::empty_like(x);
+  at::Tensor reached = pad_into(x, out, mask, rings, grow, stride_h, stride_w);
+  return {out, reached};
+}
+
+// x padded in place (the ring cells overwritten, the other cells as they were), and the grown mask.
+at::Tensor neighbor_pad_inplace_cpu(at::Tensor& x, const at::Tensor& mask, int64_t rings, int64_t grow,
+                                    int64_t stride_h, int64_t stride_w) {
+  return pad_into(x, x, mask, rings, grow, stride_h, stride_w);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(captum_layermask_native, m) {
-  m.def("neighbor_pad(Tensor x, Tensor visible, int rings) -> (Tensor, Tensor)");
+  m.def(
+      "neighbor_pad(Tensor x, Tensor mask, int rings, int grow, int stride_h, int stride_w) -> (Tensor, Tensor)");
+  m.def("neighbor_pad_(Tensor(a!) x, Tensor mask, int rings, int grow, int stride_h, int stride_w) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(captum_layermask_native, CPU, m) { m.impl("neighbor_pad", &neighbor_pad_cpu); }
+TORCH_LIBRARY_IMPL(captum_layermask_native, CPU, m) {
+  m.impl("neighbor_pad", &neighbor_pad_cpu);
+  m.impl("neighbor_pad_", &neighbor_pad_inplace_cpu);
+}

@@ -7,7 +7,7 @@ visible cells and 0 for removed ones, in a floating dtype.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -146,8 +146,17 @@ def _rings(mask: Tensor, width: int) -> Iterator[_Ring]:
         known = grown
 
 
-def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tuple[Tensor, Callable[[int], Tensor]]:
-    """``neighbor_pad``, and a function giving the mask after ``r`` rings (bool) for ``1 <= r <= width``.
+def _neighbor_pad(
+    x: Tensor,
+    mask: Tensor,
+    width: int,
+    grow: Optional[int] = None,
+    stride: Tuple[int, int] = (1, 1),
+    overwrite: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``neighbor_pad``, and with ``grow`` the mask grown by that many rings and subsampled by ``stride`` (in the
+    mask's dtype): the output mask of a centred convolution of radius ``grow``. With ``overwrite`` the compiled
+    padding may pad ``x`` itself (see :func:`pad_for_convolution`).
 
     After ``max(H, W) - 1`` rings every cell of the grid is within reach of any visible cell (Chebyshev distance),
     so later rings are empty: they are not computed (a dilated convolution on a small map, DeepLab's atrous
@@ -155,17 +164,16 @@ def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tuple[Tensor, Callable
     compiled padding of :mod:`~captum_layermask.core.native` runs where it loads; the PyTorch passes otherwise.
     """
     computed = min(width, max(x.shape[-2:]) - 1)
-    native = native_neighbor_pad(x, mask, computed) if computed > 0 else None
+    native = native_neighbor_pad(x, mask, computed, grow or 0, stride, overwrite) if computed > 0 else None
     if native is not None:
-        padded, levels = native
-        return padded, lambda rings: levels <= rings
+        return native[0], (native[1] if grow is not None else None)
     padded = (x * (mask > 0)).contiguous()
     grown: List[Tensor] = []
     if torch.is_grad_enabled() and padded.requires_grad:
         for ring in _rings(mask, computed):
             padded = padded + box_sum_3x3(padded) * ring.weights(x.dtype)
             grown.append(ring.grown)
-        return padded, _ring_masks(grown, mask)
+        return padded, _reached(grown, mask, grow, stride)
     height, row = padded.shape[-2:]
     columns = torch.empty_like(padded)
     planes, column_planes = padded.view(-1, height * row), columns.view(-1, height * row)
@@ -179,12 +187,24 @@ def _neighbor_pad(x: Tensor, mask: Tensor, width: int) -> Tuple[Tensor, Callable
         padded.addcmul_(columns, weight)
         padded[..., :-1].addcmul_(columns[..., 1:], weight[..., :-1])
         grown.append(ring.grown)
-    return padded, _ring_masks(grown, mask)
+    return padded, _reached(grown, mask, grow, stride)
 
 
-def _ring_masks(grown: List[Tensor], mask: Tensor) -> Callable[[int], Tensor]:
-    """The mask after ``r`` rings, from those computed: the rings not computed leave the last."""
-    return lambda rings: grown[min(rings, len(grown)) - 1] if grown else mask > 0
+def _reached(grown: List[Tensor], mask: Tensor, rings: Optional[int], stride: Tuple[int, int]) -> Optional[Tensor]:
+    """The mask after ``rings`` rings (``grown`` holds the masks after each computed ring; the rings not computed
+    leave the last), subsampled by ``stride``, in the mask's dtype; ``None`` without ``rings``."""
+    if rings is None:
+        return None
+    after = grown[min(rings, len(grown)) - 1] if grown and rings > 0 else mask > 0
+    return after[..., :: stride[0], :: stride[1]].to(mask.dtype)
+
+
+def all_visible(mask: Tensor) -> bool:
+    """Whether no cell of ``mask`` is removed; always ``False`` while compiling, exporting or tracing, so that
+    exported and compiled graphs keep the masked computation (their control flow cannot depend on values)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return False
+    return bool(mask.all())
 
 
 def centred_radius(
@@ -212,6 +232,7 @@ def pad_for_convolution(
     padding_mode: str = "zeros",
     *,
     rings: Optional[int] = None,
+    overwrite: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     r"""A convolution's neighbor-padded input and its output mask (section 3.2), sharing the mask work.
 
@@ -220,13 +241,17 @@ def pad_for_convolution(
     outputs are never read (the last convolution of a residual block), and with ``rings=0`` the input is used as
     it is. For the common centred kernel (odd, square, undilated, zero padding ``(k - 1) / 2``), the output mask
     is the input mask dilated ``(k - 1) / 2`` times and subsampled by the stride, a dilation the padding has
-    already computed; otherwise it is :func:`propagate_mask`.
+    already computed (and with a full mask, in eager mode, the input is used as it is); otherwise it is
+    :func:`propagate_mask`.
 
     Args:
         x (Tensor): activations ``(N, C, H, W)``, finite.
         mask (Tensor): ``(N, 1, H, W)`` or ``(1, 1, H, W)``, 1 for visible cells.
         kernel_size, stride, padding, dilation, padding_mode: those of the convolution.
         rings (int, optional): pad at most this many rings.
+        overwrite (bool): let the compiled padding write the rings into ``x`` itself instead of a copy (its ring
+            cells are filled, its other removed cells keep their values): for an ``x`` whose removed cells
+            nothing reads as they were, which the layer rules guarantee (they read visible cells only).
 
     Returns:
         ``(padded, output_mask)``: ``padded`` of the shape of ``x``; ``output_mask`` of shape
@@ -234,16 +259,20 @@ def pad_for_convolution(
     """
     reach, radius = _padding_plan(_hashable(kernel_size), _hashable(padding), _hashable(dilation), padding_mode)
     width = reach if rings is None else min(rings, reach)
-    if reach == 0 or radius is None or torch.compiler.is_exporting():
+    if reach == 0 or torch.compiler.is_exporting():
         padded = neighbor_pad(x, mask, width) if width else x
         return padded, propagate_mask(mask, kernel_size, stride, padding, dilation, padding_mode)
-    if width >= radius:
-        padded, grown = _neighbor_pad(x, mask, width)
-    else:  # fewer rings padded than the output mask grows by
-        padded = neighbor_pad(x, mask, width) if width else x
-        grown = _ring_masks([ring.grown for ring in _rings(mask, radius)], mask)
+    if radius is None:  # an output mask of its own (an even, dilated or off-centre kernel)
+        padded = x if not width or all_visible(mask) else _neighbor_pad(x, mask, width, overwrite=overwrite)[0]
+        return padded, propagate_mask(mask, kernel_size, stride, padding, dilation, padding_mode)
     sh, sw = _pair(stride)
-    return padded, grown(radius)[..., ::sh, ::sw].to(mask.dtype)
+    if all_visible(mask):  # nothing to pad: the layer's own input, and a full output mask
+        return x, mask[..., ::sh, ::sw]
+    if width >= radius:
+        return _neighbor_pad(x, mask, width, radius, (sh, sw), overwrite)
+    # fewer rings padded than the output mask grows by
+    padded = _neighbor_pad(x, mask, width, overwrite=overwrite)[0] if width else x
+    return padded, _reached([ring.grown for ring in _rings(mask, radius)], mask, radius, (sh, sw))
 
 
 def _hashable(value: Union[str, IntPair]) -> Union[str, int, Tuple[int, ...]]:

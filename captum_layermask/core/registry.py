@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from .errors import UnsupportedLayerError
-from .masked import is_masked
+from .masked import Masked, is_masked
 
 Rule = Callable[..., Any]
 Target = Union[type, Callable[..., Any], str]
@@ -117,7 +117,7 @@ class RuleRegistry:
         Raises:
             UnsupportedLayerError: if ``op`` has no rule and one of its arguments is masked.
         """
-        if not is_masked((args, kwargs)):
+        if not (args and type(args[0]) is Masked) and not is_masked((args, kwargs)):  # the first: most calls
             return op(*args, **kwargs)
         entry = self.find(op)
         if entry is None:
@@ -314,7 +314,7 @@ class RuleCall:
         op = self.op
         if op is None:
             op, args = args[0], args[1:]
-        if not is_masked((args, kwargs)):
+        if not (args and type(args[0]) is Masked) and not is_masked((args, kwargs)):  # the first: most calls
             return op(*args, **kwargs)
         if self.registry is not None:
             kwargs = {**kwargs, "rules": self.registry}

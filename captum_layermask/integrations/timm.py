@@ -17,6 +17,7 @@ import importlib
 import types
 from typing import Any, Tuple
 
+import torch
 import torch.nn.functional as F
 from timm.layers import (
     Attention,
@@ -66,9 +67,9 @@ def _convolution_mask(op: nn.Module, x: Masked) -> Tuple[Tensor, Tensor]:
     """The neighbor-padded input of a (possibly "same"-padded) convolution module and its output mask."""
     require_feature_dims(x, [1], "a convolution")
     padding = _same_padding(op, tuple(x.value.shape[-2:])) if _is_dynamic(op) else op.padding
-    return pad_for_convolution(
-        x.value, x.mask, op.kernel_size, op.stride, padding, op.dilation, getattr(op, "padding_mode", "zeros")
-    )
+    geometry = (op.kernel_size, op.stride, padding, op.dilation, getattr(op, "padding_mode", "zeros"))
+    # without autograd the rings may be written into the activation itself, as in the core convolution rule
+    return pad_for_convolution(x.value, x.mask, *geometry, overwrite=not torch.is_grad_enabled())
 
 
 @builtin_rule(Conv2dSame, StdConv2dSame, ScaledStdConv2dSame)

@@ -75,15 +75,13 @@ def visible_spatial_sum(value: Tensor, mask: Tensor) -> Optional[Tensor]:
     """``(value * mask).sum((2, 3), keepdim=True)`` for ``value (N, C, H, W)`` and ``mask (N or 1, 1, H, W)`` on
     the CPU, as a batched matrix-vector product that reads ``value`` once and writes no product (the means of
     squeeze-excitation blocks run on the widest activations); ``None`` for other shapes, devices and dtypes, and
-    where nothing is removed, so that a full mask keeps the model's own mean to the bit."""
+    while compiling or exporting."""
     if value.dim() != 4 or mask.dim() != 4 or not value.is_floating_point() or mask.shape[1] != 1:
         return None
     if tuple(mask.shape[2:]) != tuple(value.shape[2:]) or mask.shape[0] not in (1, value.shape[0]):
         return None
     if value.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return None  # exported and compiled graphs keep one path, with no data-dependent branch
-    if bool(mask.min() > 0):
-        return None
+        return None  # exported and compiled graphs keep one path
     batch, channels = value.shape[:2]
     weights = mask.reshape(mask.shape[0], -1, 1).to(value.dtype)
     return torch.matmul(value.reshape(batch, channels, -1), weights).reshape(batch, channels, 1, 1)

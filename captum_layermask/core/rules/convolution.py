@@ -60,7 +60,9 @@ def conv2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
 
 def _neighbor_padded_conv(op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str, Any], rings: Optional[int]) -> Masked:
     geometry = _conv_geometry(op, x, args, kwargs)
-    padded, mask = pad_for_convolution(x.value, x.mask, **geometry, rings=rings)
+    # without autograd the rings may be written into the activation itself: rules read visible cells only
+    overwrite = not torch.is_grad_enabled()
+    padded, mask = pad_for_convolution(x.value, x.mask, **geometry, rings=rings, overwrite=overwrite)
     return Masked(op(padded, *args, **kwargs), mask)
 
 

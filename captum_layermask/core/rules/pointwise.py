@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedLayerError
-from ..masked import Masked, align_rank, intersect, masks_of, unwrap
+from ..masked import Masked, align_rank, intersect, is_masked, masks_of, unwrap
 from ..registry import builtin_rule
 from .common import (
     bind_arguments,
@@ -177,8 +177,8 @@ def pointwise(op: Any, *args: Any, **kwargs: Any) -> Masked:
     unspecified values instead of being multiplied by 0), and for two inputs the residual rule: the mask of
     ``x1 + x2`` is ``m1 * m2``.
     """
-    if len(args) == 1 and not kwargs and isinstance(args[0], Masked):  # an activation: most calls
-        value = op(args[0].value)
+    if args and type(args[0]) is Masked and not is_masked((args[1:], kwargs)):  # one masked input: most calls
+        value = op(args[0].value, *args[1:], **kwargs)
         return Masked(value, align_rank(args[0].mask, value.ndim))
     value = op(*unwrap(args), **unwrap(kwargs))
     return Masked(value, intersect(masks_of((args, kwargs)), value.ndim))

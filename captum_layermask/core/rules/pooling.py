@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedLayerError
 from ..masked import Masked, align_rank
+from ..primitives import all_visible
 from ..registry import builtin_rule
 from .common import (
     as_mask,
@@ -85,6 +86,8 @@ def adaptive_avg_pool2d(op: Any, x: Any, *args: Any, **kwargs: Any) -> Masked:
     output_size = layer_parameters(op, args, kwargs, ("output_size",), {})["output_size"]
     mask = spatial_mask(x)
     visible = F.adaptive_avg_pool2d(mask, output_size)
+    if all_visible(mask):  # the layer itself, to the bit
+        return Masked(op(x.value, *args, **kwargs), visible)
     total = visible_spatial_sum(x.value, mask) if visible.shape[-2:] == (1, 1) else None
     if total is None:
         total = op(x.value * mask, *args, **kwargs)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedLayerError
 from ..masked import Masked
+from ..primitives import all_visible
 from ..registry import builtin_rule
 from .common import (
     bind_arguments,
@@ -30,7 +31,7 @@ def _reduction(kind: str, op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str
     bound = bind_arguments(args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
     keepdim = bound["keepdim"]
     dims, mask_out, spatial = _reduced(x, bound["dim"], keepdim)
-    if not spatial:
+    if not spatial or all_visible(x.mask):  # the operation itself: a full mask gives the model's own result
         return Masked(op(x.value, *args, **kwargs), mask_out)
     if kind in ("mean", "sum"):
         value = _visible_mean(x.value, x.mask, dims, keepdim)
@@ -167,7 +168,7 @@ def _variance(op: Any, x: Any, args: Sequence[Any], kwargs: Dict[str, Any], root
     )
     keepdim = bound["keepdim"]
     dims, mask_out, spatial = _reduced(x, bound["dim"], keepdim)
-    if not spatial:
+    if not spatial or all_visible(x.mask):  # the operation itself: a full mask gives the model's own result
         return Masked(op(x.value, *args, **kwargs), mask_out)
     correction = bound["correction"]
     if correction is None:
