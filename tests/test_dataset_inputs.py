@@ -199,3 +199,13 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_for_a_small_input(tmp_path):
     from captum_layermask.evaluation.images import center_square
 
     assert (reduced - center_square(full, 224, "bilinear")).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("height, width", [(5, 8), (8, 5), (6, 9), (9, 6), (7, 7), (4, 11)])
+def test_the_square_is_cut_where_torchvision_s_center_crop_cuts_it(height, width):
+    from captum_layermask.evaluation.images import center_square
+
+    image = torch.arange(3.0 * height * width).reshape(1, 3, height, width)
+    side = min(height, width)
+    expected = torchvision.transforms.functional.center_crop(image, [side, side])
+    assert torch.equal(center_square(image, side, "nearest"), expected)

@@ -8,7 +8,6 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor
 
 
@@ -66,8 +65,10 @@ def image_size(path: Path) -> Optional[Tuple[int, int]]:
 
 def center_square(image: Tensor, size: int, mode: str) -> Tensor:
     """Center crop ``(N, C, H, W)`` to a square, then resize to ``size``."""
-    side = min(image.shape[-2:])
-    image = torchvision.transforms.functional.center_crop(image, [side, side])
+    height, width = image.shape[-2:]
+    side = min(height, width)
+    top, left = round((height - side) / 2), round((width - side) / 2)  # torchvision's center_crop offsets
+    image = image[..., top : top + side, left : left + side]
     if mode == "nearest":
         return F.interpolate(image, size=(size, size), mode="nearest")
     return F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)

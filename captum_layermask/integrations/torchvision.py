@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.swin_transformer import _patch_merging_pad, shifted_window_attention
 from torchvision.models.vision_transformer import EncoderBlock
+from torchvision.ops.stochastic_depth import stochastic_depth
 
 from ..core.errors import UnsupportedLayerError
 from ..core.gathering import register_token_block
@@ -24,6 +25,7 @@ from ..core.masked import Masked, align_rank
 from ..core.primitives import neighbor_pad
 from ..core.registry import builtin_rule
 from ..core.rules import bind_arguments, lowest_value, require_feature_dims, require_masked
+from ..core.rules.pointwise import pointwise
 
 _WINDOW_ARGS = (
     "qkv_weight",
@@ -107,6 +109,7 @@ def patch_merging(op: Any, x: Any) -> Masked:
     return Masked(op(filled), _merged_mask(mask)[..., None])
 
 
+builtin_rule(stochastic_depth, per_cell="intersection")(pointwise)  # the identity in eval mode
 register_token_block(EncoderBlock)  # LayerNorm, nn.MultiheadAttention, MLP: nothing reads a token's position
 
 

@@ -106,12 +106,6 @@ _POINTWISE_FUNCTIONS = (
     operator.pos,
     operator.pow,
 )
-try:  # torchvision is optional for the engine: its stochastic depth (identity in eval mode) is a per-cell op
-    from torchvision.ops.stochastic_depth import stochastic_depth
-
-    _POINTWISE_FUNCTIONS += (stochastic_depth,)
-except ImportError:  # pragma: no cover
-    pass
 # In-place binary methods (add_, mul_, ...) are left out on purpose: they would change a value that other nodes
 # still see with its old mask.
 _POINTWISE_METHODS = (
