@@ -13,8 +13,8 @@ removed pixels, whatever fills them, have no influence on the output.
   over a region (the target of Captum's methods).
 - :mod:`captum_layermask.integrations.timm`: the rules and leaves of timm's layers, installed the first time a
   timm model is converted.
-- :mod:`captum_layermask.integrations.torchvision`: Swin's window attention and patch merging, installed the first
-  time a torchvision model is converted.
+- :mod:`captum_layermask.integrations.torchvision`: Swin's window attention and patch merging, stochastic depth,
+  installed the first time a torchvision model is converted.
 - :mod:`captum_layermask.evaluation`: maskers, segmenters, diagnostics and evaluation of missingness bias.
 - :mod:`captum_layermask.cli`: the ``layermask`` command.
 """

@@ -4,8 +4,10 @@ Imported the first time a model with a torchvision submodule is converted (``cap
 :func:`~captum_layermask.register_rule_set`). torchvision marks ``shifted_window_attention`` and
 ``_patch_merging_pad`` as ``torch.fx`` leaves, so each is one node of the traced graph; the rules below give
 them the meaning of token dropping (docs/layer-rules.md, "Vision transformers"). ViT's ``EncoderBlock`` is a
-token block: chains of them run on the visible tokens only (:mod:`~captum_layermask.core.gathering`). Everything
-else in torchvision's classifiers (MaxViT, the CNNs) is traced into and masked by the core rules.
+token block: chains of them run on the visible tokens only (:mod:`~captum_layermask.core.gathering`).
+``torchvision.ops.stochastic_depth`` (the identity in eval mode) takes the per-cell rule here, not in the core,
+so that importing the package does not import torchvision. Everything else in torchvision's classifiers (MaxViT,
+the CNNs) is traced into and masked by the core rules.
 """
 
 from __future__ import annotations
